@@ -1,0 +1,1 @@
+"""Certified exact minimum pairwise L2 distance (see api.py)."""

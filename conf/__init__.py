@@ -1,0 +1,1 @@
+"""Hydra config tree of collide, shipped as package data (`pkg://collide.conf`)."""
