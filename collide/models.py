@@ -225,9 +225,12 @@ def last_token_states(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: 
     ``input_ids``/``attention_mask`` are right-padded (batch, T) tensors on ``lm.device``; the last
     real token of row b is at ``attention_mask[b].sum() - 1``. Returns {layer: (batch, d) tensor}
     in the model's compute dtype, on its device. Extra ``forward_kwargs`` (e.g. ``past_key_values``)
-    go to the decoder's forward. Layers deeper than ``max(layers)`` are not computed.
+    go to the decoder's forward. Layers deeper than ``max(layers)`` are not computed. With a cache
+    of P unpadded prefix tokens, ``attention_mask`` is (batch, P + T) as HF expects, and the last
+    real token of row b is at ``attention_mask[b].sum() - 1 - P`` in ``input_ids``.
     """
-    last = attention_mask.sum(dim=1) - 1
+    cached = attention_mask.shape[1] - input_ids.shape[1]  # P: prefix tokens held in a KV cache
+    last = attention_mask.sum(dim=1) - 1 - cached
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     deepest, L = max(layers), lm.n_layers
     captured: dict[int, torch.Tensor] = {}
