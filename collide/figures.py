@@ -1,0 +1,213 @@
+"""Figures of collide reports (PNG, headless).
+
+Every function draws from plain dicts (a report.json, a comparison, a benchmark history), so a
+figure can be redrawn later from the JSON alone. Matplotlib's object API is used without pyplot:
+no global state, no GUI backend, nothing left open.
+
+Conventions: distances are L2 (not squared). A log axis cannot show an exact 0 (a collision), so
+zeros are drawn at the axis floor with a red down-triangle and named in the legend. Layer 0 is
+the embedding layer (shaded): prompts that end in the same token share it by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+DPI = 100  # PNG pixels = figure inches x DPI
+REPORT_SIZE = (8.0, 4.5)  # inches: 800 x 450 px
+COMPARE_SIZE = (10.0, 5.5)  # inches: 1000 x 550 px
+HISTORY_PANEL = (10.0, 2.8)  # inches per benchmark module (one panel each)
+MAX_TICKS = 16  # at most this many x ticks, whatever the depth (31+ layers stay readable)
+
+
+def _new_figure(size: tuple[float, float]) -> Figure:
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the pixel size stays exactly size x DPI
+    return path
+
+
+def log_floor(values, threshold: float) -> float:
+    """Where an exact 0 is drawn on a log axis: a decade below the smallest positive value or threshold."""
+    positive = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    return 10 ** math.floor(math.log10(min(positive + [threshold]))) / 10
+
+
+def _title(report: dict) -> str:
+    m, c = report["model"], report["corpus"]
+    return (f"{m['name']} on {c['name']}: {report['n_prompts']:,} prompts, {m['dtype']}, "
+            f"final norm {m['final_norm']}, L={m['n_layers']}")
+
+
+def _shade_embedding_layer(ax, x0: float = 0.0, width: float = 0.5) -> None:
+    ax.axvspan(x0 - width, x0 + width, color="0.85", zorder=0, label="layer 0: embeddings (expected to collide)")
+
+
+def min_distance_figure(report: dict, path: Path) -> Path:
+    """Min pairwise L2 per layer (log y) with the collision threshold as a line; hollow = not certified."""
+    threshold = report["threshold"]
+    layers = report["layers"]
+    xs = [e["layer"] for e in layers]
+    ys = [e["min_distance"] for e in layers]
+    floor = log_floor(ys, threshold)
+    fig = _new_figure(REPORT_SIZE)
+    ax = fig.add_subplot()
+    if any(e["is_embedding_layer"] for e in layers):
+        _shade_embedding_layer(ax)
+    drawn = [(x, y) for x, y in zip(xs, ys) if y is not None and y > 0]
+    ax.plot([x for x, _ in drawn], [y for _, y in drawn], "-", color="C0", lw=1.2, zorder=2)
+    certified = [(e["layer"], e["min_distance"]) for e in layers if e["certified"] and (e["min_distance"] or 0) > 0]
+    uncertified = [(e["layer"], e["min_distance"]) for e in layers
+                   if not e["certified"] and (e["min_distance"] or 0) > 0]
+    zeros = [e["layer"] for e in layers if e["min_distance"] == 0]
+    if certified:
+        ax.plot(*zip(*certified), "o", color="C0", ms=5, zorder=3, label="certified exact minimum")
+    if uncertified:
+        ax.plot(*zip(*uncertified), "o", mfc="white", mec="C0", ms=6, zorder=3,
+                label="not certified (an upper bound)")
+    if zeros:
+        ax.plot(zeros, [floor] * len(zeros), "v", color="C3", ms=7, zorder=4, label="exactly 0 (drawn at the floor)")
+    ax.axhline(threshold, color="C3", ls="--", lw=1, label=f"collision threshold {threshold:g}")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor / 2)
+    ax.set_xlim(min(xs) - 0.6, max(xs) + 0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=MAX_TICKS, integer=True))
+    ax.set_xlabel("layer (0 = embeddings, k = output of block k)")
+    ax.set_ylabel("min pairwise L2 distance (log)")
+    ax.set_title(_title(report), fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def nn_boxplot_figure(report: dict, path: Path) -> Path:
+    """Per-layer boxplot of each prompt's nearest-neighbour L2 distance (log y), from the report's percentiles.
+
+    Box = 25-75%, line = median, whiskers = 5-95%, dots = min and max (the min is the layer's
+    minimum pairwise distance).
+    """
+    threshold = report["threshold"]
+    entries = [e for e in report["layers"] if e["nn_distance"] is not None]
+    values = [v for e in entries for v in e["nn_distance"].values()]
+    floor = log_floor(values, threshold)
+    fig = _new_figure(REPORT_SIZE)
+    ax = fig.add_subplot()
+    if any(e["is_embedding_layer"] for e in entries):
+        _shade_embedding_layer(ax)
+
+    def at_floor(v: float) -> float:
+        return v if v > 0 else floor
+
+    stats = [dict(med=at_floor(p["p50"]), q1=at_floor(p["p25"]), q3=at_floor(p["p75"]), whislo=at_floor(p["p5"]),
+                  whishi=at_floor(p["p95"]), fliers=[at_floor(p["min"]), at_floor(p["max"])])
+             for p in (e["nn_distance"] for e in entries)]
+    positions = [e["layer"] for e in entries]
+    if stats:
+        ax.bxp(stats, positions=positions, widths=0.6, manage_ticks=False, patch_artist=True,
+               boxprops=dict(facecolor="C0", alpha=0.35), medianprops=dict(color="C0"),
+               flierprops=dict(marker=".", ms=4, mec="0.3"))
+    if any(v == 0 for v in values):
+        ax.axhline(floor, color="C3", lw=0.8, ls=":", label="exactly 0 (drawn at the floor)")
+    ax.axhline(threshold, color="C3", ls="--", lw=1, label=f"collision threshold {threshold:g}")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor / 2)
+    if positions:
+        ax.set_xlim(min(positions) - 0.6, max(positions) + 0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=MAX_TICKS, integer=True))
+    ax.set_xlabel("layer (0 = embeddings, k = output of block k)")
+    ax.set_ylabel("nearest-neighbour L2 distance per prompt (log)")
+    ax.set_title(_title(report) + "\nbox 25-75%, whiskers 5-95%, dots min and max", fontsize=10)
+    ax.grid(True, axis="y", which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def comparison_figure(runs: list[dict], path: Path, depth_axis: str = "relative") -> Path:
+    """Min pairwise L2 per layer, one line per run (the runs of collide.compare.comparison_json).
+
+    ``depth_axis``: "relative" puts layer k of an L-block model at k / L (0 = embeddings, 1 = last),
+    so models of different depth compare; "absolute" uses the layer index. Runs flagged with a
+    problem are dashed and keep their note in the legend.
+    """
+    thresholds = sorted({r["threshold"] for r in runs})
+    all_y = [p["min_distance"] for r in runs for p in r["per_layer"]]
+    floor = log_floor(all_y, min(thresholds) if thresholds else 1e-6)
+    fig = _new_figure(COMPARE_SIZE)
+    ax = fig.add_subplot()
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        pts = [(p["depth"] if depth_axis == "relative" else p["layer"], p["min_distance"], p["certified"])
+               for p in run["per_layer"] if p["min_distance"] is not None]
+        label = run["label"] + (" [" + "; ".join(run["problems"]) + "]" if run["problems"] else "")
+        ax.plot([x for x, _, _ in pts], [y if y > 0 else floor for _, y, _ in pts], "-" if not run["problems"] else "--",
+                color=color, lw=1.3, marker="o", ms=3, label=label)
+        hollow = [(x, y) for x, y, c in pts if not c and y > 0]
+        if hollow:
+            ax.plot(*zip(*hollow), "o", mfc="white", mec=color, ms=6)
+    if any(y == 0 for y in all_y):
+        ax.axhline(floor, color="C3", lw=0.8, ls=":", label="exactly 0 (drawn at the floor)")
+    for t in thresholds:
+        ax.axhline(t, color="C3", ls="--", lw=1, label=f"collision threshold {t:g}")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor / 2)
+    if depth_axis == "relative":
+        ax.set_xlabel("relative depth: layer / L (0 = embeddings, 1 = last layer)")
+        ax.set_xlim(-0.03, 1.03)
+    else:
+        ax.set_xlabel("layer (0 = embeddings, k = output of block k)")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=MAX_TICKS, integer=True))
+    ax.set_ylabel("min pairwise L2 distance (log)")
+    ax.set_title("min pairwise L2 per layer (hollow = not certified, dashed = see note)", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return _save(fig, path)
+
+
+def history_figure(entries: list[dict], path: Path, title: str) -> Path:
+    """Benchmark ratios over time: one panel per benchmark module, one line per ratio (log y).
+
+    ``entries`` are history records of one machine, oldest first (see benchmarks/run.py). Targets
+    are dotted lines in the ratio's colour; runs whose gate failed get a red cross on the x axis.
+    """
+    benches = sorted({e["bench"] for e in entries})
+    fig = _new_figure((HISTORY_PANEL[0], HISTORY_PANEL[1] * max(len(benches), 1) + 0.6))
+    axes = fig.subplots(max(len(benches), 1), 1, squeeze=False)[:, 0]
+    for ax, bench in zip(axes, benches):
+        runs = [e for e in entries if e["bench"] == bench]
+        names = sorted({n for e in runs for n in e.get("ratios", {})})
+        for i, name in enumerate(names):
+            pts = [(k, e["ratios"][name]) for k, e in enumerate(runs) if name in e.get("ratios", {})]
+            color = f"C{i % 10}"
+            ax.plot([k for k, _ in pts], [r["value"] for _, r in pts], "-o", ms=3, color=color,
+                    label=f"{name} ({pts[-1][1]['better']} is better)")
+            if pts[-1][1].get("target") is not None:
+                ax.axhline(pts[-1][1]["target"], color=color, ls=":", lw=1)
+        failed = [k for k, e in enumerate(runs) if e["gate"] == "fail"]
+        if failed:
+            ax.plot(failed, [0] * len(failed), "x", color="C3", ms=8, transform=ax.get_xaxis_transform(),
+                    clip_on=False, label="gate failed")
+        if names:
+            ax.set_yscale("log")
+        ax.set_ylabel("ratio (log)")
+        ax.set_title(f"bench_{bench}", fontsize=9, loc="left")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=MAX_TICKS // 2, integer=True))
+        ticks = [t for t in ax.get_xticks() if 0 <= t < len(runs)]
+        ax.set_xticks(ticks, [f"{runs[int(t)]['date'][:10]}\n{(runs[int(t)]['commit'] or '?')[:7]}" for t in ticks],
+                      fontsize=7)
+        ax.set_xlim(-0.5, max(len(runs) - 0.5, 0.5))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    axes[-1].set_xlabel("benchmark run (date, commit)")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
