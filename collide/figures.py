@@ -150,13 +150,16 @@ def comparison_figure(runs: list[dict], path: Path, depth_axis: str = "relative"
         pts = [(p["depth"] if depth_axis == "relative" else p["layer"], p["min_distance"], p["certified"])
                for p in run["per_layer"] if p["min_distance"] is not None]
         label = run["label"] + (" [" + "; ".join(run["problems"]) + "]" if run["problems"] else "")
-        ax.plot([x for x, _, _ in pts], [y if y > 0 else floor for _, y, _ in pts], "-" if not run["problems"] else "--",
-                color=color, lw=1.3, marker="o", ms=3, label=label)
+        ax.plot([x for x, y, _ in pts if y > 0], [y for _, y, _ in pts if y > 0],
+                "-" if not run["problems"] else "--", color=color, lw=1.3, marker="o", ms=3, label=label)
+        zeros = [x for x, y, _ in pts if y == 0]
+        if zeros:
+            ax.plot(zeros, [floor] * len(zeros), "v", color=color, ms=6)
         hollow = [(x, y) for x, y, c in pts if not c and y > 0]
         if hollow:
             ax.plot(*zip(*hollow), "o", mfc="white", mec=color, ms=6)
     if any(y == 0 for y in all_y):
-        ax.axhline(floor, color="C3", lw=0.8, ls=":", label="exactly 0 (drawn at the floor)")
+        ax.axhline(floor, color="0.5", lw=0.8, ls=":", label="exactly 0 (triangles at the floor)")
     for t in thresholds:
         ax.axhline(t, color="C3", ls="--", lw=1, label=f"collision threshold {t:g}")
     ax.set_yscale("log")
@@ -168,7 +171,8 @@ def comparison_figure(runs: list[dict], path: Path, depth_axis: str = "relative"
         ax.set_xlabel("layer (0 = embeddings, k = output of block k)")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=MAX_TICKS, integer=True))
     ax.set_ylabel("min pairwise L2 distance (log)")
-    ax.set_title("min pairwise L2 per layer (hollow = not certified, dashed = see note)", fontsize=10)
+    ax.set_title("min pairwise L2 per layer, one line per run (hollow = not certified, dashed = see note)",
+                 fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return _save(fig, path)

@@ -1,0 +1,249 @@
+"""Compare finished runs: ``python -m collide.report RUN_DIR [RUN_DIR ...] [--out DIR] [--absolute]``.
+
+A RUN_DIR is a run directory (holds report.json) or a Hydra multirun sweep directory (its job
+subdirectories are taken in job order). The comparison writes ``comparison.md``,
+``comparison.json`` and ``comparison.png`` (min pairwise L2 per layer, one line per run) into
+``--out`` (default ``./comparison``).
+
+Depth axis: "relative" (default) places layer k of an L-block model at k / L, so a 4-block and
+a 30-block model share one axis; ``--absolute`` (or ``depth_axis=absolute``) uses the layer index.
+
+Nothing is mixed silently. Runs that differ in threshold, final_norm or dtype are flagged
+(dashed in the figure, noted in both tables, warned on the console); incomplete runs (no
+report.json, uncertified layers, layers missing, NaN/Inf rows) are flagged too, and a run
+without a report.json is listed but cannot be drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from collide import figures
+from collide.errors import CollideError
+
+log = logging.getLogger(__name__)
+
+LIKE_FOR_LIKE = ("threshold", "final_norm", "dtype")  # runs must agree on these to compare as equals
+SUPPORTED_MAJOR = "1"  # report.json schema major version this reader understands
+
+
+@dataclass
+class Run:
+    path: Path  # the run directory
+    report: dict | None  # its report.json, None when missing or unreadable
+    label: str = ""  # legend and table name, unique among the compared runs
+    problems: list[str] = field(default_factory=list)  # why it is incomplete or not like for like
+
+
+def _job_order(path: Path):
+    """Hydra job subdirectories start with the job number ("3-gpt2-mix"): sort by it, then by name."""
+    match = re.match(r"(\d+)", path.name)
+    return (int(match.group(1)) if match else float("inf"), path.name)
+
+
+def expand_run_dirs(paths: list[Path]) -> list[Path]:
+    """Run directories named by ``paths``: each path itself if it holds report.json, else its job subdirectories.
+
+    A subdirectory counts as a job when it holds report.json or Hydra's ``.hydra/`` (a job that
+    failed before writing its report). A directory with neither is returned as is (an incomplete run).
+    """
+    dirs: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise CollideError(f"run directory {str(path)!r} does not exist; pass run directories (holding "
+                               "report.json) or a multirun sweep directory")
+        if (path / "report.json").exists():
+            dirs.append(path)
+            continue
+        jobs = [p for p in path.iterdir() if p.is_dir() and ((p / "report.json").exists() or (p / ".hydra").is_dir())]
+        dirs.extend(sorted(jobs, key=_job_order) or [path])
+    return dirs
+
+
+def load_run(path: Path) -> Run:
+    """A Run, with a problem noted when report.json is missing, unreadable or of an unknown major version."""
+    file = path / "report.json"
+    if not file.exists():
+        return Run(path, None, problems=["no report.json (the run failed or is still running)"])
+    try:
+        report = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        return Run(path, None, problems=[f"report.json is not valid JSON ({exc})"])
+    version = str(report.get("schema_version", "?"))
+    if version.split(".")[0] != SUPPORTED_MAJOR:
+        return Run(path, None, problems=[f"report.json schema_version {version} is not {SUPPORTED_MAJOR}.x; "
+                                         "upgrade collide to read it"])
+    return Run(path, report)
+
+
+def like_for_like_values(report: dict) -> dict:
+    """The values that must agree between compared runs."""
+    return {"threshold": report["threshold"], "final_norm": report["layer_convention"]["final_norm"],
+            "dtype": report["dtype"]}
+
+
+def flag_problems(runs: list[Run]) -> list[str]:
+    """Add incompleteness and mismatch notes to ``runs``; return the like-for-like keys that differ.
+
+    The reference value of a key is the most common one among the runs (the first run's on a tie);
+    each run that differs gets a note such as "dtype=bf16, others fp32".
+    """
+    complete = [r for r in runs if r.report is not None]
+    for run in complete:
+        layers = run.report["layers"]
+        uncertified = [e["layer"] for e in layers if not e["certified"]]
+        if uncertified:
+            run.problems.append(f"layers {uncertified} not certified")
+        missing = sorted(set(run.report["selected_layers"]) - {e["layer"] for e in layers})
+        if missing:
+            run.problems.append(f"layers {missing} selected but not searched")
+        invalid = [e["layer"] for e in layers if e["invalid_rows"]]
+        if invalid:
+            run.problems.append(f"NaN/Inf states at layers {invalid}")
+    differing = []
+    for key in LIKE_FOR_LIKE:
+        values = [like_for_like_values(r.report)[key] for r in complete]
+        counts = Counter(values)
+        if len(counts) < 2:
+            continue
+        differing.append(key)
+        top = max(counts.values())
+        reference = next(v for v in values if counts[v] == top)
+        for run, value in zip(complete, values):
+            if value != reference:
+                run.problems.append(f"{key}={value:g}, others {reference:g}" if key == "threshold"
+                                    else f"{key}={value}, others {reference}")
+    return differing
+
+
+def label_runs(runs: list[Run]) -> None:
+    """'model / corpus', plus the run directory's name where two runs would share a label."""
+    base = [f"{r.report['model']['name']} / {r.report['corpus']['name']}" if r.report else r.path.name for r in runs]
+    counts = Counter(base)
+    for run, name in zip(runs, base):
+        run.label = name if counts[name] == 1 else f"{name} ({run.path.name})"
+
+
+def _depth(layer: int, n_layers: int) -> float:
+    return layer / n_layers
+
+
+def _at_depth(report: dict, layer: int) -> float | None:
+    entry = next((e for e in report["layers"] if e["layer"] == layer), None)
+    return entry["min_distance"] if entry else None
+
+
+def run_summary(run: Run) -> dict:
+    """One run of comparison.json."""
+    if run.report is None:
+        return {"dir": str(run.path), "label": run.label, "complete": False, "problems": run.problems}
+    r = run.report
+    L = r["layer_convention"]["n_layers"]
+    return {
+        "dir": str(run.path), "label": run.label, "complete": True, "problems": run.problems,
+        "model": r["model"]["name"], "source": r["model"]["source"], "corpus": r["corpus"]["name"],
+        "n_prompts": r["n_prompts"], "dtype": r["dtype"], "final_norm": r["layer_convention"]["final_norm"],
+        "threshold": r["threshold"], "n_layers": L, "verdict": r["verdict"]["status"],
+        "n_collisions": r["verdict"]["n_collisions"], "git_commit": r["git_commit"],
+        "paper_layers": {"1": _at_depth(r, 1), "L/2": _at_depth(r, L // 2), "L": _at_depth(r, L)},
+        "per_layer": [{"layer": e["layer"], "depth": _depth(e["layer"], L), "min_distance": e["min_distance"],
+                       "certified": e["certified"], "n_collisions": e["n_collisions"]} for e in r["layers"]],
+    }
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else ("0" if x == 0 else f"{x:.4g}")
+
+
+def render_markdown(summary: dict) -> str:
+    """comparison.md: the problems first, then one row per run (min distance at layers 1, L/2 and L, as the paper)."""
+    out = ["# collide comparison", "", f"{len(summary['runs'])} runs, figure `comparison.png` "
+           f"({summary['depth_axis']} depth axis). Distances are min pairwise L2 (not squared).", ""]
+    if summary["differing"]:
+        out += [f"**Not like for like:** the runs differ in {', '.join(summary['differing'])}; "
+                "those runs are dashed in the figure.", ""]
+    flagged = [r for r in summary["runs"] if r["problems"]]
+    if flagged:
+        out += ["## Problems", ""] + [f"- `{r['dir']}` ({r['label']}): {'; '.join(r['problems'])}" for r in flagged] + [""]
+    out += ["## Runs", "",
+            "| run | model | corpus | prompts | dtype | final norm | threshold | L | layer 1 | layer L/2 | layer L "
+            "| collisions (layers 1..L) | verdict | notes |",
+            "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in summary["runs"]:
+        if not r["complete"]:
+            out.append(f"| {r['label']} | | | | | | | | | | | | incomplete | {'; '.join(r['problems'])} |")
+            continue
+        p = r["paper_layers"]
+        out.append(f"| {r['label']} | {r['model']} | {r['corpus']} | {r['n_prompts']:,} | {r['dtype']} "
+                   f"| {r['final_norm']} | {r['threshold']:g} | {r['n_layers']} | {_fmt(p['1'])} | {_fmt(p['L/2'])} "
+                   f"| {_fmt(p['L'])} | {r['n_collisions']:,} | {r['verdict']} | {'; '.join(r['problems'])} |")
+    out += ["", "![min distance per layer](comparison.png)"]
+    return "\n".join(out) + "\n"
+
+
+def compare(paths: list[Path], out: Path, depth_axis: str = "relative") -> dict:
+    """Compare the runs under ``paths``; write comparison.{md,json,png} into ``out``; return the summary."""
+    if depth_axis not in ("relative", "absolute"):
+        raise CollideError(f"depth_axis={depth_axis!r}: use relative (layer / L) or absolute (layer index)")
+    runs = [load_run(p) for p in expand_run_dirs(paths)]
+    if not any(r.report for r in runs):
+        raise CollideError(f"no report.json under {', '.join(map(str, paths))}; pass finished run directories")
+    differing = flag_problems(runs)
+    label_runs(runs)
+    summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "depth_axis": depth_axis,
+               "differing": differing, "runs": [run_summary(r) for r in runs]}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures.comparison_figure([r for r in summary["runs"] if r["complete"]], out / "comparison.png", depth_axis)
+    (out / "comparison.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    (out / "comparison.md").write_text(render_markdown(summary))
+    return summary
+
+
+def print_comparison(summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="collide comparison: min pairwise L2")
+    for col in ("run", "dtype", "L", "layer 1", "layer L/2", "layer L", "verdict"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for r in summary["runs"]:
+        if r["complete"]:
+            p = r["paper_layers"]
+            table.add_row(r["label"], r["dtype"], str(r["n_layers"]), _fmt(p["1"]), _fmt(p["L/2"]), _fmt(p["L"]),
+                          r["verdict"])
+        else:
+            table.add_row(r["label"], "", "", "", "", "", "[red]incomplete[/red]")
+    console.print(table)
+    for r in summary["runs"]:
+        if r["problems"]:
+            console.print(f"[yellow]warning:[/yellow] {r['dir']}: {'; '.join(r['problems'])}", highlight=False)
+    console.print(f"wrote {out / 'comparison.md'}, comparison.json and comparison.png", highlight=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m collide.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories or multirun sweep directories "
+                                                "(depth_axis=absolute and out=DIR are accepted here too)")
+    parser.add_argument("--out", default=None, help="output directory (default ./comparison)")
+    parser.add_argument("--absolute", action="store_true", help="absolute layer index instead of layer / L")
+    args = parser.parse_args(argv)
+    options = dict(a.split("=", 1) for a in args.runs if re.fullmatch(r"(depth_axis|out)=.*", a))
+    paths = [Path(a) for a in args.runs if not re.fullmatch(r"(depth_axis|out)=.*", a)]
+    depth_axis = "absolute" if args.absolute else options.get("depth_axis", "relative")
+    out = Path(args.out or options.get("out", "comparison"))
+    try:
+        summary = compare(paths, out, depth_axis)
+    except CollideError as exc:
+        print(f"collide: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print_comparison(summary, out)
