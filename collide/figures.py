@@ -179,7 +179,9 @@ def comparison_figure(runs: list[dict], path: Path, depth_axis: str = "relative"
 
 
 def history_figure(entries: list[dict], path: Path, title: str) -> Path:
-    """Benchmark ratios over time: one panel per benchmark module, one line per ratio (log y).
+    """Benchmark ratios over time: one panel per benchmark module, one line per ratio.
+
+    The y axis starts at 0, or is logarithmic when a panel's ratios span more than a decade.
 
     ``entries`` are history records of one machine, oldest first (see benchmarks/run.py). Targets
     are dotted lines in the ratio's colour; runs whose gate failed get a red cross on the x axis.
@@ -201,9 +203,14 @@ def history_figure(entries: list[dict], path: Path, title: str) -> Path:
         if failed:
             ax.plot(failed, [0] * len(failed), "x", color="C3", ms=8, transform=ax.get_xaxis_transform(),
                     clip_on=False, label="gate failed")
-        if names:
+        values = [e["ratios"][n]["value"] for e in runs for n in e.get("ratios", {})]
+        values = [v for v in values if v > 0]
+        if values and max(values) > 10 * min(values):
             ax.set_yscale("log")
-        ax.set_ylabel("ratio (log)")
+            ax.set_ylabel("ratio (log)")
+        else:  # from 0, so that a 10% drop looks like one
+            ax.set_ylim(0, max(values + [1.0]) * 1.15)
+            ax.set_ylabel("ratio")
         ax.set_title(f"bench_{bench}", fontsize=9, loc="left")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=MAX_TICKS // 2, integer=True))
         ticks = [t for t in ax.get_xticks() if 0 <= t < len(runs)]

@@ -76,13 +76,18 @@ def hardware_info() -> dict:
     }
 
 
-def git_commit(path: Path | None = None) -> tuple[str | None, bool | None]:
-    """(commit sha, dirty) of the git checkout holding ``path`` (default: collide's source), or (None, None)."""
+def git_commit(path: Path | None = None, ignore: tuple[str, ...] = ()) -> tuple[str | None, bool | None]:
+    """(commit sha, dirty) of the git checkout holding ``path`` (default: collide's source), or (None, None).
+
+    dirty = tracked files differ from the commit, leaving out the paths in ``ignore`` (relative to the
+    checkout's root), e.g. a results folder that the caller itself rewrites.
+    """
     cwd = Path(path) if path else Path(collide.__file__).parent
+    excluded = [f":(top,exclude){p}" for p in ignore]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", *excluded],
+                                cwd=cwd, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None, None
     return sha.stdout.strip(), bool(status.stdout.strip())
