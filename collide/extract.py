@@ -1,0 +1,333 @@
+"""Extraction stage: batched forward passes streamed into a store, one shard at a time.
+
+``extract_to_store`` turns a deterministic prompt stream into a store (``collide.store``):
+
+1. Drop prompts whose token-id sequence was seen before (counted), and number the distinct ones
+   0, 1, 2, ... in stream order.
+2. Cut them into shards of ``store.shard_rows`` prompts. Within a shard, sort by length (stable)
+   and fill batches up to a token budget (prompts x padded length), so that prompts of similar
+   length share a batch and little is padded.
+3. Run each batch right-padded through ``collide.models.last_token_states`` (only the selected
+   layers, stopping after the deepest) and keep each prompt's last real token, as float32.
+4. Hand the shard to a writer thread, which commits it atomically while the next shard runs.
+
+Exactness: with right padding and the attention mask, a stored state equals the state of an
+unpadded forward pass of that prompt alone up to floating-point reassociation (tested: 1e-5
+relative in fp32; see ``BF16_RTOL`` for bf16).
+Determinism: which prompts share a batch depends only on the stream and the batching parameters
+(``shard_rows``, ``batch_tokens``, ``max_batch_size``), which the manifest records and a resumed
+run reuses, so on CPU a resumed store is bit-identical to an uninterrupted one.
+Memory: one shard of prompts and states (plus the one being written) and a 16-byte digest per
+distinct prompt for deduplication; nothing else grows with the number of prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import psutil
+import torch
+from tqdm import tqdm
+
+from collide.config import ExtractConfig, StoreConfig
+from collide.corpus import Prompt
+from collide.errors import CollideError
+from collide.models import DTYPES, LoadedModel, last_token_states
+from collide.store import Store, StoreWriter, open_store, prompt_table
+
+log = logging.getLogger(__name__)
+
+# Relative tolerance ||batched - alone|| / ||alone|| of a stored state in bf16 (fp32: 1e-5). A bf16
+# forward rounds every activation to 8 significant bits (2^-8 = 0.0039 relative), and padding
+# changes the shapes, hence the reduction orders, of the matmuls, so the two forwards round
+# differently. Measured on 60 mixed-length prompts of the tiny random models, all layers: GPT-2
+# 6.0e-3, Llama 7.1e-3, Gemma-3 1.4e-2 (fp32: below 1e-6). Tested against this bound.
+BF16_RTOL = 3e-2
+MEMORY_FRACTION = 0.25  # share of the free memory that one batch's activations may take
+CPU_MAX_BATCH_TOKENS = 4096  # bigger CPU batches do not run faster; they only hold more memory
+GPU_MAX_BATCH_TOKENS = 1 << 17  # past this the GPU is saturated for any model worth running
+
+
+def layer_convention(final_norm: str, n_layers: int) -> str:
+    """The layer convention in words, as the manifest records it."""
+    last = "after the final norm (HF hidden_states[-1])" if final_norm == "post" else \
+        "before the final norm (raw residual stream, as the paper's code)"
+    return (f"layer k = HF hidden_states[k]: 0 = embedding output, k = output of block k (1..{n_layers}); "
+            f"layer {n_layers} is taken {last}; state of the last real token")
+
+
+def pad_id(lm: LoadedModel) -> int:
+    """Id used for padding: the tokenizer's pad token, else its EOS, else 0 (only the mask matters)."""
+    for token in (getattr(lm.tokenizer, "pad_token_id", None), getattr(lm.tokenizer, "eos_token_id", None)):
+        if isinstance(token, int):
+            return token
+    return 0
+
+
+# --------------------------------------------------------------------------- the prompt stream
+
+
+class DistinctPrompts:
+    """Iterate (prompt, token ids int32, 16-byte digest) for the distinct prompts of a stream.
+
+    Prompts are distinct by token-id sequence (blake2b-128 digest of the int32 ids; a digest
+    collision, odds ~n^2 / 2^129, would drop a prompt). ``n_items`` and ``n_duplicates`` count the
+    stream up to and including the last prompt returned, so they do not depend on what follows it.
+    """
+
+    def __init__(self, prompts: Iterable[Prompt]):
+        self._it = iter(prompts)
+        self._seen: set[bytes] = set()  # digests of the distinct sequences so far
+        self._read = 0  # stream items read so far
+        self.n_items = 0  # stream position (1-based) of the last distinct prompt returned
+        self.n_duplicates = 0  # duplicates before that position
+
+    def __iter__(self) -> Iterator[tuple[Prompt, np.ndarray, bytes]]:
+        return self
+
+    def __next__(self) -> tuple[Prompt, np.ndarray, bytes]:
+        for prompt in self._it:
+            self._read += 1
+            tokens = np.asarray(prompt.token_ids, dtype=np.int32)
+            if tokens.ndim != 1 or len(tokens) == 0:
+                raise CollideError(f"prompt {prompt.source!r} has no tokens; the corpus must give non-empty "
+                                   "token windows (check corpus.min_tokens)")
+            key = hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
+            if key in self._seen:
+                continue
+            self._seen.add(key)
+            self.n_duplicates += self._read - self.n_items - 1
+            self.n_items = self._read
+            return prompt, tokens, key
+        raise StopIteration
+
+
+def skip_committed(stream: DistinctPrompts, shards: list[dict], store_dir) -> None:
+    """Re-draw the prompts of the committed shards and check that the stream is the same one.
+
+    Each shard records its stream position and a digest of its prompts' token ids; a difference
+    means the corpus or the sampling changed under the store.
+    """
+    for shard in shards:
+        keys = [key for _, _, key in itertools.islice(stream, shard["rows"])]
+        if (len(keys) != shard["rows"] or stream.n_items != shard["stream_items"]
+                or hashlib.sha256(b"".join(keys)).hexdigest() != shard["tokens_sha256"]):
+            raise CollideError(f"the prompt stream differs from the one that wrote shard {shard['index']} of "
+                               f"{store_dir} (the corpus files or the sampling changed); use a new store.path "
+                               "or delete the store to start over")
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def plan_batches(lengths: np.ndarray, batch_tokens: int, max_batch_size: int, bucket: bool = True) -> list[np.ndarray]:
+    """Split rows 0..n-1 into batches whose padded size (rows x longest length) fits ``batch_tokens``.
+
+    ``bucket=True`` orders rows by length (stable, ties by row) before filling batches greedily, so
+    a batch holds prompts of similar length; ``bucket=False`` keeps the given order (the baseline
+    the benchmark compares with). A prompt longer than the budget gets a batch of its own. The
+    plan depends only on the arguments: it is what makes resumed runs bit-identical.
+    """
+    order = np.argsort(lengths, kind="stable") if bucket else np.arange(len(lengths))
+    batches, current, longest = [], [], 0
+    for row in order:
+        grown = max(longest, int(lengths[row]))
+        if current and (len(current) == max_batch_size or (len(current) + 1) * grown > batch_tokens):
+            batches.append(np.array(current))
+            current, grown = [], int(lengths[row])
+        current.append(row)
+        longest = grown
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
+def auto_batch_tokens(lm: LoadedModel, longest: int, n_layers_kept: int) -> int:
+    """A token budget per batch from the memory free now and the model's shape.
+
+    Per token of a batch a forward pass holds about 6 d (residual, q, k, v, attention output,
+    norm) + 2 x intermediate (MLP) activations plus one attention-score row per head (heads x T)
+    in the compute dtype, and each prompt keeps n_layers_kept fp32 rows of d; MEMORY_FRACTION of
+    the free memory (CUDA: ``mem_get_info``; CPU: psutil available) is given to that, capped by
+    what still speeds the device up. Never below ``longest``, so one prompt always fits.
+    """
+    cfg = lm.model.config.get_text_config()
+    d = lm.d
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
+    elem = torch.finfo(DTYPES[lm.dtype]).bits // 8
+    per_token = elem * (6 * d + 2 * inter + heads * longest) + 4 * d * n_layers_kept
+    if lm.device.type == "cuda":
+        free, cap = torch.cuda.mem_get_info(lm.device)[0], GPU_MAX_BATCH_TOKENS
+    else:
+        free, cap = psutil.virtual_memory().available, CPU_MAX_BATCH_TOKENS
+    budget = max(longest, min(cap, int(MEMORY_FRACTION * free / per_token)))
+    log.info("batch budget: %d tokens (%.1f GiB free, ~%d bytes per token)", budget, free / 2**30, per_token)
+    return budget
+
+
+def pad_batch(seqs: list[np.ndarray], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (batch, T) input ids and attention mask (1 = real token) on ``device``."""
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        ids[row, :len(seq)] = seq
+        mask[row, :len(seq)] = 1
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+
+def forward_shard(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], batch_tokens: int,
+                  max_batch_size: int, bucket: bool = True,
+                  on_batch: Callable[[int, int], None] | None = None) -> dict[int, np.ndarray]:
+    """{layer: (n, d) float32} last-token states of ``seqs`` (token ids, BOS included), row i = seqs[i].
+
+    Batches follow ``plan_batches``; ``on_batch(prompts, tokens)`` is called after each batch.
+    """
+    lengths = np.fromiter((len(s) for s in seqs), np.int64, count=len(seqs))
+    out = {k: np.empty((len(seqs), lm.d), np.float32) for k in layers}
+    pad = pad_id(lm)
+    for rows in plan_batches(lengths, batch_tokens, max_batch_size, bucket):
+        ids, mask = pad_batch([seqs[i] for i in rows], pad, lm.device)
+        states = last_token_states(lm, ids, mask, layers)
+        stacked = torch.stack([states[k] for k in layers]).float().cpu().numpy()  # one device->host copy
+        for slot, k in enumerate(layers):
+            out[k][rows] = stacked[slot]
+        if on_batch is not None:
+            on_batch(len(rows), int(lengths[rows].sum()))
+    return out
+
+
+def forward_shard_adaptive(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], batch_tokens: int,
+                           max_batch_size: int, on_batch: Callable[[int, int], None] | None = None,
+                           ) -> tuple[dict[int, np.ndarray], int]:
+    """``forward_shard`` that halves the token budget and redoes the shard on out-of-memory.
+
+    Returns the states and the budget that worked (recorded with the shard, reused afterwards).
+    A failed attempt's progress is taken back with a negative ``on_batch(-prompts, -tokens)``.
+    """
+    while True:
+        done = [0, 0]  # prompts, tokens of this attempt
+
+        def counted(prompts: int, tokens: int) -> None:
+            done[0] += prompts
+            done[1] += tokens
+            if on_batch is not None:
+                on_batch(prompts, tokens)
+        try:
+            return forward_shard(lm, seqs, layers, batch_tokens, max_batch_size, on_batch=counted), batch_tokens
+        except torch.OutOfMemoryError:
+            if on_batch is not None:
+                on_batch(-done[0], -done[1])
+            if batch_tokens // 2 < min(len(s) for s in seqs):
+                raise CollideError(f"out of GPU memory on {lm.device} even with one prompt per batch; use a "
+                                   "smaller model or model.dtype=bf16, or free the GPU") from None
+            log.warning("out of GPU memory with batches of %d tokens; halving to %d and redoing the shard",
+                        batch_tokens, batch_tokens // 2)
+            batch_tokens //= 2
+            if lm.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def store_header(lm: LoadedModel, layers: list[int], n_prompts: int, store_cfg: StoreConfig,
+                 extract_cfg: ExtractConfig) -> dict:
+    """Facts recorded at the top of the manifest (see StoreWriter.open)."""
+    return dict(
+        model=dict(name=lm.name, source=lm.source, revision=lm.revision, family=lm.model.config.model_type,
+                   dtype=lm.dtype, device=str(lm.device)),
+        dtype=lm.dtype, final_norm=lm.final_norm, layer_convention=layer_convention(lm.final_norm, lm.n_layers),
+        layers=layers, d=lm.d, n_layers=lm.n_layers, n_prompts=n_prompts, keep_text=bool(store_cfg.keep_text),
+        shard_rows=int(store_cfg.shard_rows), batch_tokens=int(extract_cfg.batch_tokens) or None,
+        max_batch_size=int(extract_cfg.max_batch_size))
+
+
+def extract_to_store(lm: LoadedModel, prompts: Iterable[Prompt], layers: list[int], store_dir, n_prompts: int,
+                     identity: dict, store_cfg: StoreConfig, extract_cfg: ExtractConfig) -> Store:
+    """Extract the last-token states of the first ``n_prompts`` distinct prompts into ``store_dir``.
+
+    Creates the store, or resumes an ``in-progress`` one made with the same ``identity`` (a
+    JSON-able dict: model and corpus configs, seed, layers, dtype, n_prompts, ...); a complete
+    store is returned as it is. ``prompts`` must be the same deterministic stream on every run.
+    Raises CollideError (after committing every prompt it got) when the stream holds fewer than
+    ``n_prompts`` distinct prompts. KeyboardInterrupt lets the shard being written finish, so the
+    store stays resumable.
+    """
+    t_start = time.perf_counter()
+    layers = sorted({int(k) for k in layers})
+    if not layers or layers[0] < 0 or layers[-1] > lm.n_layers:
+        raise CollideError(f"layers={layers} is out of range: {lm.name} has layers 0..{lm.n_layers}")
+    if n_prompts < 1:
+        raise CollideError(f"n_prompts={n_prompts} must be at least 1")
+    if store_cfg.shard_rows < 1 or extract_cfg.max_batch_size < 1 or extract_cfg.batch_tokens < 0:
+        raise CollideError(f"store.shard_rows={store_cfg.shard_rows} and extract.max_batch_size="
+                           f"{extract_cfg.max_batch_size} must be >= 1, extract.batch_tokens="
+                           f"{extract_cfg.batch_tokens} >= 0 (0 = automatic)")
+    writer = StoreWriter.open(store_dir, identity, store_header(lm, layers, n_prompts, store_cfg, extract_cfg))
+    if writer.complete:
+        log.info("store %s is complete already (%d prompts); nothing to extract", store_dir, writer.n_rows)
+        return open_store(store_dir)
+    shard_rows, max_batch = writer.batching("shard_rows"), writer.batching("max_batch_size")
+    budget = writer.batching("batch_tokens")
+    stream = DistinctPrompts(prompts)
+    skip_committed(stream, writer.shards, store_dir)
+    first_id = start_id = writer.n_rows
+    bar = tqdm(total=n_prompts, initial=first_id, unit="prompt", desc="extract", dynamic_ncols=True,
+               disable=not extract_cfg.progress)
+    t_run, n_tokens = time.perf_counter(), [0]  # tokens forwarded this run
+
+    def on_batch(prompts: int, tokens: int) -> None:
+        n_tokens[0] += tokens
+        bar.update(prompts)
+        bar.set_postfix_str(f"{n_tokens[0] / max(time.perf_counter() - t_run, 1e-9):,.0f} tok/s", refresh=False)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collide-store-writer")
+    pending: Future | None = None
+    try:
+        while first_id < n_prompts:
+            wanted = min(shard_rows, n_prompts - first_id)
+            shard = list(itertools.islice(stream, wanted))
+            if not shard:
+                break
+            seqs = [tokens for _, tokens, _ in shard]
+            if budget is None:
+                budget = auto_batch_tokens(lm, max(len(s) for s in seqs), len(layers))
+            t0 = time.perf_counter()
+            states, budget = forward_shard_adaptive(lm, seqs, layers, budget, max_batch, on_batch)
+            table = prompt_table(first_id, seqs, [p.source for p, _, _ in shard],
+                                 [p.text for p, _, _ in shard] if writer.manifest["keep_text"] else None)
+            info = dict(stream_items=stream.n_items, n_duplicates=stream.n_duplicates,
+                        tokens_sha256=hashlib.sha256(b"".join(key for _, _, key in shard)).hexdigest(),
+                        batch_tokens=budget, forward_s=round(time.perf_counter() - t0, 6))
+            if pending is not None:
+                pending.result()  # at most one shard in flight: memory stays bounded
+            pending = pool.submit(writer.commit_shard, table, states, info)
+            first_id += len(shard)
+            if len(shard) < wanted:
+                break
+        if pending is not None:
+            pending.result()
+    finally:
+        pool.shutdown(wait=True)  # a shard being written completes, also on Ctrl-C
+        bar.close()
+    seconds = time.perf_counter() - t_start
+    if first_id < n_prompts:
+        writer.mark_stream_end(first_id)
+        raise CollideError(f"the corpus gave only {first_id} distinct prompts, fewer than n_prompts={n_prompts}; "
+                           f"set n_prompts<={first_id} or use a larger corpus (n_prompts={first_id} finishes the "
+                           f"store {store_dir} from the prompts already extracted)")
+    store = writer.finish(seconds)
+    log.info("extracted %d prompts into %s (%d this run, %d duplicates dropped) in %.1f s: %.1f prompts/s, "
+             "%.0f tokens/s", store.n_rows, os.fspath(store_dir), first_id - start_id,
+             store.manifest["counts"]["n_duplicates"], seconds, (first_id - start_id) / max(seconds, 1e-9),
+             n_tokens[0] / max(seconds, 1e-9))
+    return store

@@ -1,0 +1,249 @@
+"""Extraction into a store with tiny random models: exactness, layers, dedup, errors, batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import collide.extract as extract_mod
+from collide.config import ExtractConfig, ModelConfig, StoreConfig
+from collide.corpus import Prompt
+from collide.errors import CollideError
+from collide.extract import BF16_RTOL, CPU_MAX_BATCH_TOKENS, extract_to_store, plan_batches
+from collide.models import byte_tokenizer, load_model, tiny_config
+from collide.store import open_store
+from collide.verify import verify_store
+
+BOS = 256
+QUIET = ExtractConfig(batch_tokens=512, max_batch_size=64, progress=False)
+
+
+def synthetic(n: int, seed: int = 0, min_len: int = 1, max_len: int = 40, repeat_every: int = 0):
+    """A deterministic stream of n prompts of mixed lengths (BOS + random bytes); with
+    ``repeat_every`` every such item repeats the token ids of an earlier one (a duplicate)."""
+    rng = np.random.default_rng(seed)
+    made: list[tuple[int, ...]] = []
+    for i in range(n):
+        if repeat_every and i % repeat_every == repeat_every - 1:
+            ids = made[int(rng.integers(0, len(made)))]
+        else:
+            ids = (BOS, *rng.integers(0, 256, int(rng.integers(min_len, max_len + 1))).tolist())
+            made.append(ids)
+        yield Prompt(token_ids=ids, source=f"synthetic:{i}:0", text=f"prompt {i}")
+
+
+def identity(**changes) -> dict:
+    base = {"model": {"name": "tiny", "dtype": "fp32"}, "corpus": {"name": "synthetic", "seed": 0}, "n_prompts": 0}
+    base.update(changes)
+    return base
+
+
+def extract(lm, path, n_prompts, prompts=None, layers=None, shard_rows=16, extract_cfg=QUIET, keep_text=True,
+            ident=None):
+    layers = list(range(lm.n_layers + 1)) if layers is None else layers
+    prompts = synthetic(n_prompts) if prompts is None else prompts
+    return extract_to_store(lm, prompts, layers, path, n_prompts, ident or identity(n_prompts=n_prompts),
+                            StoreConfig(shard_rows=shard_rows, keep_text=keep_text), extract_cfg)
+
+
+def alone(lm, token_ids) -> list[torch.Tensor]:
+    """HF hidden_states of an unpadded forward pass of one prompt, at its last token."""
+    with torch.no_grad():
+        out = lm.model(input_ids=torch.tensor([token_ids]), output_hidden_states=True)
+    return [h[0, -1].float() for h in out.hidden_states]
+
+
+def max_relative_error(lm, store) -> float:
+    prompts = store.prompts(["prompt_id", "token_ids"])
+    worst = 0.0
+    stored = {k: store.layer(k)[1] for k in store.layers}
+    for pid, tokens in zip(prompts.column("prompt_id").to_pylist(), prompts.column("token_ids").to_pylist()):
+        reference = alone(lm, tokens)
+        for k in store.layers:
+            got = torch.tensor(stored[k][pid])
+            worst = max(worst, float((got - reference[k]).norm() / reference[k].norm()))
+    return worst
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma3_text"])
+def tiny(request):
+    return load_model(ModelConfig(name=f"tiny-{request.param}", source=f"random:{request.param}",
+                                  family=request.param))
+
+
+def test_batched_states_equal_unpadded_forwards_fp32(tiny, tmp_path):
+    store = extract(tiny, tmp_path / "s", 40)
+    lengths = store.prompts(["n_tokens"]).column("n_tokens").to_numpy()
+    assert lengths.min() <= 3 and lengths.max() >= 35  # mixed lengths share batches of 512 tokens
+    assert store.manifest["shards"][0]["batch_tokens"] == 512
+    assert max_relative_error(tiny, store) <= 1e-5
+    assert verify_store(store.path) == []
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text"])
+def test_bf16_states_within_the_documented_tolerance(family, tmp_path):
+    lm = load_model(ModelConfig(name="tiny", source=f"random:{family}", family=family, dtype="bf16"))
+    store = extract(lm, tmp_path / "s", 24)
+    assert store.manifest["dtype"] == "bf16" and store.layer(2)[1].dtype == np.float32
+    assert max_relative_error(lm, store) <= BF16_RTOL
+
+
+def test_model_saved_with_save_pretrained_loads_from_a_local_dir(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    lm = load_model(ModelConfig(name="saved", source=str(tmp_path / "model"), family="llama"))
+    store = extract(lm, tmp_path / "s", 20)
+    assert store.manifest["model"]["source"] == str(tmp_path / "model")
+    assert max_relative_error(lm, store) <= 1e-5
+
+
+def test_only_selected_layers_are_written(tiny_llama, tmp_path):
+    store = extract(tiny_llama, tmp_path / "s", 10, layers=[3, 1])
+    assert store.layers == [1, 3]
+    assert sorted(p.name for p in store.path.iterdir()) == ["layer=1", "layer=3", "manifest.json", "prompts"]
+    reference = alone(tiny_llama, store.prompts(["token_ids"]).column("token_ids")[4].as_py())
+    assert torch.allclose(torch.tensor(store.layer(3)[1][4]), reference[3], rtol=1e-5, atol=1e-6)
+
+
+def test_final_norm_pre_and_post(tmp_path):
+    post = load_model(ModelConfig(name="tiny", source="random:llama", family="llama", final_norm="post"))
+    pre = load_model(ModelConfig(name="tiny", source="random:llama", family="llama", final_norm="pre"))
+    L = post.n_layers
+    s_post = extract(post, tmp_path / "post", 12, layers=[L])
+    s_pre = extract(pre, tmp_path / "pre", 12, layers=[L])
+    assert s_post.manifest["final_norm"] == "post" and "after the final norm" in s_post.manifest["layer_convention"]
+    assert s_pre.manifest["final_norm"] == "pre" and "before the final norm" in s_pre.manifest["layer_convention"]
+    x_post, x_pre = s_post.layer(L)[1], s_pre.layer(L)[1]
+    assert not np.allclose(x_post, x_pre, rtol=1e-2)
+    assert max_relative_error(post, s_post) <= 1e-5  # post = HF hidden_states[-1]
+    with torch.no_grad():
+        renormed = pre.final_norm_module(torch.from_numpy(x_pre)).numpy()
+    np.testing.assert_allclose(renormed, x_post, rtol=1e-5, atol=1e-6)
+
+
+def test_duplicates_are_dropped_and_counted(tiny_llama, tmp_path):
+    items = list(synthetic(60, repeat_every=4))  # every 4th item repeats an earlier prompt
+    store = extract(tiny_llama, tmp_path / "s", 45, prompts=items, layers=[1])
+    firsts, seen = [], set()
+    for item in items:
+        if item.token_ids not in seen:
+            seen.add(item.token_ids)
+            firsts.append(item)
+    table = store.prompts()
+    assert table.column("source").to_pylist() == [p.source for p in firsts[:45]]
+    assert table.column("token_ids").to_pylist() == [list(p.token_ids) for p in firsts[:45]]
+    position_of_45th = items.index(firsts[44]) + 1
+    assert store.manifest["counts"]["n_duplicates"] == position_of_45th - 45 == 15 - 1
+    assert store.manifest["shards"][-1]["stream_items"] == position_of_45th
+
+
+def test_corpus_too_small_keeps_the_prompts_and_can_be_finished(tiny_llama, tmp_path):
+    items = list(synthetic(40, repeat_every=4))  # 30 distinct prompts
+    with pytest.raises(CollideError, match=r"the corpus gave only 30 distinct prompts, fewer than n_prompts=50; "
+                                           r"set n_prompts<=30 or use a larger corpus"):
+        extract(tiny_llama, tmp_path / "s", 50, prompts=items, layers=[2])
+    store = open_store(tmp_path / "s")
+    assert (store.complete, store.n_rows, store.manifest["stream_end"]) == (False, 30, 30)
+    assert verify_store(tmp_path / "s") == []
+    finished = extract(tiny_llama, tmp_path / "s", 30, prompts=items, layers=[2])
+    fresh = extract(tiny_llama, tmp_path / "fresh", 30, prompts=items, layers=[2])
+    assert finished.complete and finished.manifest["identity"]["n_prompts"] == 30
+    assert np.array_equal(finished.layer(2)[1], fresh.layer(2)[1])
+    assert [s["files"] for s in finished.manifest["shards"]] == [s["files"] for s in fresh.manifest["shards"]]
+
+
+def test_identity_mismatch_stops_and_names_the_key(tiny_llama, tmp_path):
+    extract(tiny_llama, tmp_path / "s", 10, layers=[1])
+    with pytest.raises(CollideError, match=r"different corpus.seed: stored 0, this run 1;.*new store.path"):
+        extract(tiny_llama, tmp_path / "s", 10, layers=[1],
+                ident=identity(n_prompts=10, corpus={"name": "synthetic", "seed": 1}))
+
+
+def test_complete_store_is_returned_without_drawing_the_stream(tiny_llama, tmp_path):
+    first = extract(tiny_llama, tmp_path / "s", 10, layers=[1])
+
+    def untouchable():
+        raise AssertionError("a complete store must not draw prompts")
+        yield
+    again = extract(tiny_llama, tmp_path / "s", 10, layers=[1], prompts=untouchable())
+    assert again.manifest["shards"] == first.manifest["shards"]
+
+
+def test_nan_weights_give_counted_nan_rows(tmp_path):
+    lm = load_model(ModelConfig(name="tiny", source="random:llama", family="llama"))
+    items = list(synthetic(30, max_len=12))
+    tokens = [p.token_ids for p in items]
+    # poison the last token of some prompt that also occurs inside others
+    poisoned = max({t[-1] for t in tokens}, key=lambda tok: sum(tok in t for t in tokens))
+    with torch.no_grad():
+        lm.model.get_input_embeddings().weight[poisoned] = float("nan")
+    store = extract(lm, tmp_path / "s", 30, prompts=items, layers=[0, 1, 4])
+    ends_with = np.array([t[-1] == poisoned for t in tokens])
+    contains = np.array([poisoned in t for t in tokens])
+    assert 0 < ends_with.sum() < contains.sum() < 30
+    expected = {"0": int(ends_with.sum()), "1": int(contains.sum()), "4": int(contains.sum())}
+    assert store.manifest["nonfinite_rows"] == expected
+    for k, rows in ((0, ends_with), (1, contains), (4, contains)):
+        states = store.layer(k)[1]
+        assert np.array_equal(~np.isfinite(states).all(axis=1), rows)
+        assert np.isnan(states[rows]).any(axis=1).all()
+
+
+def test_out_of_memory_halves_the_budget_and_states_stay_exact(tiny_llama, tmp_path, monkeypatch):
+    real = extract_mod.last_token_states
+    sizes = []
+
+    def small_device(lm, ids, mask, layers, **kwargs):
+        sizes.append(ids.numel())
+        if ids.numel() > 100:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(lm, ids, mask, layers, **kwargs)
+    monkeypatch.setattr(extract_mod, "last_token_states", small_device)
+    store = extract(tiny_llama, tmp_path / "s", 20, prompts=synthetic(20, max_len=20), layers=[1, 4])
+    assert store.manifest["batch_tokens"] == 64 and [s["batch_tokens"] for s in store.manifest["shards"]] == [64, 64]
+    assert max(sizes) > 100  # the first plan was too big
+    monkeypatch.setattr(extract_mod, "last_token_states", real)
+    assert max_relative_error(tiny_llama, store) <= 1e-5
+
+
+def test_out_of_memory_with_single_prompts_is_a_clear_error(tiny_llama, tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(extract_mod, "last_token_states", no_memory)
+    with pytest.raises(CollideError, match="out of GPU memory .* even with one prompt per batch"):
+        extract(tiny_llama, tmp_path / "s", 5, layers=[1])
+
+
+def test_automatic_budget_is_recorded(tiny_llama, tmp_path):
+    store = extract(tiny_llama, tmp_path / "s", 20, layers=[1], extract_cfg=ExtractConfig(batch_tokens=0, progress=False))
+    longest = int(store.prompts(["n_tokens"]).column("n_tokens").to_numpy()[:16].max())
+    assert longest <= store.manifest["batch_tokens"] <= CPU_MAX_BATCH_TOKENS
+
+
+def test_layers_out_of_range_are_refused_before_any_forward(tiny_llama, tmp_path):
+    with pytest.raises(CollideError, match=r"layers=\[0, 9\] is out of range: tiny has layers 0..4"):
+        extract(tiny_llama, tmp_path / "s", 5, layers=[0, 9])
+    assert not (tmp_path / "s").exists()
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 50), min_size=1, max_size=60), budget=st.integers(1, 400),
+       max_batch=st.integers(1, 20), bucket=st.booleans())
+def test_plan_batches_is_a_partition_within_budget(lengths, budget, max_batch, bucket):
+    lengths = np.array(lengths)
+    batches = plan_batches(lengths, budget, max_batch, bucket)
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= max_batch
+        assert len(batch) == 1 or len(batch) * lengths[batch].max() <= budget
+    if bucket:
+        assert np.all(np.diff(lengths[rows]) >= 0)
+    else:
+        assert rows.tolist() == list(range(len(lengths)))
+    assert [b.tolist() for b in plan_batches(lengths, budget, max_batch, bucket)] == [b.tolist() for b in batches]
