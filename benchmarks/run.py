@@ -162,10 +162,12 @@ def gate(bench: str, result: dict, previous: dict | None, tolerance: float = TOL
         findings.append(Finding(bench, "ratio", name, "no longer measured", False))
     exact = result.get("exact", {})
     for name, value in exact.items():
-        if name in prev_exact and (type(value) is not type(prev_exact[name]) or value != prev_exact[name]):
-            findings.append(Finding(bench, "exact", name, f"{value!r}, was {prev_exact[name]!r}: EXACTNESS CHANGED", True))
+        before = prev_exact.get(name)
+        if name in prev_exact and (type(value) is not type(before) or value != before):
+            findings.append(Finding(bench, "exact", name, f"{value!r}, was {before!r}: EXACTNESS CHANGED", True))
         else:
-            findings.append(Finding(bench, "exact", name, f"{value!r}" + ("" if name in prev_exact else " (new)"), False))
+            note = "" if name in prev_exact else " (new)"
+            findings.append(Finding(bench, "exact", name, f"{value!r}{note}", False))
     for name in sorted(set(prev_exact) - set(exact)):
         findings.append(Finding(bench, "exact", name, f"missing, was {prev_exact[name]!r}: EXACTNESS LOST", True))
     return findings
@@ -185,7 +187,8 @@ def render_latest(records: list[dict], findings: list[Finding], machine: dict) -
              "| benchmark | kind | name | result | gate |", "|---|---|---|---|---|"]
     for f in findings:
         lines.append(f"| {f.bench} | {f.kind} | {f.name} | {f.message} | {'**FAIL**' if f.failed else 'ok'} |")
-    lines += ["", "Informational figures (absolute, not gated):", "", "| benchmark | figure | value |", "|---|---|---:|"]
+    lines += ["", "Informational figures (absolute, not gated):", "",
+              "| benchmark | figure | value |", "|---|---|---:|"]
     for r in records:
         figures = {**r.get("figures", {}), "wall_seconds": r["seconds"], "peak_rss_mib": r["peak_rss_mib"]}
         lines += [f"| {r['bench']} | {k} | {v:.4g} |" for k, v in figures.items() if v is not None]

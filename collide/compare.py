@@ -172,7 +172,8 @@ def render_markdown(summary: dict) -> str:
                 "those runs are dashed in the figure.", ""]
     flagged = [r for r in summary["runs"] if r["problems"]]
     if flagged:
-        out += ["## Problems", ""] + [f"- `{r['dir']}` ({r['label']}): {'; '.join(r['problems'])}" for r in flagged] + [""]
+        out += ["## Problems", ""]
+        out += [f"- `{r['dir']}` ({r['label']}): {'; '.join(r['problems'])}" for r in flagged] + [""]
     out += ["## Runs", "",
             "| run | model | corpus | prompts | dtype | final norm | threshold | L | layer 1 | layer L/2 | layer L "
             "| collisions (layers 1..L) | verdict | notes |",

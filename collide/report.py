@@ -18,6 +18,7 @@ the same token share it), so the verdict does not count it against injectivity.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -112,7 +113,9 @@ def nn_percentiles(nn_distance: np.ndarray) -> dict | None:
 def layer_entry(layer_result, max_listed: int) -> dict:
     """The report.json entry of one layer. Pairs, collisions and invalid rows are given as prompt ids."""
     r, ids = layer_result.result, np.asarray(layer_result.prompt_ids)
-    pairs = sorted((float(dist), *sorted((int(ids[i]), int(ids[j])))) for i, j, dist in r.collisions)
+    # the closest pairs first; nsmallest keeps this O(n) on layer 0, where collisions can number millions
+    listed = heapq.nsmallest(max_listed, ((float(dist), *sorted((int(ids[i]), int(ids[j]))))
+                                          for i, j, dist in r.collisions))
     closest = layer_result.closest_pair_ids()
     return {
         "layer": int(layer_result.layer),
@@ -124,7 +127,7 @@ def layer_entry(layer_result, max_listed: int) -> dict:
         "uncertified_reason": r.uncertified_reason,
         "closest_pair": [int(p) for p in closest] if closest is not None else None,
         "n_collisions": int(r.n_collisions),
-        "collisions": [{"a": a, "b": b, "distance": d} for d, a, b in pairs[:max_listed]],
+        "collisions": [{"a": a, "b": b, "distance": d} for d, a, b in listed],
         "collisions_file": f"collisions/layer={int(layer_result.layer)}.parquet",
         "nn_distance": nn_percentiles(r.nn_distance),
         "invalid_rows": [int(ids[i]) for i in r.invalid_rows],
@@ -184,14 +187,15 @@ def verdict(layers: list[dict], threshold: float) -> dict:
                          f"{'is' if len(uncertified) == 1 else 'are'} not certified: the true minimum may be lower")
             if invalid:
                 text += (f"; {_plural(len(invalid), 'layer', count=False)} {_layer_list(invalid)} "
-                         f"{'has' if len(invalid) == 1 else 'have'} prompts with NaN/Inf states, left out of the search")
+                         f"{'has' if len(invalid) == 1 else 'have'} prompts with NaN/Inf states, "
+                         "left out of the search")
             text += "."
         else:
             status, text = "no_collisions", text + "."
     if emb:
         e = emb[0]
-        text += (f" Layer 0 (embeddings): {_plural(e['n_collisions'], 'colliding pair')}, expected (prompts that end in the "
-                 "same token share this state by construction) and not counted against injectivity."
+        text += (f" Layer 0 (embeddings): {_plural(e['n_collisions'], 'colliding pair')}, expected (prompts that "
+                 "end in the same token share this state by construction) and not counted against injectivity."
                  if e["n_collisions"] else " Layer 0 (embeddings): no collisions.")
     mins = [(e["min_distance"], e["layer"]) for e in ctx if e["min_distance"] is not None]
     best = min(mins) if mins else (None, None)
@@ -286,7 +290,8 @@ def render_markdown(report: dict) -> str:
             f"| layers | 0 = embeddings, k = output of block k, {L} = last block "
             f"{'after' if m['final_norm'] == 'post' else 'before'} the final norm (`final_norm={m['final_norm']}`) |",
             f"| corpus | {c['name']} ({corpus_desc}) |",
-            f"| prompts | {report['n_prompts']:,} distinct token sequences ({report['n_duplicates']:,} duplicates dropped) |",
+            f"| prompts | {report['n_prompts']:,} distinct token sequences "
+            f"({report['n_duplicates']:,} duplicates dropped) |",
             f"| threshold | L2 < {report['threshold']:g} (not squared) |",
             f"| hardware | {hw['cpu']}, {hw['cores']} cores, {hw['ram_gib']} GiB RAM, GPU: {hw['gpu'] or 'none'} |",
             f"| software | collide {report['collide_version']}, commit {commit}, torch {hw['torch']}, "

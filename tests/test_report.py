@@ -70,7 +70,8 @@ def test_verdict_without_collisions_does_not_count_layer_0(tmp_path):
     v = report["verdict"]
     assert v["status"] == "no_collisions" and v["n_collisions"] == 0
     pairs = N * (N - 1) // 2
-    assert v["text"].startswith(f"no collisions below 1e-06 in {4 * pairs:,} pairs across 4 layers ({pairs:,} per layer)")
+    assert v["text"].startswith(f"no collisions below 1e-06 in {4 * pairs:,} pairs across 4 layers "
+                                f"({pairs:,} per layer)")
     assert f"Layer 0 (embeddings): {EMBEDDING_PAIRS} colliding pairs, expected" in v["text"]
     md = (tmp_path / "report.md").read_text()
     assert "**Verdict: injective on this sample.**" in md and "## Colliding pairs" not in md
