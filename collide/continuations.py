@@ -21,7 +21,7 @@ exactly 0 at every layer), whatever the batching.
 
 from __future__ import annotations
 
-import copy
+import functools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -30,9 +30,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from collide.errors import CollideError
 from collide.models import LoadedModel, last_token_states
 
 log = logging.getLogger(__name__)
+
+SUPPORTED_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)  # KV-cache layer types the engine can share
 
 
 @dataclass
@@ -62,25 +67,42 @@ def input_groups(lm: LoadedModel, tokens: np.ndarray) -> tuple[np.ndarray, np.nd
 
 @torch.no_grad()
 def prefix_cache(lm: LoadedModel, prefix: Sequence[int]):
-    """Run ``prefix`` (token ids, BOS included where wanted) once and return its KV cache (batch 1)."""
+    """Run ``prefix`` (token ids, BOS included where wanted) once; its KV cache, ready for ``step_states``."""
     ids = torch.tensor([list(prefix)], dtype=torch.long, device=lm.device)
     out = lm.decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    return out.past_key_values
+    return shared_prefix(out.past_key_values)
 
 
-def _expand(cache, batch: int):
-    """A batch-``batch`` view of a batch-1 cache: the prefix keys/values are broadcast, not copied.
+def _shared_update(layer, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    """Cache update of a single-token step against a shared prefix: attend, but keep nothing.
 
-    The cache's update concatenates new keys onto these views into fresh tensors, so the shared
-    prefix cache is never modified and can serve every batch.
+    Returns the prefix keys/values (broadcast to the batch, no copy) followed by the new token's,
+    exactly what ``DynamicLayer.update`` and ``DynamicSlidingWindowLayer.update`` return for this
+    step, but leaves the layer unchanged: every step starts again from the prefix, and only one
+    layer's (batch, heads, P + 1, head_dim) keys are alive at a time.
     """
-    view = copy.copy(cache)
-    view.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in view.layers:
-        if getattr(layer, "is_initialized", False) and layer.keys is not None and layer.keys.numel():
-            layer.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
-            layer.values = layer.values.expand(batch, *layer.values.shape[1:])
-    return view
+    batch = key_states.shape[0]
+    keys = layer.keys.expand(batch, *layer.keys.shape[1:])
+    values = layer.values.expand(batch, *layer.values.shape[1:])
+    return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
+def shared_prefix(cache):
+    """Turn a batch-1 prefix cache into one that serves any number of single-token steps.
+
+    Each layer's ``update`` is replaced by ``_shared_update`` (see there). Masks and positions are
+    still derived from the layer (``get_mask_sizes``, ``get_seq_length``), which stays at the
+    prefix length. Supported for the cache layers of full and sliding-window attention.
+    """
+    for layer in cache.layers:
+        if type(layer) not in SUPPORTED_LAYERS:
+            raise CollideError(f"the continuation engine does not support KV-cache layers of type "
+                               f"{type(layer).__name__} (supported: {[c.__name__ for c in SUPPORTED_LAYERS]}); "
+                               "this architecture needs full forwards instead")
+        if not layer.is_initialized:
+            raise CollideError("the prefix left a KV-cache layer empty; the prefix must hold at least one token")
+        layer.update = functools.partial(_shared_update, layer)
+    return cache
 
 
 @torch.no_grad()
@@ -94,39 +116,43 @@ def step_states(lm: LoadedModel, cache, prefix_len: int, tokens: torch.Tensor,
     """
     batch = tokens.shape[0]
     mask = torch.ones(batch, prefix_len + 1, dtype=torch.long, device=lm.device)
-    return last_token_states(lm, tokens[:, None], mask, layers, past_key_values=_expand(cache, batch),
-                             use_cache=True)
+    return last_token_states(lm, tokens[:, None], mask, layers, past_key_values=cache, use_cache=True)
 
 
 def continuation_states(lm: LoadedModel, prefix: Sequence[int], tokens: Sequence[int] | np.ndarray,
-                        layers: list[int], batch_size: int = 256,
+                        layers: list[int], batch_size: int = 256, start: int = 0,
                         progress=None) -> Iterator[ContinuationBlock]:
     """Stream the states of prefix+t for every token t of ``tokens``, computed against one KV cache.
 
     Blocks come in the order of ``tokens`` except that tokens with bitwise-identical input
     embeddings (see ``input_groups``) are moved next to the first of them and share its state, so
-    they are bitwise equal. Each block covers at most ``batch_size`` distinct inputs (one model
-    step). States are float32 on the CPU. ``progress`` (a tqdm-like object) is advanced by the
-    number of continuations in each block.
+    they are bitwise equal. Each block covers ``batch_size`` distinct inputs (one model step; the
+    last block fewer), so the blocks depend only on ``tokens``, the model and ``batch_size``.
+    ``start`` skips the first ``start`` continuations of that order: it must be where a block
+    begins (a resume point). States are float32 on the CPU. ``progress`` (a tqdm-like object) is
+    advanced by the number of continuations in each block.
     """
     tokens = np.asarray(tokens, dtype=np.int64)
     first, group = input_groups(lm, tokens)
     order = np.argsort(group, kind="stable")  # tokens grouped by input row, groups by first occurrence
-    bounds = np.searchsorted(group[order], np.arange(0, len(first) + batch_size, batch_size))
+    starts = list(range(0, len(first), batch_size))
+    bounds = np.searchsorted(group[order], starts + [len(first)])  # row where each block begins
+    if start not in bounds:
+        raise ValueError(f"start={start} is not where a block begins (blocks begin at rows {bounds[:8]}...)")
     t0 = time.perf_counter()
     cache = prefix_cache(lm, prefix)
-    for start in range(0, len(first), batch_size):
-        distinct = torch.as_tensor(tokens[first[start:start + batch_size]], device=lm.device)
+    for b in range(int(np.searchsorted(bounds, start)), len(starts)):
+        lo = starts[b]
+        distinct = torch.as_tensor(tokens[first[lo:lo + batch_size]], device=lm.device)
         states = step_states(lm, cache, len(prefix), distinct, layers)
-        rows = order[bounds[start // batch_size]:bounds[start // batch_size + 1]]
-        pick = torch.as_tensor(group[rows] - start, device=lm.device)
-        block = ContinuationBlock(tokens=tokens[rows],
-                                  states={k: v[pick].float().cpu() for k, v in states.items()})
+        rows = order[bounds[b]:bounds[b + 1]]
+        pick = torch.as_tensor(group[rows] - lo, device=lm.device)
+        block = ContinuationBlock(tokens=tokens[rows], states={k: v[pick].float().cpu() for k, v in states.items()})
         if progress is not None:
             progress.update(len(rows))
         yield block
-    log.info("%d continuations (%d distinct input rows) of a %d-token prefix in %.2f s", len(tokens),
-             len(first), len(prefix), time.perf_counter() - t0)
+    log.debug("%d continuations (%d distinct input rows) of a %d-token prefix in %.2f s", len(tokens) - start,
+              len(first), len(prefix), time.perf_counter() - t0)
 
 
 @torch.no_grad()
