@@ -1,0 +1,364 @@
+"""Public API of the certified search: min_pairwise (arrays), search_store (one layer of a store).
+
+Conventions: distances are L2, not squared, computed in fp64 from the rows as given; a collision
+is a pair (i, j), i < j, with distance < threshold; rows with NaN/Inf are left out and listed.
+Imports only numpy and torch at module level (pyarrow and faiss are imported where needed), so
+the engine runs on a machine that has nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import torch
+
+from collide.errors import CollideError
+from collide.search.bounds import PRECISIONS
+from collide.search.symmetric import Block, PairSearch, make_block, search_blocks
+
+if TYPE_CHECKING:
+    import pyarrow
+
+    from collide.config import SearchConfig
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "faiss")
+DEVICE_FRACTION = 0.6  # share of free GPU memory a store layer may take to be held on the device
+
+
+@dataclass
+class PairwiseResult:
+    """The certified answer for one (n, d) matrix. Row indices are the matrix's rows."""
+
+    distance: float  # exact min L2 (NOT squared) over pairs of valid rows, fp64; math.inf if < 2 valid rows
+    pair: tuple[int, int] | None  # row indices (i, j), i < j, attaining it (smallest (i, j) among ties)
+    certified: bool  # True iff no unseen pair can beat `distance` under the rigorous screening bound
+    collisions: list[tuple[int, int, float]]  # EVERY pair (i<j, L2 distance) with distance < threshold, sorted by distance
+    n_collisions: int  # len(collisions)
+    # (n,) float64: each row's exact L2 distance to the nearest other row among those re-ranked for
+    # it, which include its screened nearest neighbour; nan for invalid rows, inf if there is no other row
+    nn_distance: np.ndarray
+    n_pairs: int  # C(n_valid, 2): pairs covered
+    invalid_rows: list[int]  # rows with NaN/Inf, excluded from the search (never compared as numbers)
+    threshold: float  # collision threshold (L2, not squared)
+    backend: str  # "torch" or "faiss" (what actually ran)
+    precision: str  # screening arithmetic: "fp32" or "tf32x3"
+    n_candidates: int  # pairs re-ranked exactly in fp64 because they passed the screening bound
+    uncertified_reason: str | None  # why certified is False (e.g. candidate budget exhausted)
+    seconds: float  # wall time of the search
+
+
+@dataclass
+class LayerResult:
+    """The search result of one layer of a store, with the prompt id of each row."""
+
+    layer: int  # HF hidden_states index (0 = embeddings)
+    prompt_ids: np.ndarray  # (n,) int64, row -> prompt_id
+    result: PairwiseResult  # the search, in row indices
+
+    def closest_pair_ids(self) -> tuple[int, int] | None:
+        """Prompt ids of the pair attaining the minimum distance (None with fewer than 2 valid rows)."""
+        if self.result.pair is None:
+            return None
+        i, j = self.result.pair
+        return int(self.prompt_ids[i]), int(self.prompt_ids[j])
+
+    def collision_table(self) -> "pyarrow.Table":
+        """Every collision as prompt ids: columns a, b (int64, a's row before b's) and distance (float64, L2)."""
+        import pyarrow as pa
+
+        c = self.result.collisions
+        rows_a = np.fromiter((i for i, _, _ in c), np.int64, len(c))
+        rows_b = np.fromiter((j for _, j, _ in c), np.int64, len(c))
+        return pa.table({"a": pa.array(self.prompt_ids[rows_a], pa.int64()),
+                         "b": pa.array(self.prompt_ids[rows_b], pa.int64()),
+                         "distance": pa.array(np.fromiter((x for _, _, x in c), np.float64, len(c)), pa.float64())})
+
+
+def pick_backend(backend: str, device) -> str:
+    """The engine that runs: "torch" or "faiss".
+
+    Rule for "auto": always "torch" (the symmetric engine), on CPU and on CUDA. It computes each
+    unordered pair once, where a FAISS self-search computes both triangles, it streams data larger
+    than memory, and it certifies in one pass (no k widening). Measured with
+    benchmarks/bench_search.py on 2 CPU cores, n=20000, d=576 (LLM-like states): the certified torch
+    engine took 0.49x the time of a plain, uncertified FAISS IndexFlatL2 k=2 self-search and ran at
+    0.83x of the sgemm roofline; the certified faiss backend needs the same GEMM work as that plain
+    search plus its re-ranks, so it cannot beat it. ``device`` does not change the rule (on GPU the
+    torch engine keeps the data resident and uses cuBLAS in fp32 with TF32 off, or tf32x3); it is
+    accepted so that a future rule can depend on it. "faiss" needs the faiss-cpu or faiss-gpu package.
+    """
+    if backend not in BACKENDS:
+        raise CollideError(f"search.backend={backend!r} is not an engine; use one of {list(BACKENDS)}")
+    if backend == "faiss":
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            raise CollideError("search.backend=faiss needs FAISS: pip install faiss-cpu (or faiss-gpu), "
+                               "or use search.backend=torch") from None
+        return "faiss"
+    return "torch"
+
+
+def resolve_device(device, x=None) -> torch.device:
+    """The engine device: a CUDA tensor's own device under "auto", else cuda if present, else cpu."""
+    if device in (None, "auto"):
+        if isinstance(x, torch.Tensor) and x.is_cuda:
+            return x.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CollideError(f"search.device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CollideError(f"search.device={device!r} but CUDA is not available; use search.device=cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise CollideError(f"search.device={device!r}: the engine runs on cpu or cuda")
+    return dev
+
+
+def _check(threshold: float, block_rows: int, precision: str, k: int, max_k: int, max_candidates: int,
+           dev: torch.device) -> None:
+    if not (threshold >= 0.0 and math.isfinite(threshold)):
+        raise CollideError(f"threshold={threshold!r} must be a finite L2 distance >= 0 (e.g. 1e-6)")
+    if block_rows < 1:
+        raise CollideError(f"search.block_rows={block_rows} must be >= 1 (e.g. 4096)")
+    if precision not in PRECISIONS:
+        raise CollideError(f"search.precision={precision!r} is not a screening arithmetic; use one of {list(PRECISIONS)}")
+    if precision == "tf32x3" and dev.type != "cuda":
+        raise CollideError("search.precision=tf32x3 runs on CUDA tensor cores only; use search.precision=fp32 on CPU")
+    if k < 1 or max_k < k:
+        raise CollideError(f"search.k={k}, search.max_k={max_k}: need 1 <= k <= max_k")
+    if max_candidates < 0:
+        raise CollideError(f"search.max_candidates={max_candidates} must be >= 0")
+
+
+@contextlib.contextmanager
+def numerics(dev: torch.device, precision: str, threads: int):
+    """IEEE fp32 GEMMs (TF32 off) unless precision is tf32x3; CPU threads; all restored on exit.
+
+    On CPU the GEMMs run in numpy's BLAS with ``threads`` threads (0 = all cores) and torch runs
+    single-threaded: its ops there are small vector ops, and its OpenMP pool stalls for
+    milliseconds per op when another process holds a core.
+    """
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.get_num_threads())
+    limiter = contextlib.nullcontext()
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+        if threads:
+            try:
+                from threadpoolctl import threadpool_limits
+                limiter = threadpool_limits(threads, user_api="blas")
+            except ImportError:
+                log.warning("threadpoolctl is not installed: numpy's BLAS uses all cores despite threads=%d", threads)
+    elif threads:
+        torch.set_num_threads(threads)
+    tf32 = precision == "tf32x3"
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        with limiter:
+            yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cuda.matmul.allow_tf32 = saved[1]
+        torch.set_num_threads(saved[2])
+
+
+def as_tensor(x) -> torch.Tensor:
+    """x as a 2-D float32/float64 torch tensor, zero-copy where possible (numpy arrays stay shared)."""
+    if isinstance(x, np.ndarray):
+        if x.ndim == 2 and x.dtype.kind == "f":
+            x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype in (np.float32, np.float64) else np.float32)
+        with warnings.catch_warnings():  # read-only arrays (e.g. Arrow buffers) are never written to
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(x) if x.dtype.kind == "f" else None
+    elif isinstance(x, torch.Tensor):
+        t = x.detach() if x.is_floating_point() else None
+    else:
+        raise CollideError(f"min_pairwise needs an (n, d) numpy array or torch tensor, got {type(x).__name__}")
+    if t is None:
+        raise CollideError(f"min_pairwise needs floating-point rows, got dtype {x.dtype}; cast to float32")
+    if t.ndim != 2:
+        raise CollideError(f"min_pairwise needs a 2-D (n, d) matrix, got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.to(torch.float32)  # fp16/bf16 are exact in fp32
+    return t.contiguous()
+
+
+def mean_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """fp64 mean of the rows of x (m, d), summed block by block (no fp64 copy of x)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], block_rows):
+        total += x[s:s + block_rows].to(torch.float64).sum(0)
+    return total / max(x.shape[0], 1)
+
+
+@contextlib.contextmanager
+def _search_context(dev: torch.device, precision: str, threads: int):
+    """numerics() plus the translation of an fp32 overflow into a user-facing error."""
+    try:
+        with numerics(dev, precision, threads):
+            yield
+    except OverflowError as exc:
+        raise CollideError(f"{exc}; the rows are too large for fp32 screening: rescale them") from None
+
+
+def _result(state: PairSearch, n: int, valid_rows: np.ndarray, invalid_rows: np.ndarray, backend: str,
+            tic: float) -> PairwiseResult:
+    """Assemble the PairwiseResult of a finished search (rows in the caller's numbering)."""
+    state.close()
+    m = len(valid_rows)
+    ci, cj, cd = state.collisions()
+    nn = np.full(n, np.nan)
+    nn[valid_rows] = np.sqrt(state.nn_exact.cpu().numpy())
+    reason = state.reason
+    if reason is not None and state.n_skipped:
+        reason += f" ({state.n_skipped} candidates were not re-ranked)"
+    res = PairwiseResult(
+        distance=math.sqrt(state.tau) if state.pair is not None else math.inf,
+        pair=state.pair,
+        certified=reason is None,
+        collisions=list(zip(ci.tolist(), cj.tolist(), cd.tolist())),
+        n_collisions=len(ci),
+        nn_distance=nn,
+        n_pairs=m * (m - 1) // 2,
+        invalid_rows=invalid_rows.tolist(),
+        threshold=state.threshold,
+        backend=backend,
+        precision=state.precision,
+        n_candidates=state.n_candidates,
+        uncertified_reason=reason,
+        seconds=time.perf_counter() - tic,
+    )
+    if res.invalid_rows:
+        log.warning("%d rows with NaN/Inf left out of the search: %s%s", len(res.invalid_rows),
+                    res.invalid_rows[:10], " ..." if len(res.invalid_rows) > 10 else "")
+    if not res.certified:
+        log.warning("result NOT certified: %s", reason)
+    log.info("%s/%s %s: n=%d d=%d, min L2 %.9g at %s, %s, %d collisions, %d re-ranks, %.2f s (%.3g Mpairs/s, "
+             "GEMM %.2f s)", backend, state.device, state.precision, m, state.d, res.distance, res.pair,
+             "certified" if res.certified else "NOT certified", res.n_collisions, res.n_candidates, res.seconds,
+             res.n_pairs / max(res.seconds, 1e-9) / 1e6, state.gemm_s)
+    return res
+
+
+def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="auto", block_rows: int = 4096,
+                 precision: str = "fp32", k: int = 8, max_k: int = 1024, max_candidates: int = 50_000_000,
+                 threads: int = 0, progress: bool = False) -> PairwiseResult:
+    """Certified exact minimum pairwise L2 distance of the rows of x (n, d), and every collision.
+
+    x: numpy array or torch tensor (CPU or CUDA), float32 or float64 (fp16/bf16 are widened).
+    threshold: L2 (not squared) under which a pair is a collision. backend: "auto" (see
+    pick_backend), "torch" (symmetric block GEMM engine) or "faiss" (k-NN screening, in memory).
+    device: for the torch engine ("auto": the tensor's CUDA device, else cuda if present, else
+    cpu). block_rows: rows per block (memory O(block_rows * d + block_rows^2)). precision:
+    screening arithmetic, "fp32" or "tf32x3" (CUDA only). k, max_k: initial and widest k-NN of the
+    faiss engine. max_candidates: exact re-ranks allowed before the result is reported
+    uncertified. threads: CPU threads (0 = all). progress: tqdm bar of pairs done (torch engine).
+    """
+    tic = time.perf_counter()
+    chosen = pick_backend(backend, device)
+    dev = resolve_device(device, x)
+    if chosen == "faiss" and precision != "fp32":
+        raise CollideError(f"search.precision={precision!r}: the faiss backend screens in fp32 only")
+    _check(threshold, block_rows, precision, k, max_k, max_candidates, dev)
+    xt = as_tensor(x)
+    with _search_context(dev, precision, threads):
+        if chosen == "faiss":
+            from collide.search.faiss_engine import faiss_search
+            x_np = xt.cpu().numpy()
+            state, valid_rows, invalid_rows = faiss_search(x_np, threshold, dev, block_rows=block_rows, k=k,
+                                                           max_k=max_k, max_candidates=max_candidates,
+                                                           threads=threads)
+            return _result(state, x_np.shape[0], valid_rows, invalid_rows, "faiss", tic)
+        xt = xt.to(dev)
+        n, d = xt.shape
+        valid = torch.isfinite(xt).all(1)
+        valid_rows = torch.nonzero(valid)[:, 0]
+        invalid_rows = torch.nonzero(~valid)[:, 0].cpu().numpy()
+        xv = xt if len(invalid_rows) == 0 else xt[valid_rows]
+        m = xv.shape[0]
+        mu = mean_rows(xv, block_rows)
+        blocks = [make_block(xv[s:s + block_rows], valid_rows[s:s + block_rows], s, mu)
+                  for s in range(0, m, block_rows)]
+        state = PairSearch(m, d, dev, threshold, precision, max_candidates, block_rows, progress, eager=False)
+        search_blocks(lambda stop: iter(blocks[:stop]), state)
+        state.settle_nearest(xv)
+    return _result(state, n, valid_rows.cpu().numpy(), invalid_rows, "torch", tic)
+
+
+def _store_blocks(store, layer: int, block_rows: int, dev: torch.device, mu: torch.Tensor, stop: int | None
+                  ) -> Iterator[Block]:
+    """The first ``stop`` (all if None) non-empty blocks of valid rows of a store layer, read afresh, on dev."""
+    row = start = done = 0
+    for _, states in store.iter_blocks(layer, block_rows):
+        if stop is not None and done >= stop:
+            return
+        xb = as_tensor(states).to(dev)
+        valid = torch.nonzero(torch.isfinite(xb).all(1))[:, 0]
+        if valid.numel():
+            xv = xb if valid.numel() == xb.shape[0] else xb[valid]
+            yield make_block(xv, valid + row, start, mu)
+            start += valid.numel()
+            done += 1
+        row += xb.shape[0]
+
+
+def _scan_store(store, layer: int, block_rows: int, dev: torch.device):
+    """Pass 1 over a layer: prompt ids, valid and invalid rows, fp64 mean of the valid rows."""
+    ids_parts, valid_parts, invalid_parts, row = [], [], [], 0
+    total = torch.zeros(store.d, dtype=torch.float64, device=dev)
+    for ids, states in store.iter_blocks(layer, block_rows):
+        xb = as_tensor(states)
+        valid = torch.isfinite(xb).all(1)
+        total += xb[valid].to(dev, torch.float64).sum(0)
+        ids_parts.append(np.asarray(ids, np.int64))
+        valid_parts.append(torch.nonzero(valid)[:, 0].numpy() + row)
+        invalid_parts.append(torch.nonzero(~valid)[:, 0].numpy() + row)
+        row += len(ids)
+    cat = lambda parts: np.concatenate(parts) if parts else np.empty(0, np.int64)  # noqa: E731
+    valid_rows = cat(valid_parts)
+    return cat(ids_parts), valid_rows, cat(invalid_parts), total / max(len(valid_rows), 1)
+
+
+def search_store(store, layer: int, threshold: float, cfg: "SearchConfig") -> LayerResult:
+    """Certified search of one layer of a store (collide.store.open_store), rows -> prompt ids.
+
+    The torch engine streams blocks of ``cfg.block_rows`` rows (store.iter_blocks), so the layer
+    never sits whole in host memory: a first pass takes the prompt ids, the NaN/Inf rows and the
+    fp64 mean; then for each block J the blocks before it are read again (memory ~2 blocks plus a
+    block_rows^2 tile). On CUDA, when the valid rows fit in DEVICE_FRACTION of the free GPU memory,
+    they are copied block by block onto the device once and searched there (no re-reads).
+    The faiss backend is in-memory only: it loads the layer whole (use the torch engine, the
+    "auto" choice, for layers larger than memory).
+    """
+    tic = time.perf_counter()
+    chosen = pick_backend(cfg.backend, cfg.device)
+    if chosen == "faiss":
+        ids, states = store.layer(layer)
+        res = min_pairwise(states, threshold, "faiss", device=cfg.device, block_rows=cfg.block_rows,
+                           precision=cfg.precision, k=cfg.k, max_k=cfg.max_k, max_candidates=cfg.max_candidates,
+                           threads=cfg.threads, progress=cfg.progress)
+        return LayerResult(layer=layer, prompt_ids=np.asarray(ids, np.int64), result=res)
+    dev = resolve_device(cfg.device)
+    _check(threshold, cfg.block_rows, cfg.precision, cfg.k, cfg.max_k, cfg.max_candidates, dev)
+    with _search_context(dev, cfg.precision, cfg.threads):
+        prompt_ids, valid_rows, invalid_rows, mu = _scan_store(store, layer, cfg.block_rows, dev)
+        m, d = len(valid_rows), store.d
+        state = PairSearch(m, d, dev, threshold, cfg.precision, cfg.max_candidates, cfg.block_rows, cfg.progress)
+        if dev.type == "cuda" and m * d * 4 * 2 < DEVICE_FRACTION * torch.cuda.mem_get_info(dev)[0]:
+            blocks = list(_store_blocks(store, layer, cfg.block_rows, dev, mu, None))  # resident: read once
+            search_blocks(lambda stop: iter(blocks[:stop]), state)
+        else:
+            search_blocks(lambda stop: _store_blocks(store, layer, cfg.block_rows, dev, mu, stop), state)
+    res = _result(state, len(prompt_ids), valid_rows, invalid_rows, "torch", tic)
+    return LayerResult(layer=layer, prompt_ids=prompt_ids, result=res)
