@@ -1,0 +1,271 @@
+"""The exhaustive continuation test: engine exactness, planted collisions, pair counts, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import pdist
+
+from collide.config import ModelConfig
+from collide.continuations import continuation_states, full_forward_states, input_groups
+from collide.errors import CollideError
+from collide.exhaustive import ExhaustiveConfig, main, parse_args, run
+from collide.models import load_model
+from collide.search import min_pairwise
+from collide.store import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = json.loads((REPO / "collide" / "report_schema.json").read_text())
+FAMILIES = ["gpt2", "llama", "gemma3_text", "gpt_neo"]
+PREFIX = [256] + list(b"The injectivity of language models.")  # 36 tokens: past the tiny Gemma's window of 8
+
+
+def tiny(family: str, seed: int = 0):
+    return load_model(ModelConfig(name=f"tiny-{family}", source=f"random:{family}", family=family, seed=seed))
+
+
+def collect(blocks) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    blocks = list(blocks)
+    layers = blocks[0].states.keys()
+    return (np.concatenate([b.tokens for b in blocks]),
+            {k: torch.cat([b.states[k] for b in blocks]).numpy() for k in layers})
+
+
+def untimed(result: dict) -> list[dict]:
+    """Every set's per-layer results without their timings."""
+    return [{**e, "seconds": None} for s in result["sets"] for e in s["layers"]]
+
+
+def plant_duplicate(lm, a: int, b: int) -> None:
+    """Make input-embedding row b a bitwise copy of row a."""
+    weight = lm.model.get_input_embeddings().weight
+    weight.data[b] = weight.data[a]
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_continuations_equal_full_forwards(family):
+    lm = tiny(family)
+    layers = list(range(lm.n_layers + 1))
+    tokens = np.random.default_rng(1).choice(320, 40, replace=False)
+    got_tokens, got = collect(continuation_states(lm, PREFIX, tokens, layers, batch_size=16))
+    ref_tokens, ref = collect(full_forward_states(lm, PREFIX, tokens, layers, batch_size=16))
+    np.testing.assert_array_equal(got_tokens, ref_tokens)
+    for k in layers:
+        scale = np.abs(ref[k]).max()
+        assert np.abs(got[k] - ref[k]).max() <= 2e-6 * max(scale, 1.0), (family, k)
+    assert not np.array_equal(got[lm.n_layers][0], got[lm.n_layers][1])  # distinct tokens, distinct states
+
+
+def test_resume_point_gives_the_same_blocks_bitwise():
+    lm = tiny("llama")
+    tokens = np.arange(100)
+    whole = list(continuation_states(lm, PREFIX, tokens, [1, 4], batch_size=16))
+    resumed = list(continuation_states(lm, PREFIX, tokens, [1, 4], batch_size=16, start=48))
+    assert len(resumed) == len(whole) - 3
+    for a, b in zip(whole[3:], resumed):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        assert all(torch.equal(a.states[k], b.states[k]) for k in (1, 4))
+    with pytest.raises(ValueError, match="start=50"):
+        next(continuation_states(lm, PREFIX, tokens, [1], batch_size=16, start=50))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_planted_duplicate_embedding_collides_at_every_layer(family):
+    lm = tiny(family)
+    plant_duplicate(lm, 70, 300)
+    layers = list(range(lm.n_layers + 1))
+    first, group = input_groups(lm, np.arange(320))
+    assert len(first) == 319 and group[300] == group[70]
+    # tokens 70 and 300 fall in different batches of 16 distinct inputs; the engine still gives them one state
+    row_tokens, states = collect(continuation_states(lm, PREFIX, np.arange(320), layers, batch_size=16))
+    rows = [int(np.nonzero(row_tokens == t)[0][0]) for t in (70, 300)]
+    for k in layers:
+        res = min_pairwise(states[k], threshold=1e-6)
+        assert res.certified and res.distance == 0.0, (k, res.distance)
+        assert res.n_collisions == 1 and tuple(res.pair) == tuple(sorted(rows)), k
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, compose):
+    """A finished `python -m collide` run of the tiny random Llama on 40 stdlib-docs prompts."""
+    from collide.__main__ import run as run_collide
+
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    cfg = compose(["model=tiny-random", "corpus=stdlib-docs", "n_prompts=40", "extract.progress=false",
+                   "search.progress=false"])
+    run_collide(cfg, run_dir, "python -m collide model=tiny-random n_prompts=40")
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def config(**overrides) -> ExhaustiveConfig:
+    cfg = ExhaustiveConfig(progress=False, **overrides)
+    cfg.search.progress = False
+    return cfg
+
+
+def test_pair_counts_are_exact_and_match_a_brute_force(run_copy):
+    cfg = config(n_prompts=3, vocab=50, layers=[2, 4], across_sets=True, batch_size=8, shard_rows=20)
+    result = run(run_copy, cfg)
+    assert result["n_sets"] == 3 and len({s["base_prompt_id"] for s in result["sets"]}) == 3
+    for entry in result["per_layer"]:
+        assert entry["n_pairs"] == 3 * (50 * 49 // 2) == result["n_pairs_per_layer"]
+        assert entry["certified"]
+    assert [e["n_pairs"] for e in result["across_sets"]] == [150 * 149 // 2] * 2
+    store = open_store(run_copy / "exhaustive" / "store")
+    assert store.complete and store.n_rows == 150 and store.layers == [2, 4]
+    table = store.prompts(["prompt_id", "set_index", "base_prompt_id", "appended_token", "token_ids"])
+    assert table.column("set_index").to_pylist() == [0] * 50 + [1] * 50 + [2] * 50
+
+    # set 1, layer 4: the certified minimum equals fp64 brute force over full forwards of prefix+token
+    lm = load_model(ModelConfig(**store.manifest["identity"]["model"]))
+    base = result["sets"][1]["base_prompt_id"]
+    prefix = open_store(run_copy / "store").prompts(["token_ids"]).column("token_ids")[base].as_py()
+    tokens = np.array(table.column("appended_token").to_pylist()[50:100])
+    assert table.column("token_ids")[50].as_py() == prefix + [int(tokens[0])]
+    _, ref = collect(full_forward_states(lm, prefix, tokens, [4], batch_size=25))
+    brute = pdist(ref[4].astype(np.float64)).min()
+    assert result["sets"][1]["layers"][1]["min_distance"] == pytest.approx(brute, rel=1e-5)
+
+
+def test_planted_duplicate_found_through_the_command(run_copy, monkeypatch):
+    import collide.exhaustive as exhaustive
+
+    def load_planted(cfg):
+        lm = load_model(cfg)
+        plant_duplicate(lm, 101, 202)
+        return lm
+
+    monkeypatch.setattr(exhaustive, "load_model", load_planted)
+    result = run(run_copy, config(n_prompts=2, layers="all", batch_size=32))
+    for entry in result["per_layer"]:
+        assert entry["min_distance"] == 0.0 and entry["certified"], entry["layer"]
+        assert entry["n_collisions"] == 2  # one per set: tokens 101 and 202 after each base prompt
+        assert sorted(entry["closest_pair"]["tokens"]) == [101, 202]
+    assert result["tokens"]["duplicate_input_groups"] == [[101, 202]]
+    report = json.loads((run_copy / "report.json").read_text())
+    assert report["exhaustive"]["per_layer"][-1]["n_collisions"] == 2
+    assert "collide at every layer by construction" in (run_copy / "report.md").read_text()
+
+
+def test_selection_report_and_rerun(run_copy):
+    first = run(run_copy, config(n_prompts=4, vocab=30, batch_size=16))
+    # base prompts: the endpoints of the closest pairs of the run at its deepest layer
+    run_report = json.loads((run_copy / "report.json").read_text())
+    closest = run_report["layers"][-1]["closest_pair"]
+    assert sorted(first["selection"]["prompt_ids"][:2]) == sorted(closest)
+    assert first["layers"] == [4] and first["selection"]["layer"] == 4
+    nn = first["selection"]["nn_distance"]
+    assert nn == sorted(nn) and nn[0] == pytest.approx(run_report["layers"][-1]["min_distance"])
+    jsonschema.Draft202012Validator(SCHEMA).validate(run_report)
+    assert run_report["exhaustive"]["n_pairs_per_layer"] == 4 * (30 * 29 // 2)
+    assert "exhaustive/exhaustive.png" in run_report["figures"]
+    closest_pair = run_report["exhaustive"]["per_layer"][0]["closest_pair"]
+    md = (run_copy / "report.md").read_text()
+    assert md.count("## Exhaustive continuation test") == 1
+    assert f"after prompt {closest_pair['base_prompt_id']}" in md
+    assert json.dumps(closest_pair["token_texts"][0], ensure_ascii=False) in md
+    png = (run_copy / "exhaustive" / "exhaustive.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    second = run(run_copy, config(n_prompts=4, vocab=30, batch_size=16))  # finished: reuses every set
+    assert second["per_layer"] == first["per_layer"]
+    assert second["timings"]["extract_s"] == first["timings"]["extract_s"]
+    assert (run_copy / "report.md").read_text().count("## Exhaustive continuation test") == 1
+
+
+def test_margin_mode(run_copy):
+    result = run(run_copy, config(mode="margin", n_prompts=3, n_tokens=40, batch_size=16))
+    assert result["layers"] == [0, 1, 2, 3, 4] and [s["base_prompt_id"] for s in result["sets"]] == [0, 1, 2]
+    for slot, entry in enumerate(result["per_layer"]):
+        mins = [s["layers"][slot]["min_distance"] for s in result["sets"]]
+        assert entry["mean_min_distance"] == pytest.approx(np.mean(mins))
+        assert entry["n_pairs"] == 3 * (40 * 39 // 2) and entry["paper_gpt2_small"] is None
+    report = json.loads((run_copy / "report.json").read_text())
+    assert report["exhaustive_margin"]["per_layer"] == result["per_layer"]
+    assert "## Margin of single-token continuations" in (run_copy / "report.md").read_text()
+
+
+def test_typo_and_bad_values_are_one_line_errors(run_copy):
+    with pytest.raises(CollideError, match="'vocabb'"):
+        parse_args([str(run_copy), "vocabb=5"])
+    with pytest.raises(CollideError, match="search.blockrows"):
+        parse_args([str(run_copy), "search.blockrows=5"])
+    with pytest.raises(CollideError, match="n_prompts"):
+        parse_args([str(run_copy), "n_prompts=many"])
+    with pytest.raises(CollideError, match="vocab=0"):
+        parse_args([str(run_copy), "vocab=0"])
+    assert parse_args([str(run_copy), "prompt_ids=[3,1]", "search.block_rows=64"])[1].prompt_ids == [3, 1]
+    with pytest.raises(CollideError, match=r"prompt_ids \[99\]"):
+        run(run_copy, config(prompt_ids=[99]))
+    with pytest.raises(CollideError, match="layers=9"):
+        run(run_copy, config(layers=9))
+    proc = subprocess.run([sys.executable, "-m", "collide.exhaustive", str(run_copy), "n_promts=3"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "'n_promts'" in proc.stderr
+    assert main([str(run_copy / "missing")]) == 2
+
+
+def test_killed_run_resumes_to_identical_results(tiny_run, tmp_path):
+    """SIGKILL mid-way through the second set, rerun: same store (bitwise) and same results as one clean run."""
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    shutil.copytree(tiny_run, clean)
+    shutil.copytree(tiny_run, killed)
+    args = ["n_prompts=4", "layers=[1,4]", "batch_size=8", "shard_rows=40", "progress=false", "search.progress=false"]
+    command = [sys.executable, "-m", "collide.exhaustive"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command + [str(killed)] + args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    manifest = killed / "exhaustive" / "store" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.is_file():
+            try:
+                rows = json.loads(manifest.read_text())["counts"]["n_prompts"]
+            except (ValueError, KeyError):
+                rows = 0
+            if rows > 320:  # set 0 done, set 1 begun
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    assert not (killed / "exhaustive" / "exhaustive.json").exists()
+    partial = open_store(killed / "exhaustive" / "store")
+    assert not partial.complete and 320 < partial.n_rows < 4 * 320
+
+    assert main([str(killed)] + args) == 0
+    assert main([str(clean)] + args) == 0
+    a, b = (json.loads((d / "exhaustive" / "exhaustive.json").read_text()) for d in (clean, killed))
+    assert a["per_layer"] == b["per_layer"]
+    assert untimed(a) == untimed(b)
+    sa, sb = open_store(clean / "exhaustive" / "store"), open_store(killed / "exhaustive" / "store")
+    assert sb.complete and sa.n_rows == sb.n_rows == 4 * 320
+    for k in (1, 4):
+        ia, xa = sa.layer(k)
+        ib, xb = sb.layer(k)
+        np.testing.assert_array_equal(ia, ib)
+        assert np.array_equal(xa, xb), k
