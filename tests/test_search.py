@@ -247,8 +247,8 @@ def test_tiny_budget_gives_an_honest_uncertified_result():
 
 def test_faiss_tiny_k_widens_then_computes_rows_directly(caplog):
     rng = np.random.default_rng(6)
-    base = rng.standard_normal((1, 8)) * 100
-    x = (base + rng.standard_normal((400, 8)) * 1e-3).astype(np.float32)  # one tight cluster: k=1 is never enough
+    x = rng.standard_normal((400, 8)).astype(np.float32)
+    x[:60] = x[0] + rng.integers(1, 50, size=(60, 8)) * np.float32(1e-6)  # 60 distinct rows, all pairs < 1e-4
     x[399] = x[0]
     with caplog.at_level("INFO", logger="collide.search.faiss_engine"):
         res = min_pairwise(x, 1e-4, "faiss", k=1, max_k=2, block_rows=64)

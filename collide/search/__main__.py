@@ -42,7 +42,9 @@ def parse_args(argv: list[str]) -> tuple[Path, SearchCLI]:
     if len(paths) != 1:
         raise CollideError(f"expected one STORE directory and key=value overrides, got {argv!r}; "
                            "usage: python -m collide.search STORE [layers=...] [threshold=...] [search.KEY=...]")
-    overrides = [a for a in argv if "=" in a]
+    # YAML would read a range like 1:30 as the base-60 integer 90: keep it a string
+    overrides = [f"layers='{a[7:]}'" if a.startswith("layers=") and ":" in a and "'" not in a else a
+                 for a in argv if "=" in a]
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(SearchCLI), OmegaConf.from_dotlist(overrides))
         return Path(paths[0]), OmegaConf.to_object(cfg)
