@@ -189,20 +189,21 @@ def forward_shard(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], ba
                   on_batch: Callable[[int, int], None] | None = None) -> dict[int, np.ndarray]:
     """{layer: (n, d) float32} last-token states of ``seqs`` (token ids, BOS included), row i = seqs[i].
 
-    Batches follow ``plan_batches``; ``on_batch(prompts, tokens)`` is called after each batch.
+    Batches follow ``plan_batches``; ``on_batch(prompts, tokens)`` is called after each batch is
+    queued. States gather on the model's device and come to the host in one copy per shard, so
+    a GPU never waits for the host between batches.
     """
     lengths = np.fromiter((len(s) for s in seqs), np.int64, count=len(seqs))
-    out = {k: np.empty((len(seqs), lm.d), np.float32) for k in layers}
+    gathered = torch.empty((len(layers), len(seqs), lm.d), dtype=torch.float32, device=lm.device)
     pad = pad_id(lm)
     for rows in plan_batches(lengths, batch_tokens, max_batch_size, bucket):
         ids, mask = pad_batch([seqs[i] for i in rows], pad, lm.device)
         states = last_token_states(lm, ids, mask, layers)
-        stacked = torch.stack([states[k] for k in layers]).float().cpu().numpy()  # one device->host copy
-        for slot, k in enumerate(layers):
-            out[k][rows] = stacked[slot]
+        gathered[:, torch.from_numpy(rows).to(lm.device)] = torch.stack([states[k] for k in layers]).float()
         if on_batch is not None:
             on_batch(len(rows), int(lengths[rows].sum()))
-    return out
+    host = gathered.cpu().numpy()  # a view on CPU, one device->host copy on a GPU
+    return {k: host[slot] for slot, k in enumerate(layers)}
 
 
 def forward_shard_adaptive(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], batch_tokens: int,

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -47,6 +48,7 @@ TMP_SUFFIX = ".tmp"
 # is a decode of contiguous floats; the prompts table is small and compresses well with zstd.
 STATE_OPTIONS = dict(compression="none", use_dictionary=False, write_statistics=["prompt_id"])
 PROMPT_OPTIONS = dict(compression="zstd")
+WRITE_THREADS = min(8, os.cpu_count() or 1)  # files of one shard written in parallel
 # Batching parameters that fix which prompts share a forward batch: a resumed run reuses the
 # values stored in the manifest so that its states are bit-identical to an uninterrupted run.
 BATCHING_KEYS = ("shard_rows", "batch_tokens", "max_batch_size")
@@ -77,10 +79,14 @@ def prompt_table(first_id: int, token_ids: Sequence[Sequence[int]], sources: Seq
     arrays) are appended as they are, e.g. the exhaustive test's base prompt and appended token.
     """
     n = len(token_ids)
+    lengths = np.fromiter((len(t) for t in token_ids), np.int32, count=n)
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate([np.asarray(t, np.int32) for t in token_ids]) if n else np.empty(0, np.int32)
     columns = {
         "prompt_id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
-        "token_ids": pa.array([list(map(int, t)) for t in token_ids], type=pa.list_(pa.int32())),
-        "n_tokens": pa.array(np.fromiter((len(t) for t in token_ids), np.int32, count=n)),
+        "token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        "n_tokens": pa.array(lengths),
         "source": pa.array(list(sources), type=pa.string()),
     }
     if texts is not None:
@@ -479,26 +485,42 @@ class StoreWriter:
             raise ValueError(f"shard {index} must hold prompt ids {first}..{first + rows - 1} in order")
         if sorted(states) != self.manifest["layers"]:
             raise ValueError(f"states for layers {sorted(states)}, the store holds {self.manifest['layers']}")
-        files, nonfinite, written = {}, {}, []
-        try:
-            rel = f"{PROMPTS_DIR}/{part_name(index)}"
-            written.append(rel)
-            files[rel] = self._write_parquet(prompts, rel, PROMPT_OPTIONS)
-            for k in self.manifest["layers"]:
-                matrix = np.asarray(states[k], dtype=np.float32)
-                if matrix.shape != (rows, self.manifest["d"]):
-                    raise ValueError(f"layer {k} states have shape {matrix.shape}, want {(rows, self.manifest['d'])}")
-                nonfinite[str(k)] = int(rows - np.count_nonzero(np.isfinite(matrix).all(axis=1)))
-                rel = f"{layer_dir(k)}/{part_name(index)}"
-                written.append(rel)
-                files[rel] = self._write_parquet(pa.table({"prompt_id": prompts.column("prompt_id"),
-                                                           "state": state_array(matrix)}), rel, STATE_OPTIONS)
-            for directory in {rel.split("/")[0] for rel in files}:
-                _fsync_dir(self.path / directory)
-        except OSError as exc:
-            for rel in written:
+        d, layers = self.manifest["d"], self.manifest["layers"]
+        for k in layers:
+            if np.shape(states[k]) != (rows, d):
+                raise ValueError(f"layer {k} states have shape {np.shape(states[k])}, want {(rows, d)}")
+
+        def write(rel: str, table: pa.Table, options: dict) -> tuple[str, dict | None, OSError | None]:
+            try:
+                return rel, self._write_parquet(table, rel, options), None
+            except OSError as exc:
+                return rel, None, exc
+
+        def write_layer(k: int) -> tuple[str, dict | None, OSError | None, int]:
+            matrix = np.asarray(states[k], dtype=np.float32)
+            bad_rows = int(rows - np.count_nonzero(np.isfinite(matrix).all(axis=1)))
+            table = pa.table({"prompt_id": prompts.column("prompt_id"), "state": state_array(matrix)})
+            return (*write(f"{layer_dir(k)}/{part_name(index)}", table, STATE_OPTIONS), bad_rows)
+
+        # Files are independent: encode, hash and fsync them in parallel (pyarrow, hashlib and
+        # file I/O release the GIL), so that writing keeps up with a GPU.
+        with ThreadPoolExecutor(max_workers=min(WRITE_THREADS, len(layers) + 1)) as pool:
+            prompt_job = pool.submit(write, f"{PROMPTS_DIR}/{part_name(index)}", prompts, PROMPT_OPTIONS)
+            results = [prompt_job.result() + (0,)] + list(pool.map(write_layer, layers))
+        failed = [(rel, exc) for rel, _, exc, _ in results if exc is not None]
+        if not failed:
+            try:
+                for directory in [PROMPTS_DIR] + [layer_dir(k) for k in layers]:
+                    _fsync_dir(self.path / directory)
+            except OSError as exc:
+                failed = [(directory, exc)]
+        if failed:
+            for rel, *_ in results:
                 (self.path / rel).unlink(missing_ok=True)
-            raise CollideError(os_error_message(self.path / written[-1], exc)) from exc
+            rel, exc = failed[0]
+            raise CollideError(os_error_message(self.path / rel, exc)) from exc
+        files = {rel: entry for rel, entry, _, _ in results}
+        nonfinite = {str(k): bad for k, (_, _, _, bad) in zip(layers, results[1:])}
         n_tokens = int(prompts.column("n_tokens").to_numpy().sum())
         shard = dict(index=index, first_prompt_id=int(first), rows=int(rows), n_tokens=n_tokens,
                      nonfinite_rows=nonfinite, files=files, **info)

@@ -122,7 +122,7 @@ def test_final_norm_pre_and_post(tmp_path):
     assert not np.allclose(x_post, x_pre, rtol=1e-2)
     assert max_relative_error(post, s_post) <= 1e-5  # post = HF hidden_states[-1]
     with torch.no_grad():
-        renormed = pre.final_norm_module(torch.from_numpy(x_pre)).numpy()
+        renormed = pre.final_norm_module(torch.tensor(x_pre)).numpy()
     np.testing.assert_allclose(renormed, x_post, rtol=1e-5, atol=1e-6)
 
 
