@@ -146,3 +146,28 @@ def test_print_summary_shows_each_layer_and_the_verdict(tmp_path):
     text = out.getvalue()
     assert "collisions found: 1 colliding pair (L2 < 1e-06) at layer 2" in text
     assert "0 (emb)" in text and text.count("yes") == 5
+
+
+def test_report_of_the_real_search_on_planted_near_duplicates(tmp_path):
+    from collide.search import LayerResult, min_pairwise
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 64)) * 100
+    x[0, 5] = 5000.0  # a massive dimension
+    x[50] = x[10]
+    x[50, 0] += 5e-7  # L2 5e-7: a collision
+    x[60] = x[20]
+    x[60, 1] += 2e-6  # L2 2e-6: above the threshold
+    ids = np.arange(1000, 1200, dtype=np.int64)
+    results = [LayerResult(layer, ids, min_pairwise(x, 1e-6, backend="torch")) for layer in (0, 1)]
+    run_info, _, store = fake_run(n_layers=1, n=200)
+    report = write_report(tmp_path, run_info, results, store, ReportConfig(figures=False))
+    jsonschema.Draft202012Validator(SCHEMA).validate(json.loads((tmp_path / "report.json").read_text()))
+    layer1 = report["layers"][1]
+    assert layer1["certified"] and layer1["n_collisions"] == 1 and layer1["closest_pair"] == [1010, 1050]
+    assert layer1["collisions"][0]["a"] == 1010 and layer1["collisions"][0]["b"] == 1050
+    assert layer1["min_distance"] == pytest.approx(5e-7, rel=1e-6)
+    assert layer1["nn_distance"]["min"] == pytest.approx(layer1["min_distance"], rel=1e-6)
+    table = pq.read_table(tmp_path / "collisions" / "layer=1.parquet").to_pylist()
+    assert [(r["a"], r["b"]) for r in table] == [(1010, 1050)]
+    assert report["verdict"]["status"] == "collisions"
