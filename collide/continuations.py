@@ -120,8 +120,8 @@ def step_states(lm: LoadedModel, cache, prefix_len: int, tokens: torch.Tensor,
 
 
 def continuation_states(lm: LoadedModel, prefix: Sequence[int], tokens: Sequence[int] | np.ndarray,
-                        layers: list[int], batch_size: int = 256, start: int = 0,
-                        progress=None) -> Iterator[ContinuationBlock]:
+                        layers: list[int], batch_size: int = 256, start: int = 0, progress=None,
+                        groups: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[ContinuationBlock]:
     """Stream the states of prefix+t for every token t of ``tokens``, computed against one KV cache.
 
     Blocks come in the order of ``tokens`` except that tokens with bitwise-identical input
@@ -130,10 +130,11 @@ def continuation_states(lm: LoadedModel, prefix: Sequence[int], tokens: Sequence
     last block fewer), so the blocks depend only on ``tokens``, the model and ``batch_size``.
     ``start`` skips the first ``start`` continuations of that order: it must be where a block
     begins (a resume point). States are float32 on the CPU. ``progress`` (a tqdm-like object) is
-    advanced by the number of continuations in each block.
+    advanced by the number of continuations in each block. ``groups``: ``input_groups(lm, tokens)``
+    if already computed (it does not depend on the prefix, so sets sharing tokens share it).
     """
     tokens = np.asarray(tokens, dtype=np.int64)
-    first, group = input_groups(lm, tokens)
+    first, group = groups if groups is not None else input_groups(lm, tokens)
     order = np.argsort(group, kind="stable")  # tokens grouped by input row, groups by first occurrence
     starts = list(range(0, len(first), batch_size))
     bounds = np.searchsorted(group[order], starts + [len(first)])  # row where each block begins

@@ -66,7 +66,7 @@ OUT_DIR = "exhaustive"  # inside the run directory
 MD_BEGIN, MD_END = "<!-- collide.exhaustive:{mode}:begin -->", "<!-- collide.exhaustive:{mode}:end -->"
 REPORT_KEYS = {"exhaustive": "exhaustive", "margin": "exhaustive_margin"}  # report.json key per mode
 MEMORY_FRACTION = 0.25  # share of free memory that one continuation step may take
-CPU_MAX_BATCH, GPU_MAX_BATCH = 512, 16384  # continuations per step past which a device runs no faster
+CPU_MAX_BATCH, GPU_MAX_BATCH = 2048, 16384  # continuations per step past which a device runs no faster
 # The paper's appendix (GPT-2 Small): min distance among 1000 single-token continuations of a
 # prompt, mean over 100 prompts, layers 1..12. The number to check with hub access (model=gpt2).
 PAPER_GPT2_MARGIN = {1: 1.850, 2: 1.957, 3: 2.064, 4: 2.241, 5: 2.382, 6: 2.500, 7: 2.705, 8: 2.886, 9: 3.025,
@@ -384,12 +384,13 @@ def store_identity(inputs: RunInputs, sets: list[PromptSet], layers: list[int], 
 
 
 def extract_set(lm: LoadedModel, writer, pset: PromptSet, layers: list[int], batch_size: int, shard_rows: int,
-                texts: list[str], progress: bool) -> None:
+                texts: list[str], groups: tuple[np.ndarray, np.ndarray], progress: bool) -> None:
     """Extract set ``pset`` into the store from the row where it stopped, in shards of whole blocks.
 
     A shard holds whole continuation blocks (so a resume starts where a block starts and recomputes
     the same blocks) and never crosses the set's end. The writer thread commits a shard while
-    the next one is computed.
+    the next one is computed (building its prompts table too). ``groups``: ``input_groups`` of the
+    tokens, shared by all sets.
     """
     from collide.store import prompt_table
 
@@ -405,27 +406,26 @@ def extract_set(lm: LoadedModel, writer, pset: PromptSet, layers: list[int], bat
     pending: Future | None = None
     blocks, rows, next_id, t0 = [], 0, first + done, time.perf_counter()
 
-    def submit() -> Future:
+    def commit(first_id: int, blocks: list, forward_s: float) -> None:  # runs on the writer thread
         tokens = np.concatenate([b.tokens for b in blocks])
-        table = prompt_table(next_id, [pset.prefix + [t] for t in tokens.tolist()],
-                             [f"continuation:{pset.base_prompt_id}+{t}" for t in tokens.tolist()], None,
+        listed = tokens.tolist()
+        table = prompt_table(first_id, [pset.prefix + [t] for t in listed],
+                             [f"continuation:{pset.base_prompt_id}+{t}" for t in listed], None,
                              set_index=np.full(len(tokens), pset.index, np.int32),
                              base_prompt_id=np.full(len(tokens), pset.base_prompt_id, np.int64),
-                             appended_token=tokens.astype(np.int32),
-                             appended_text=[text_of[t] for t in tokens.tolist()])
+                             appended_token=tokens.astype(np.int32), appended_text=[text_of[t] for t in listed])
         states = {k: torch.cat([b.states[k] for b in blocks]).numpy() for k in layers}
-        info = {"set_index": pset.index, "forward_s": round(time.perf_counter() - t0, 6)}
-        return pool.submit(writer.commit_shard, table, states, info)
+        writer.commit_shard(table, states, {"set_index": pset.index, "forward_s": round(forward_s, 6)})
 
     try:
         for block in continuation_states(lm, pset.prefix, pset.tokens, layers, batch_size, start=done,
-                                         progress=bar):
+                                         progress=bar, groups=groups):
             blocks.append(block)
             rows += len(block.tokens)
             if rows >= shard_rows or next_id + rows == first + n:
                 if pending is not None:
                     pending.result()  # at most one shard in flight
-                pending = submit()
+                pending = pool.submit(commit, next_id, blocks, time.perf_counter() - t0)
                 blocks, next_id, rows, t0 = [], next_id + rows, 0, time.perf_counter()
         if pending is not None:
             pending.result()
@@ -537,7 +537,7 @@ def run_exhaustive(inputs: RunInputs, lm: LoadedModel, layers: list[int], ids: l
         result = results.get(pset.index)
         if result is None:
             if writer.n_rows < (pset.index + 1) * n:
-                extract_set(lm, writer, pset, layers, batch, shard_rows, token_texts, cfg.progress)
+                extract_set(lm, writer, pset, layers, batch, shard_rows, token_texts, (first, group), cfg.progress)
             store = open_store(writer.path)
             result = search_set(store, pset, layers, inputs.threshold, cfg, texts)
             result["extract_s"] = round(set_extract_seconds(store, pset.index * n, (pset.index + 1) * n), 3)

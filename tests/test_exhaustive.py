@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -171,6 +170,8 @@ def test_planted_duplicate_found_through_the_command(run_copy, monkeypatch):
 
 
 def test_selection_report_and_rerun(run_copy):
+    import jsonschema
+
     first = run(run_copy, config(n_prompts=4, vocab=30, batch_size=16))
     # base prompts: the endpoints of the closest pairs of the run at its deepest layer
     run_report = json.loads((run_copy / "report.json").read_text())
