@@ -87,14 +87,15 @@ def pick_backend(backend: str, device) -> str:
     """The engine that runs: "torch" or "faiss".
 
     Rule for "auto": always "torch" (the symmetric engine), on CPU and on CUDA. It computes each
-    unordered pair once, where a FAISS self-search computes both triangles, it streams data larger
-    than memory, and it certifies in one pass (no k widening). Measured with
-    benchmarks/bench_search.py on 2 CPU cores, n=20000, d=576 (LLM-like states): the certified torch
-    engine took 0.49x the time of a plain, uncertified FAISS IndexFlatL2 k=2 self-search and ran at
-    0.83x of the sgemm roofline; the certified faiss backend needs the same GEMM work as that plain
-    search plus its re-ranks, so it cannot beat it. ``device`` does not change the rule (on GPU the
-    torch engine keeps the data resident and uses cuBLAS in fp32 with TF32 off, or tf32x3); it is
-    accepted so that a future rule can depend on it. "faiss" needs the faiss-cpu or faiss-gpu package.
+    unordered pair once where a FAISS self-search computes both triangles, it certifies in one
+    pass (no k widening), and it streams layers larger than memory. Measured with
+    benchmarks/bench_search.py: on 2 shared CPU cores (n=20000, d=576, LLM-like rows) the
+    certified torch engine took 0.59x the time of a plain, uncertified FAISS IndexFlatL2 k=2
+    self-search and ran at 0.71x of the sgemm roofline; the faiss backend does that same full
+    GEMM plus its re-ranks, so it cannot be faster. On an H100 (n=1e5, d=4096) the torch engine
+    took 0.94 s per layer in fp32 (0.88x of the cuBLAS sgemm roofline) and 0.57 s in tf32x3,
+    certified. ``device`` does not change the rule; it is accepted so that a rule for other
+    hardware can use it. "faiss" needs the faiss-cpu or faiss-gpu package.
     """
     if backend not in BACKENDS:
         raise CollideError(f"search.backend={backend!r} is not an engine; use one of {list(BACKENDS)}")
@@ -194,12 +195,25 @@ def as_tensor(x) -> torch.Tensor:
     return t.contiguous()
 
 
-def mean_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
-    """fp64 mean of the rows of x (m, d), summed block by block (no fp64 copy of x)."""
+def finite_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """(n,) bool: rows of x without NaN/Inf, checked block by block (no (n, d) mask in memory)."""
+    if x.device.type == "cpu":  # numpy: torch's CPU kernels are slower here
+        xn = x.numpy()
+        return torch.from_numpy(np.concatenate([np.isfinite(xn[s:s + block_rows]).all(1)
+                                                for s in range(0, len(xn), block_rows)] or [np.zeros(0, bool)]))
+    return torch.cat([torch.isfinite(x[s:s + block_rows]).all(1) for s in range(0, x.shape[0], block_rows)]
+                     or [torch.zeros(0, dtype=torch.bool, device=x.device)])
+
+
+def sum_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """fp64 sum of the rows of x (m, d), block by block (no fp64 copy of x)."""
     total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     for s in range(0, x.shape[0], block_rows):
-        total += x[s:s + block_rows].to(torch.float64).sum(0)
-    return total / max(x.shape[0], 1)
+        if x.device.type == "cpu":
+            total += torch.from_numpy(x[s:s + block_rows].numpy().sum(0, dtype=np.float64))
+        else:
+            total += x[s:s + block_rows].to(torch.float64).sum(0)
+    return total
 
 
 @contextlib.contextmanager
@@ -282,12 +296,12 @@ def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="a
             return _result(state, x_np.shape[0], valid_rows, invalid_rows, "faiss", tic)
         xt = xt.to(dev)
         n, d = xt.shape
-        valid = torch.isfinite(xt).all(1)
+        valid = finite_rows(xt, block_rows)
         valid_rows = torch.nonzero(valid)[:, 0]
         invalid_rows = torch.nonzero(~valid)[:, 0].cpu().numpy()
         xv = xt if len(invalid_rows) == 0 else xt[valid_rows]
         m = xv.shape[0]
-        mu = mean_rows(xv, block_rows)
+        mu = sum_rows(xv, block_rows) / max(m, 1)
         blocks = [make_block(xv[s:s + block_rows], valid_rows[s:s + block_rows], s, mu)
                   for s in range(0, m, block_rows)]
         state = PairSearch(m, d, dev, threshold, precision, max_candidates, block_rows, progress, eager=False)
@@ -304,7 +318,7 @@ def _store_blocks(store, layer: int, block_rows: int, dev: torch.device, mu: tor
         if stop is not None and done >= stop:
             return
         xb = as_tensor(states).to(dev)
-        valid = torch.nonzero(torch.isfinite(xb).all(1))[:, 0]
+        valid = torch.nonzero(finite_rows(xb, block_rows))[:, 0]
         if valid.numel():
             xv = xb if valid.numel() == xb.shape[0] else xb[valid]
             yield make_block(xv, valid + row, start, mu)
@@ -319,8 +333,8 @@ def _scan_store(store, layer: int, block_rows: int, dev: torch.device):
     total = torch.zeros(store.d, dtype=torch.float64, device=dev)
     for ids, states in store.iter_blocks(layer, block_rows):
         xb = as_tensor(states)
-        valid = torch.isfinite(xb).all(1)
-        total += xb[valid].to(dev, torch.float64).sum(0)
+        valid = finite_rows(xb, block_rows)
+        total += sum_rows(xb[valid].to(dev), block_rows)
         ids_parts.append(np.asarray(ids, np.int64))
         valid_parts.append(torch.nonzero(valid)[:, 0].numpy() + row)
         invalid_parts.append(torch.nonzero(~valid)[:, 0].numpy() + row)
