@@ -282,7 +282,8 @@ def render_markdown(report: dict) -> str:
     if v["min_distance"] is not None:
         out += [f"Smallest distance at a contextual layer: {_fmt(v['min_distance'], 6)} at layer "
                 f"{v['min_distance_layer']}.", ""]
-    corpus_desc = ", ".join(f"{k}={c[k]}" for k in ("kind", "path", "seed", "min_tokens", "max_tokens") if c.get(k))
+    corpus_desc = ", ".join(f"{k}={c[k]}" for k in ("kind", "path", "seed", "min_tokens", "max_tokens")
+                            if c.get(k) is not None)
     out += ["## Run", "", "| | |", "|---|---|",
             f"| model | {m['name']} (`{m['source']}`{' @ ' + m['revision'] if m.get('revision') else ''}), "
             f"family {m['family']}, L = {L} blocks, d = {m['d']} |",
@@ -291,7 +292,7 @@ def render_markdown(report: dict) -> str:
             f"{'after' if m['final_norm'] == 'post' else 'before'} the final norm (`final_norm={m['final_norm']}`) |",
             f"| corpus | {c['name']} ({corpus_desc}) |",
             f"| prompts | {report['n_prompts']:,} distinct token sequences "
-            f"({report['n_duplicates']:,} duplicates dropped) |",
+            f"({_plural(report['n_duplicates'], 'duplicate')} dropped) |",
             f"| threshold | L2 < {report['threshold']:g} (not squared) |",
             f"| hardware | {hw['cpu']}, {hw['cores']} cores, {hw['ram_gib']} GiB RAM, GPU: {hw['gpu'] or 'none'} |",
             f"| software | collide {report['collide_version']}, commit {commit}, torch {hw['torch']}, "
