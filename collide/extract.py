@@ -184,14 +184,16 @@ def pad_batch(seqs: list[np.ndarray], pad: int, device: torch.device) -> tuple[t
     return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
-def forward_shard(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], batch_tokens: int,
-                  max_batch_size: int, bucket: bool = True,
-                  on_batch: Callable[[int, int], None] | None = None) -> dict[int, np.ndarray]:
-    """{layer: (n, d) float32} last-token states of ``seqs`` (token ids, BOS included), row i = seqs[i].
+def launch_shard(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], batch_tokens: int,
+                 max_batch_size: int, bucket: bool = True, on_batch: Callable[[int, int], None] | None = None,
+                 ) -> tuple[dict[int, np.ndarray], Callable[[], None]]:
+    """Queue the forward passes of one shard; returns ({layer: (n, d) float32}, wait).
 
-    Batches follow ``plan_batches``; ``on_batch(prompts, tokens)`` is called after each batch is
-    queued. States gather on the model's device and come to the host in one copy per shard, so
-    a GPU never waits for the host between batches.
+    Row i is the last-token state of ``seqs[i]`` (token ids, BOS included); batches follow
+    ``plan_batches``, and ``on_batch(prompts, tokens)`` is called as each batch is queued. States
+    gather on the model's device and reach the host in one copy per shard. On a GPU that copy is
+    asynchronous (pinned memory): the arrays are valid only after ``wait()``, so the host can
+    queue the next shard meanwhile. On the CPU ``wait`` has nothing to do.
     """
     lengths = np.fromiter((len(s) for s in seqs), np.int64, count=len(seqs))
     gathered = torch.empty((len(layers), len(seqs), lm.d), dtype=torch.float32, device=lm.device)
@@ -202,16 +204,34 @@ def forward_shard(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], ba
         gathered[:, torch.from_numpy(rows).to(lm.device)] = torch.stack([states[k] for k in layers]).float()
         if on_batch is not None:
             on_batch(len(rows), int(lengths[rows].sum()))
-    host = gathered.cpu().numpy()  # a view on CPU, one device->host copy on a GPU
-    return {k: host[slot] for slot, k in enumerate(layers)}
+    if lm.device.type == "cuda":
+        host = torch.empty(gathered.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(gathered, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        wait = copied.synchronize
+    else:
+        host, wait = gathered, lambda: None
+    array = host.numpy()
+    return {k: array[slot] for slot, k in enumerate(layers)}, wait
+
+
+def forward_shard(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], batch_tokens: int,
+                  max_batch_size: int, bucket: bool = True,
+                  on_batch: Callable[[int, int], None] | None = None) -> dict[int, np.ndarray]:
+    """{layer: (n, d) float32} last-token states of ``seqs``, row i = seqs[i] (``launch_shard``, waited for)."""
+    states, wait = launch_shard(lm, seqs, layers, batch_tokens, max_batch_size, bucket, on_batch)
+    wait()
+    return states
 
 
 def forward_shard_adaptive(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], batch_tokens: int,
                            max_batch_size: int, on_batch: Callable[[int, int], None] | None = None,
-                           ) -> tuple[dict[int, np.ndarray], int]:
-    """``forward_shard`` that halves the token budget and redoes the shard on out-of-memory.
+                           ) -> tuple[dict[int, np.ndarray], Callable[[], None], int]:
+    """``launch_shard`` that halves the token budget and redoes the shard on out-of-memory.
 
-    Returns the states and the budget that worked (recorded with the shard, reused afterwards).
+    Returns the states, their ``wait``, and the budget that worked (recorded with the shard,
+    reused afterwards).
     A failed attempt's progress is taken back with a negative ``on_batch(-prompts, -tokens)``.
     """
     while True:
@@ -223,7 +243,7 @@ def forward_shard_adaptive(lm: LoadedModel, seqs: list[np.ndarray], layers: list
             if on_batch is not None:
                 on_batch(prompts, tokens)
         try:
-            return forward_shard(lm, seqs, layers, batch_tokens, max_batch_size, on_batch=counted), batch_tokens
+            return (*launch_shard(lm, seqs, layers, batch_tokens, max_batch_size, on_batch=counted), batch_tokens)
         except torch.OutOfMemoryError:
             if on_batch is not None:
                 on_batch(-done[0], -done[1])
@@ -238,6 +258,12 @@ def forward_shard_adaptive(lm: LoadedModel, seqs: list[np.ndarray], layers: list
 
 
 # --------------------------------------------------------------------------- the stage
+
+
+def _commit_when_ready(writer: StoreWriter, wait: Callable[[], None], prompts, states: dict, info: dict) -> dict:
+    """Writer-thread task: wait for the shard's states to reach the host, then commit the shard."""
+    wait()
+    return writer.commit_shard(prompts, states, info)
 
 
 def store_header(lm: LoadedModel, layers: list[int], n_prompts: int, store_cfg: StoreConfig,
@@ -303,7 +329,7 @@ def extract_to_store(lm: LoadedModel, prompts: Iterable[Prompt], layers: list[in
             if budget is None:
                 budget = auto_batch_tokens(lm, max(len(s) for s in seqs), len(layers))
             t0 = time.perf_counter()
-            states, budget = forward_shard_adaptive(lm, seqs, layers, budget, max_batch, on_batch)
+            states, wait, budget = forward_shard_adaptive(lm, seqs, layers, budget, max_batch, on_batch)
             table = prompt_table(first_id, seqs, [p.source for p, _, _ in shard],
                                  [p.text for p, _, _ in shard] if writer.manifest["keep_text"] else None)
             info = dict(stream_items=stream.n_items, n_duplicates=stream.n_duplicates,
@@ -311,7 +337,7 @@ def extract_to_store(lm: LoadedModel, prompts: Iterable[Prompt], layers: list[in
                         batch_tokens=budget, forward_s=round(time.perf_counter() - t0, 6))
             if pending is not None:
                 pending.result()  # at most one shard in flight: memory stays bounded
-            pending = pool.submit(writer.commit_shard, table, states, info)
+            pending = pool.submit(_commit_when_ready, writer, wait, table, states, info)
             first_id += len(shard)
             if len(shard) < wanted:
                 break
