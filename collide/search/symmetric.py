@@ -42,8 +42,8 @@ from collide.search.bounds import pair_bound, rerank_rel, screening_constant, un
 log = logging.getLogger(__name__)
 
 PAD = 8  # the augmented width d + 2 is padded with zero columns to a multiple of this (GEMM speed)
-CPU_PANEL = 512  # row panel of a diagonal tile on CPU: the lower triangle wastes PANEL / n of the work
-GPU_PANEL = 2048  # the same on CUDA, where small GEMMs are inefficient
+CPU_PANEL = 2048  # row panel of a diagonal tile on CPU (half a 4096-row block: small GEMMs are slow)
+GPU_PANEL = 2048  # the same on CUDA
 COL_CHUNK = 32  # rows per step of the CPU tile reduction (a chunk stays in cache)
 RERANK_ELEMENTS = 1 << 22  # fp64 elements per chunk of exact re-ranks (bounds their memory)
 
