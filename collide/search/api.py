@@ -21,7 +21,7 @@ import torch
 
 from collide.errors import CollideError
 from collide.search.bounds import PRECISIONS
-from collide.search.symmetric import Block, PairSearch, make_block, search_blocks
+from collide.search.symmetric import Block, PairSearch, finite_rows, make_block, search_blocks, sum_rows
 
 if TYPE_CHECKING:
     import pyarrow
@@ -41,7 +41,8 @@ class PairwiseResult:
     distance: float  # exact min L2 (NOT squared) over pairs of valid rows, fp64; math.inf if < 2 valid rows
     pair: tuple[int, int] | None  # row indices (i, j), i < j, attaining it (smallest (i, j) among ties)
     certified: bool  # True iff no unseen pair can beat `distance` under the rigorous screening bound
-    collisions: list[tuple[int, int, float]]  # EVERY pair (i<j, L2 distance) with distance < threshold, sorted by distance
+    # EVERY pair (i, j, L2 distance), i < j, with distance < threshold, sorted by (distance, i, j)
+    collisions: list[tuple[int, int, float]]
     n_collisions: int  # len(collisions)
     # (n,) float64: each row's exact L2 distance to the nearest other row among those re-ranked for
     # it, which include its screened nearest neighbour; nan for invalid rows, inf if there is no other row
@@ -133,7 +134,8 @@ def _check(threshold: float, block_rows: int, precision: str, k: int, max_k: int
     if block_rows < 1:
         raise CollideError(f"search.block_rows={block_rows} must be >= 1 (e.g. 4096)")
     if precision not in PRECISIONS:
-        raise CollideError(f"search.precision={precision!r} is not a screening arithmetic; use one of {list(PRECISIONS)}")
+        raise CollideError(f"search.precision={precision!r} is not a screening arithmetic; "
+                           f"use one of {list(PRECISIONS)}")
     if precision == "tf32x3" and dev.type != "cuda":
         raise CollideError("search.precision=tf32x3 runs on CUDA tensor cores only; use search.precision=fp32 on CPU")
     if k < 1 or max_k < k:
@@ -193,27 +195,6 @@ def as_tensor(x) -> torch.Tensor:
     if t.dtype not in (torch.float32, torch.float64):
         t = t.to(torch.float32)  # fp16/bf16 are exact in fp32
     return t.contiguous()
-
-
-def finite_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
-    """(n,) bool: rows of x without NaN/Inf, checked block by block (no (n, d) mask in memory)."""
-    if x.device.type == "cpu":  # numpy: torch's CPU kernels are slower here
-        xn = x.numpy()
-        return torch.from_numpy(np.concatenate([np.isfinite(xn[s:s + block_rows]).all(1)
-                                                for s in range(0, len(xn), block_rows)] or [np.zeros(0, bool)]))
-    return torch.cat([torch.isfinite(x[s:s + block_rows]).all(1) for s in range(0, x.shape[0], block_rows)]
-                     or [torch.zeros(0, dtype=torch.bool, device=x.device)])
-
-
-def sum_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
-    """fp64 sum of the rows of x (m, d), block by block (no fp64 copy of x)."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    for s in range(0, x.shape[0], block_rows):
-        if x.device.type == "cpu":
-            total += torch.from_numpy(x[s:s + block_rows].numpy().sum(0, dtype=np.float64))
-        else:
-            total += x[s:s + block_rows].to(torch.float64).sum(0)
-    return total
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from collide.search.bounds import pair_bound
-from collide.search.symmetric import Block, PairSearch, augment, right_operand
+from collide.search.symmetric import Block, PairSearch, augment, right_operand, sum_rows
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def faiss_search(x: np.ndarray, threshold: float, dev: torch.device, *, block_ro
     try:
         reps, groups = duplicate_groups(xv)
         xt = torch.from_numpy(np.ascontiguousarray(xv))
-        mu = xt.to(torch.float64).mean(0)
+        mu = sum_rows(xt, block_rows) / m
         left, norm2 = augment(xt[reps], mu)
         rep = Block(index=torch.from_numpy(reps), rows=torch.from_numpy(valid_rows[reps]), x=xt[reps], left=left,
                     norm_max=math.sqrt(float(norm2.max())))

@@ -59,6 +59,27 @@ class Block:
     norm_max: float  # largest ||a|| in the block (fp64, not squared): the block's error bound uses it
 
 
+def finite_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """(n,) bool: rows of x without NaN/Inf, checked block by block (no (n, d) mask in memory)."""
+    if x.device.type == "cpu":  # numpy: torch's CPU kernels are slower here
+        xn = x.numpy()
+        return torch.from_numpy(np.concatenate([np.isfinite(xn[s:s + block_rows]).all(1)
+                                                for s in range(0, len(xn), block_rows)] or [np.zeros(0, bool)]))
+    return torch.cat([torch.isfinite(x[s:s + block_rows]).all(1) for s in range(0, x.shape[0], block_rows)]
+                     or [torch.zeros(0, dtype=torch.bool, device=x.device)])
+
+
+def sum_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """fp64 sum of the rows of x (m, d), block by block (no fp64 copy of x)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], block_rows):
+        if x.device.type == "cpu":
+            total += torch.from_numpy(x[s:s + block_rows].numpy().sum(0, dtype=np.float64))
+        else:
+            total += x[s:s + block_rows].to(torch.float64).sum(0)
+    return total
+
+
 def augmented_width(d: int) -> int:
     """K: columns of the augmented operands (d + 2, padded with zeros to a multiple of PAD)."""
     return -(-(d + 2) // PAD) * PAD
@@ -116,9 +137,10 @@ def tf32_split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def exact_sq(xa: torch.Tensor, ia: torch.Tensor, xb: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
     """Exact-as-fp64 squared L2 distances sum_k (xa[ia_r, k] - xb[ib_r, k])^2, fp64 (len(ia),).
 
-    Deterministic per pair: the same two rows give the same bits whatever batch they are part of
-    (numpy's and torch's row sums do not depend on the number of rows). On CPU numpy does it
-    (several times faster than torch's CPU kernels for these shapes).
+    Deterministic per pair: the same two rows give the same bits whatever batch they are part of.
+    On CPU numpy does it (its row sums do not depend on the number of rows, and it is several
+    times faster than torch's CPU kernels here); on CUDA every chunk is padded to the same number
+    of rows, since the reduction kernel's split can depend on the number of outputs.
     """
     step = max(1, RERANK_ELEMENTS // max(xa.shape[1], 1))
     if xa.device.type == "cpu":
@@ -131,7 +153,12 @@ def exact_sq(xa: torch.Tensor, ia: torch.Tensor, xb: torch.Tensor, ib: torch.Ten
         return torch.from_numpy(out)
     out = torch.empty(len(ia), dtype=torch.float64, device=xa.device)
     for s in range(0, len(ia), step):
-        out[s:s + step] = (xa[ia[s:s + step]].to(torch.float64) - xb[ib[s:s + step]].to(torch.float64)).square().sum(1)
+        pa, pb = ia[s:s + step], ib[s:s + step]
+        k = len(pa)
+        if k < step:  # pad with row 0: same kernel configuration for every chunk
+            pa = torch.cat([pa, pa.new_zeros(step - k)])
+            pb = torch.cat([pb, pb.new_zeros(step - k)])
+        out[s:s + k] = (xa[pa].to(torch.float64) - xb[pb].to(torch.float64)).square().sum(1)[:k]
     return out
 
 
@@ -163,8 +190,8 @@ class PairSearch:
     """Running state of one certified search: best exact pair, collisions, nearest neighbours, budget.
 
     Row numbering: engine index e in 0..m-1 for the arrays here; pairs and collisions are reported
-    in the caller's numbering (Block.rows), (i, j) with i < j. Distances kept squared (fp64) until
-    ``finish``.
+    in the caller's numbering (Block.rows), (i, j) with i < j. tau and the nn arrays hold squared
+    distances (fp64), collisions hold L2 distances.
     """
 
     def __init__(self, m: int, d: int, device: torch.device, threshold: float, precision: str = "fp32",
