@@ -52,7 +52,7 @@ class StreamOnly:
 
     def __init__(self, states: np.ndarray, ids: np.ndarray):
         self.states, self.ids, self.d, self.layers, self.n_rows = states, ids, states.shape[1], [7], len(ids)
-        self.largest_block = 0
+        self.largest_block = self.blocks_read = 0
 
     def layer(self, k):
         raise AssertionError("the torch engine must not load a layer whole")
@@ -60,6 +60,7 @@ class StreamOnly:
     def iter_blocks(self, k, rows):
         for s in range(0, self.n_rows, rows):
             self.largest_block = max(self.largest_block, len(self.ids[s:s + rows]))
+            self.blocks_read += 1
             yield self.ids[s:s + rows].copy(), self.states[s:s + rows].copy()
 
 
@@ -81,6 +82,7 @@ def test_out_of_core_equals_in_memory_bit_for_bit():
     lr = search_store(fake, 7, 1e-6, cfg)
     mem = min_pairwise(x, 1e-6, "torch", block_rows=32)
     assert fake.largest_block == 32  # 8 blocks streamed, never the whole layer
+    assert fake.blocks_read == 8 + 8 + 8 * 7 // 2  # scan pass, each block J once, blocks I < J again
     r = lr.result
     assert r.certified and mem.certified
     assert (r.distance, r.pair, r.collisions, r.invalid_rows) == (mem.distance, mem.pair, mem.collisions,

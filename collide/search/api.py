@@ -295,9 +295,9 @@ def _store_blocks(store, layer: int, block_rows: int, dev: torch.device, mu: tor
                   ) -> Iterator[Block]:
     """The first ``stop`` (all if None) non-empty blocks of valid rows of a store layer, read afresh, on dev."""
     row = start = done = 0
+    if stop == 0:
+        return
     for _, states in store.iter_blocks(layer, block_rows):
-        if stop is not None and done >= stop:
-            return
         xb = as_tensor(states).to(dev)
         valid = torch.nonzero(finite_rows(xb, block_rows))[:, 0]
         if valid.numel():
@@ -305,6 +305,8 @@ def _store_blocks(store, layer: int, block_rows: int, dev: torch.device, mu: tor
             yield make_block(xv, valid + row, start, mu)
             start += valid.numel()
             done += 1
+            if done == stop:
+                return
         row += xb.shape[0]
 
 
