@@ -190,7 +190,8 @@ def render_latest(records: list[dict], findings: list[Finding], machine: dict) -
     lines += ["", "Informational figures (absolute, not gated):", "",
               "| benchmark | figure | value |", "|---|---|---:|"]
     for r in records:
-        figures = {**r.get("figures", {}), "wall_seconds": r["seconds"], "peak_rss_mib": r["peak_rss_mib"]}
+        figures = {**r.get("figures", {}), "module_wall_seconds": r["seconds"],
+                   "module_peak_rss_mib": r["peak_rss_mib"]}
         lines += [f"| {r['bench']} | {k} | {v:.4g} |" for k, v in figures.items() if v is not None]
     return "\n".join(lines) + "\n"
 
@@ -201,7 +202,7 @@ def print_findings(findings: list[Finding]) -> None:
 
     table = Table(title="benchmark gate (ratios vs the previous passing run on this machine)")
     for col in ("benchmark", "kind", "name", "result", "gate"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # full names in logs too, however narrow the console
     for f in findings:
         table.add_row(f.bench, f.kind, f.name, f.message, "[red]FAIL[/red]" if f.failed else "ok")
     Console().print(table)

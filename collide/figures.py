@@ -212,10 +212,8 @@ def history_figure(entries: list[dict], path: Path, title: str) -> Path:
             ax.set_ylim(0, max(values + [1.0]) * 1.15)
             ax.set_ylabel("ratio")
         ax.set_title(f"bench_{bench}", fontsize=9, loc="left")
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=MAX_TICKS // 2, integer=True))
-        ticks = [t for t in ax.get_xticks() if 0 <= t < len(runs)]
-        ax.set_xticks(ticks, [f"{runs[int(t)]['date'][:10]}\n{(runs[int(t)]['commit'] or '?')[:7]}" for t in ticks],
-                      fontsize=7)
+        ticks = list(range(0, len(runs), -(-len(runs) // (MAX_TICKS // 2))))  # at most 8 labelled runs
+        ax.set_xticks(ticks, [f"{runs[t]['date'][:10]}\n{(runs[t]['commit'] or '?')[:7]}" for t in ticks], fontsize=7)
         ax.set_xlim(-0.5, max(len(runs) - 0.5, 0.5))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
