@@ -3,8 +3,8 @@
 Synthetic float32 states (n x d per layer, LLM-like scale) are written shard by shard with
 ``StoreWriter.commit_shard`` (Parquet encode, sha256, fsync, rename, manifest) and read back.
 
-- ``write_vs_raw_parquet``: MB/s of commit_shard / MB/s of a bare ``pq.write_table`` of the same
-  tables (no checksum, no fsync, no manifest): the price of the safety.
+- ``write_vs_raw_parquet``: MB/s of commit_shard / MB/s of a bare ``pq.write_table`` + fsync of the
+  same tables (no checksum, no temporary name, no manifest): the price of the atomic commit.
 - ``layer_read_vs_raw_parquet``: MB/s of ``Store.layer(k)`` (ids + one (n, d) float32 matrix) /
   MB/s of ``pq.read_table`` of the same files (Arrow tables only, no matrix).
 - ``iter_blocks_vs_raw_parquet``: the same for streaming the layer with ``Store.iter_blocks``.
@@ -15,6 +15,7 @@ MB are 1e6 bytes of state data. ``python benchmarks/bench_store.py [--full]`` pr
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -77,8 +78,11 @@ def run(quick: bool = True) -> dict:
             for table, states in data:
                 first = table.column("prompt_id")[0].as_py()
                 for k in layers:
+                    file = out / f"{k}-{first}.parquet"
                     pq.write_table(pa.table({"prompt_id": table.column("prompt_id"), "state": state_array(states[k])}),
-                                   out / f"{k}-{first}.parquet", compression="none", use_dictionary=False)
+                                   file, compression="none", use_dictionary=False)
+                    with open(file, "rb+") as f:
+                        os.fsync(f.fileno())  # durable, as the store's files are
 
         t_raw_write = best(write_raw, repeats)
         t_write = best(write_store, repeats)

@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +49,7 @@ TMP_SUFFIX = ".tmp"
 STATE_OPTIONS = dict(compression="none", use_dictionary=False, write_statistics=["prompt_id"])
 PROMPT_OPTIONS = dict(compression="zstd")
 WRITE_THREADS = min(8, os.cpu_count() or 1)  # files of one shard written in parallel
+HASH_CHUNK = 1 << 22  # bytes read per step when hashing a written file
 # Batching parameters that fix which prompts share a forward batch: a resumed run reuses the
 # values stored in the manifest so that its states are bit-identical to an uninterrupted run.
 BATCHING_KEYS = ("shard_rows", "batch_tokens", "max_batch_size")
@@ -107,18 +108,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data) -> None:
-    """Write bytes to ``path`` via ``path.tmp`` + flush + fsync + rename (the directory is not synced)."""
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> dict:
+    """Create ``path`` atomically: ``write(tmp)`` fills ``path.tmp``, which is then read back for
+    its sha256, fsynced and renamed (the directory is not synced). Returns {"sha256", "bytes"}."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        digest, size = hashlib.sha256(), 0
+        with open(tmp, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return {"sha256": digest.hexdigest(), "bytes": size}
 
 
 def os_error_message(path: Path, exc: OSError, what: str = "writing") -> str:
@@ -452,18 +458,16 @@ class StoreWriter:
         manifest["updated_at"] = now_iso()
         file = self.path / MANIFEST
         try:
-            _write_atomic(file, json.dumps(manifest, indent=1).encode())
+            text = json.dumps(manifest, indent=1)
+            _write_atomic(file, lambda tmp: tmp.write_text(text))
             _fsync_dir(self.path)
         except OSError as exc:
             raise CollideError(os_error_message(file, exc)) from exc
         self.manifest = manifest
 
     def _write_parquet(self, table: pa.Table, rel: str, options: dict) -> dict:
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, row_group_size=max(table.num_rows, 1), **options)
-        data = sink.getvalue()
-        _write_atomic(self.path / rel, data)
-        return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": data.size}
+        return _write_atomic(self.path / rel, lambda tmp: pq.write_table(
+            table, tmp, row_group_size=max(table.num_rows, 1), **options))
 
     def commit_shard(self, prompts: pa.Table, states: dict[int, np.ndarray], info: dict | None = None) -> dict:
         """Write one shard and list it in the manifest; returns its manifest entry.
@@ -504,16 +508,20 @@ class StoreWriter:
 
         # Files are independent: encode, hash and fsync them in parallel (pyarrow, hashlib and
         # file I/O release the GIL), so that writing keeps up with a GPU.
+        def sync_dir(directory: str) -> tuple[str, OSError | None]:
+            try:
+                _fsync_dir(self.path / directory)
+                return directory, None
+            except OSError as exc:
+                return directory, exc
+
         with ThreadPoolExecutor(max_workers=min(WRITE_THREADS, len(layers) + 1)) as pool:
             prompt_job = pool.submit(write, f"{PROMPTS_DIR}/{part_name(index)}", prompts, PROMPT_OPTIONS)
             results = [prompt_job.result() + (0,)] + list(pool.map(write_layer, layers))
-        failed = [(rel, exc) for rel, _, exc, _ in results if exc is not None]
-        if not failed:
-            try:
-                for directory in [PROMPTS_DIR] + [layer_dir(k) for k in layers]:
-                    _fsync_dir(self.path / directory)
-            except OSError as exc:
-                failed = [(directory, exc)]
+            failed = [(rel, exc) for rel, _, exc, _ in results if exc is not None]
+            if not failed:  # the renames are durable once their directories are synced
+                synced = pool.map(sync_dir, [PROMPTS_DIR] + [layer_dir(k) for k in layers])
+                failed = [(directory, exc) for directory, exc in synced if exc is not None]
         if failed:
             for rel, *_ in results:
                 (self.path / rel).unlink(missing_ok=True)

@@ -82,12 +82,13 @@ def kill_at(spec: str) -> None:
     elif point == "write":  # half-way through the n-th file write (manifest writes included): 9 = shard 1
         real_write = store_mod._write_atomic
 
-        def write(path, data):
+        def write(path, fill):
             if nth():
-                with open(path.with_name(path.name + store_mod.TMP_SUFFIX), "wb") as f:
-                    f.write(memoryview(data)[: len(data) // 2])
+                tmp = path.with_name(path.name + store_mod.TMP_SUFFIX)
+                fill(tmp)
+                os.truncate(tmp, tmp.stat().st_size // 2)
                 die()
-            real_write(path, data)
+            return real_write(path, fill)
         store_mod._write_atomic = write
     elif point == "manifest":  # a shard's files are renamed, the manifest does not list them yet
         real_manifest = store_mod.StoreWriter._write_manifest

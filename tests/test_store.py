@@ -206,10 +206,10 @@ def test_enospc_gives_one_clear_line_and_keeps_earlier_shards(tmp_path, monkeypa
         writer.commit_shard(*shard_data(first, 10))
     real = store_mod._write_atomic
 
-    def full_disk(path, data):
+    def full_disk(path, write):
         if path.name == "part-00002.parquet" and path.parent.name == "layer=3":
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
+        return real(path, write)
     monkeypatch.setattr(store_mod, "_write_atomic", full_disk)
     with pytest.raises(CollideError) as err:
         writer.commit_shard(*shard_data(20, 10))
