@@ -69,6 +69,7 @@ MEMORY_FRACTION = 0.25  # share of free memory that one continuation step may ta
 CPU_MAX_BATCH, GPU_MAX_BATCH = 2048, 16384  # continuations per step past which a device runs no faster
 # The paper's appendix (GPT-2 Small): min distance among 1000 single-token continuations of a
 # prompt, mean over 100 prompts, layers 1..12. The number to check with hub access (model=gpt2).
+DISTINCT_KEYS = ("n_pairs", "min_distance", "certified", "n_collisions", "closest_pair")  # of pairs with distinct inputs
 PAPER_GPT2_MARGIN = {1: 1.850, 2: 1.957, 3: 2.064, 4: 2.241, 5: 2.382, 6: 2.500, 7: 2.705, 8: 2.886, 9: 3.025,
                      10: 3.331, 11: 3.918, 12: 4.640}
 
@@ -441,9 +442,15 @@ def set_extract_seconds(store, first_id: int, stop_id: int) -> float:
 
 
 def search_set(store, pset: PromptSet, layers: list[int], threshold: float, cfg: ExhaustiveConfig,
-               texts: dict[int, str]) -> dict:
-    """The certified search within one set at each layer, streaming the set's shards."""
-    from collide.search import search_store
+               texts: dict[int, str], representatives: np.ndarray | None = None) -> dict:
+    """The certified search within one set at each layer, streaming the set's shards.
+
+    ``representatives``: when some appended tokens have bitwise-identical input embeddings, the
+    first token of each group. Those pairs collide by construction (distance exactly 0) and the
+    full search finds them; a second search over the representatives alone then gives each
+    layer's ``distinct_inputs`` result: the minimum over pairs whose inputs differ.
+    """
+    from collide.search import min_pairwise, search_store
 
     n = len(pset.tokens)
     view = set_view(store, pset.index * n, (pset.index + 1) * n)
@@ -453,10 +460,20 @@ def search_set(store, pset: PromptSet, layers: list[int], threshold: float, cfg:
     for k in layers:
         found = search_store(view, k, threshold, cfg.search)
         row_tokens = appended[found.prompt_ids - pset.index * n]
-        entries.append(pair_entry(k, found.result, row_tokens, texts, cfg.max_listed))
-        log.info("set %d (prompt %d) layer %d: min %.6g (%s), %d collisions, %.1f s", pset.index,
-                 pset.base_prompt_id, k, found.result.distance,
+        entry = pair_entry(k, found.result, row_tokens, texts, cfg.max_listed)
+        if representatives is None:
+            entry["distinct_inputs"] = {key: entry[key] for key in DISTINCT_KEYS}
+        else:
+            ids, states = view.layer(k)
+            keep = np.isin(appended[ids - pset.index * n], representatives)
+            distinct = pair_entry(k, min_pairwise(states[keep], threshold, **search_kwargs(cfg.search, False)),
+                                  appended[ids - pset.index * n][keep], texts, cfg.max_listed)
+            entry["distinct_inputs"] = {key: distinct[key] for key in DISTINCT_KEYS}
+        entries.append(entry)
+        log.info("set %d (prompt %d) layer %d: min %.6g (%s), %d collisions (distinct inputs: min %.6g, %d), %.1f s",
+                 pset.index, pset.base_prompt_id, k, found.result.distance,
                  "certified" if found.result.certified else "NOT certified", found.result.n_collisions,
+                 entry["distinct_inputs"]["min_distance"] or 0.0, entry["distinct_inputs"]["n_collisions"],
                  found.result.seconds)
     return {"set": pset.index, "base_prompt_id": pset.base_prompt_id, "prefix_tokens": len(pset.prefix),
             "n_continuations": n, "search_s": round(time.perf_counter() - t0, 3), "layers": entries}
@@ -492,12 +509,18 @@ def summarize_layers(set_results: list[dict], layers: list[int]) -> list[dict]:
         closest = None
         if best is not None:
             closest = {**best["closest_pair"], "set": best_r["set"], "base_prompt_id": best_r["base_prompt_id"]}
-        out.append({"layer": k, "n_pairs": sum(e["n_pairs"] for _, e in per_set),
-                    "min_distance": best["min_distance"] if best else None,
-                    "certified": all(e["certified"] for _, e in per_set),
-                    "n_collisions": sum(e["n_collisions"] for _, e in per_set),
-                    "closest_pair": closest,
-                    "min_distance_per_set": [e["min_distance"] for _, e in per_set]})
+        entry = {"layer": k, "n_pairs": sum(e["n_pairs"] for _, e in per_set),
+                 "min_distance": best["min_distance"] if best else None,
+                 "certified": all(e["certified"] for _, e in per_set),
+                 "n_collisions": sum(e["n_collisions"] for _, e in per_set),
+                 "closest_pair": closest,
+                 "min_distance_per_set": [e["min_distance"] for _, e in per_set]}
+        if "distinct_inputs" in per_set[0][1]:
+            distinct = summarize_layers([{**r, "layers": [e["distinct_inputs"]]} for r, (_, e) in
+                                         zip(set_results, per_set)], [k])[0]
+            entry["n_collisions_identical_inputs"] = entry["n_collisions"] - distinct["n_collisions"]
+            entry["distinct_inputs"] = {key: distinct[key] for key in DISTINCT_KEYS + ("min_distance_per_set",)}
+        out.append(entry)
     return out
 
 
@@ -539,7 +562,8 @@ def run_exhaustive(inputs: RunInputs, lm: LoadedModel, layers: list[int], ids: l
             if writer.n_rows < (pset.index + 1) * n:
                 extract_set(lm, writer, pset, layers, batch, shard_rows, token_texts, (first, group), cfg.progress)
             store = open_store(writer.path)
-            result = search_set(store, pset, layers, inputs.threshold, cfg, texts)
+            result = search_set(store, pset, layers, inputs.threshold, cfg, texts,
+                                tokens[first] if len(first) < n else None)
             result["extract_s"] = round(set_extract_seconds(store, pset.index * n, (pset.index + 1) * n), 3)
             results.put(pset.index, result)
         set_results.append(result)
@@ -660,37 +684,42 @@ def render_exhaustive(result: dict, figure: str | None, per_set: bool) -> str:
            if sel["method"] == "closest" else f"prompts {', '.join(map(str, sel['prompt_ids']))} of the run")
     appended = "every token of the vocabulary" if tok["vocab"] == "all" else \
         f"a seeded sample of {n:,} tokens (seed {tok['seed']})"
-    total_collisions = sum(e["n_collisions"] for e in result["per_layer"])
+    identical = result["per_layer"][0]["n_collisions_identical_inputs"]
+    distinct_collisions = sum(e["distinct_inputs"]["n_collisions"] for e in result["per_layer"])
     out = ["## Exhaustive continuation test", "",
            f"Base prompts: {how}. Appended to each: {appended}, {n:,} continuations per prompt. Pairs compared "
            f"within each prompt's set: **{result['n_pairs_per_layer']:,} per layer** ({S} x C({n:,}, 2)) at "
            f"{_layers_in_words(result['layers'])}. Distances are L2 (not squared); a collision is a distance "
            f"below {result['threshold']:g}.", ""]
-    if total_collisions == 0:
-        out += [f"**No collisions**: no two continuations of the same prompt came within {result['threshold']:g} "
-                "at any tested layer.", ""]
+    if distinct_collisions == 0:
+        out += [f"**No collisions** between continuations with different inputs: no two different next tokens "
+                f"took the same prompt within {result['threshold']:g} of each other at any tested layer.", ""]
     else:
-        out += [f"**{total_collisions:,} colliding pairs** summed over the tested layers (listed in "
-                f"`{OUT_DIR}/exhaustive.json`).", ""]
+        out += [f"**{distinct_collisions:,} colliding pairs** of continuations with different inputs, summed over "
+                f"the tested layers (listed in `{OUT_DIR}/exhaustive.json`).", ""]
     if tok["n_duplicate_input_groups"]:
-        out += [f"{tok['n_duplicate_input_groups']:,} groups of appended tokens have bitwise-identical input "
-                "embeddings: identical inputs after an identical prefix, so they collide at every layer by "
-                "construction (e.g. ids " + ", ".join(map(str, tok["duplicate_input_groups"][0][:6])) + ").", ""]
+        out += [f"Besides, {tok['n_duplicate_input_groups']:,} groups of appended tokens have bitwise-identical "
+                "input embeddings (e.g. ids " + ", ".join(map(str, tok["duplicate_input_groups"][0][:6])) + "): "
+                "identical inputs after an identical prefix, so they collide at every layer by construction "
+                f"({identical:,} pairs per layer at distance exactly 0, found by the search and counted apart; "
+                "the distances below are over pairs with different inputs).", ""]
     out += ["| layer | pairs | min distance | certified | collisions | closest continuation pair |",
             "|---:|---:|---:|:---:|---:|---|"]
     for e in result["per_layer"]:
-        c = e["closest_pair"]
+        d = e["distinct_inputs"]
+        c = d["closest_pair"]
         pair = "-" if c is None else \
             f"{_token(c['token_texts'][0], c['tokens'][0])} vs {_token(c['token_texts'][1], c['tokens'][1])} " \
             f"after prompt {c['base_prompt_id']}"
         name = f"{e['layer']} (embeddings)" if e["layer"] == 0 else str(e["layer"])
-        out.append(f"| {name} | {e['n_pairs']:,} | {_fmt(e['min_distance'])} | {'yes' if e['certified'] else '**no**'} "
-                   f"| {e['n_collisions']:,} | {pair} |")
+        out.append(f"| {name} | {d['n_pairs']:,} | {_fmt(d['min_distance'])} | {'yes' if d['certified'] else '**no**'} "
+                   f"| {d['n_collisions']:,} | {pair} |")
     deepest = result["per_layer"][-1]
-    c = deepest["closest_pair"]
+    c = deepest["distinct_inputs"]["closest_pair"]
     if c is not None:
         base = next(s for s in result["sets"] if s["set"] == c["set"])
-        out += ["", f"Closest continuation pair at layer {deepest['layer']}: after prompt {c['base_prompt_id']}, "
+        out += ["", f"Closest continuation pair (different inputs) at layer {deepest['layer']}: after prompt "
+                f"{c['base_prompt_id']}, "
                 f"appending {_token(c['token_texts'][0], c['tokens'][0])} or "
                 f"{_token(c['token_texts'][1], c['tokens'][1])} gives states {_fmt(c['distance'])} apart. "
                 "The prompt:", "", _text_block(base.get("base_text"))]
@@ -757,7 +786,8 @@ def render_margin(result: dict, figure: str | None, per_set: bool) -> str:
 
 
 def draw_figure(result: dict, path: Path, title: str) -> None:
-    """PNG: min distance per layer (log y). Exhaustive: each set a grey dot, the min over sets a line.
+    """PNG: min distance per layer (log y). Exhaustive: each set a grey dot, the min over sets a line (pairs
+    with different inputs: identical embedding rows collide by construction and are reported apart).
     Margin: mean over prompts with the min..max band (and the paper's GPT-2 Small line when it applies).
     Exact zeros sit at the axis floor as red triangles; the threshold is a dashed red line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -771,8 +801,8 @@ def draw_figure(result: dict, path: Path, title: str) -> None:
     if result["mode"] == "exhaustive":
         n_sets = result["n_sets"]  # sets are spread over +-0.2 around their layer, so that they stay visible
         per_set = [(e["layer"] + 0.4 * ((s + 0.5) / n_sets - 0.5), x) for e in result["per_layer"]
-                   for s, x in enumerate(e["min_distance_per_set"]) if x is not None]
-        main = [e["min_distance"] for e in result["per_layer"]]
+                   for s, x in enumerate(e["distinct_inputs"]["min_distance_per_set"]) if x is not None]
+        main = [e["distinct_inputs"]["min_distance"] for e in result["per_layer"]]
     else:
         per_set = []
         main = [e["mean_min_distance"] for e in result["per_layer"]]
@@ -782,7 +812,7 @@ def draw_figure(result: dict, path: Path, title: str) -> None:
     if per_set:
         ax.scatter([k for k, _ in per_set], [max(x, floor) for _, x in per_set], s=12, color="0.6",
                    label="min within one prompt's set", zorder=2)
-    label = "min over all sets" if result["mode"] == "exhaustive" else "mean over prompts of the min"
+    label = "min over all sets (different inputs)" if result["mode"] == "exhaustive" else "mean over prompts of the min"
     ax.plot(layers, [floor if x is None or x <= 0 else x for x in main], "o-", color="C0", label=label, zorder=3)
     if result["mode"] == "margin":
         ax.fill_between(layers, [max(e["min_min_distance"], floor) for e in result["per_layer"]],
@@ -911,11 +941,12 @@ def print_summary(result: dict) -> None:
 
     table = Table(title=f"{result['mode']} test: {result['model']['name']}, {result['n_sets']} prompts")
     if result["mode"] == "exhaustive":
-        for col in ("layer", "pairs", "min distance", "certified", "collisions"):
+        for col in ("layer", "pairs", "min distance", "certified", "collisions", "identical inputs"):
             table.add_column(col, justify="right")
         for e in result["per_layer"]:
-            table.add_row(str(e["layer"]), f"{e['n_pairs']:,}", _fmt(e["min_distance"]),
-                          "yes" if e["certified"] else "NO", f"{e['n_collisions']:,}")
+            d = e["distinct_inputs"]
+            table.add_row(str(e["layer"]), f"{e['n_pairs']:,}", _fmt(d["min_distance"]), "yes" if d["certified"] else "NO",
+                          f"{d['n_collisions']:,}", f"{e['n_collisions_identical_inputs']:,}")
     else:
         for col in ("layer", "mean min distance", "smallest", "certified", "paper GPT-2 Small"):
             table.add_column(col, justify="right")

@@ -131,7 +131,8 @@ def test_pair_counts_are_exact_and_match_a_brute_force(run_copy):
     assert result["n_sets"] == 3 and len({s["base_prompt_id"] for s in result["sets"]}) == 3
     for entry in result["per_layer"]:
         assert entry["n_pairs"] == 3 * (50 * 49 // 2) == result["n_pairs_per_layer"]
-        assert entry["certified"]
+        assert entry["certified"] and entry["n_collisions_identical_inputs"] == 0
+        assert entry["distinct_inputs"]["min_distance"] == entry["min_distance"]
     assert [e["n_pairs"] for e in result["across_sets"]] == [150 * 149 // 2] * 2
     store = open_store(run_copy / "exhaustive" / "store")
     assert store.complete and store.n_rows == 150 and store.layers == [2, 4]
@@ -163,6 +164,11 @@ def test_planted_duplicate_found_through_the_command(run_copy, monkeypatch):
         assert entry["min_distance"] == 0.0 and entry["certified"], entry["layer"]
         assert entry["n_collisions"] == 2  # one per set: tokens 101 and 202 after each base prompt
         assert sorted(entry["closest_pair"]["tokens"]) == [101, 202]
+        # counted apart: the pairs with different inputs do not collide, and exclude the planted pair
+        assert entry["n_collisions_identical_inputs"] == 2 and entry["distinct_inputs"]["n_collisions"] == 0
+        assert entry["distinct_inputs"]["min_distance"] > 1e-3
+        assert entry["distinct_inputs"]["n_pairs"] == 2 * (319 * 318 // 2)
+        assert sorted(entry["distinct_inputs"]["closest_pair"]["tokens"]) != [101, 202]
     assert result["tokens"]["duplicate_input_groups"] == [[101, 202]]
     report = json.loads((run_copy / "report.json").read_text())
     assert report["exhaustive"]["per_layer"][-1]["n_collisions"] == 2
@@ -183,7 +189,7 @@ def test_selection_report_and_rerun(run_copy):
     jsonschema.Draft202012Validator(SCHEMA).validate(run_report)
     assert run_report["exhaustive"]["n_pairs_per_layer"] == 4 * (30 * 29 // 2)
     assert "exhaustive/exhaustive.png" in run_report["figures"]
-    closest_pair = run_report["exhaustive"]["per_layer"][0]["closest_pair"]
+    closest_pair = run_report["exhaustive"]["per_layer"][0]["distinct_inputs"]["closest_pair"]
     md = (run_copy / "report.md").read_text()
     assert md.count("## Exhaustive continuation test") == 1
     assert f"after prompt {closest_pair['base_prompt_id']}" in md
