@@ -42,10 +42,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(ARGS)
 
 # Paper-scale run on a GPU machine with hub access (see benchmarks/README.md).
+# MODELS=gpt2,gemma3-1b,llama3 sweeps several; ARGS go to python -m collide.
+NIGHTLY_DIR := runs/nightly-gpu/$(shell date +%Y-%m-%d)
 nightly-gpu: $(STAMP)
 	$(BIN)/python -m collide -m model=$(or $(MODELS),llama3) corpus=mix n_prompts=100000 \
-	  hydra.sweep.dir=runs/nightly-gpu/$$(date +%Y-%m-%d) $(ARGS)
-	$(BIN)/python benchmarks/run.py --full $(ARGS)
+	  hydra.sweep.dir=$(NIGHTLY_DIR) $(ARGS)
+	$(BIN)/python -m collide.report $(NIGHTLY_DIR) --out $(NIGHTLY_DIR)/comparison
+	$(BIN)/python benchmarks/run.py --full
 
 clean:
 	rm -rf $(VENV) runs outputs multirun .pytest_cache

@@ -1,0 +1,135 @@
+"""The command line as a user meets it: subprocess runs of `python -m collide`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from collide.store import open_store
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+QUIET = ["extract.progress=false", "search.progress=false"]
+
+
+def collide(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "collide", *args], capture_output=True, text=True, env=ENV,
+                          cwd=cwd, timeout=timeout)
+
+
+def error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("collide: error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_help_and_cfg_job(tmp_path):
+    help_ = collide("--help", cwd=tmp_path)
+    assert help_.returncode == 0 and "model: " in help_.stdout and "smollm2" in help_.stdout
+    cfg = collide("--cfg", "job", "model=llama3", "corpus=c4", "n_prompts=7", cwd=tmp_path)
+    assert cfg.returncode == 0
+    assert "source: meta-llama/Llama-3.1-8B" in cfg.stdout and "path: allenai/c4" in cfg.stdout
+    assert "n_prompts: 7" in cfg.stdout
+
+
+def test_unknown_model_lists_the_choices(tmp_path):
+    proc = collide("model=llama4", cwd=tmp_path)
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert "'llama4'" in line and "llama3" in line and "smollm2" in line
+
+
+def test_unknown_corpus_in_a_sweep_lists_the_choices(tmp_path):
+    proc = collide("-m", "corpus=stdlib-docs,wikipedai", cwd=tmp_path)
+    assert proc.returncode == 2 and "wikipedia" in error_line(proc)
+
+
+def test_layer_out_of_range_fails_before_any_forward(tmp_path):
+    proc = collide("model=tiny-random", "layers=[2,9]", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "0..4" in error_line(proc)
+    assert not (tmp_path / "run" / "store").exists()
+
+
+def test_offline_hub_model_names_the_id_and_the_fix(tmp_path):
+    proc = collide("model=mistral", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert "mistralai/Mistral-7B-v0.1" in line and "model.source=" in line
+
+
+def test_too_many_prompts_says_how_many_the_corpus_gives(tmp_path):
+    data = tmp_path / "docs.txt"
+    data.write_text("\n\n".join(f"paragraph number {i} of a very small corpus" for i in range(12)))
+    proc = collide("model=tiny-random", "corpus=files", f"corpus.data_files=[{data}]", "n_prompts=50",
+                   f"hydra.run.dir={tmp_path / 'run'}", *QUIET, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "12" in error_line(proc) and "n_prompts" in error_line(proc)
+
+
+def test_tiny_run_writes_the_documented_outputs(tmp_path):
+    run = tmp_path / "run"
+    proc = collide("model=tiny-random", "n_prompts=120", "layers=[0,2,4]", f"hydra.run.dir={run}", *QUIET,
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    assert [entry["layer"] for entry in report["layers"]] == [0, 2, 4]
+    assert report["n_prompts"] == 120 and report["model"]["name"] == "tiny-random"
+    assert all(entry["certified"] for entry in report["layers"])
+    assert all(entry["n_pairs"] == 120 * 119 // 2 for entry in report["layers"])
+    assert (run / "report.md").exists() and (run / "figures" / "min_distance.png").stat().st_size > 10_000
+    assert {p.name for p in (run / "collisions").iterdir()} == {"layer=0.parquet", "layer=2.parquet",
+                                                                "layer=4.parquet"}
+    assert open_store(run / "store").complete
+
+
+def test_ctrl_c_then_same_command_resumes(tmp_path):
+    run = tmp_path / "run"
+    args = ["model=tiny-random", "n_prompts=1500", "store.shard_rows=100", "layers=[1]", f"hydra.run.dir={run}",
+            "extract.max_batch_size=4", *QUIET]
+    proc = subprocess.Popen([sys.executable, "-m", "collide", *args], env=ENV, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    manifest = run / "store" / "manifest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (manifest.exists() and json.loads(manifest.read_text())["shards"]):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert f"hydra.run.dir={run}" in [ln for ln in stderr.splitlines() if ln.startswith("collide: error:")][0]
+    partial = json.loads(manifest.read_text())
+    assert partial["status"] == "in-progress" and 1 <= len(partial["shards"]) < 15
+    done = collide(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = open_store(run / "store")
+    assert store.complete and store.n_rows == 1500
+    ids, _ = store.layer(1)
+    assert (ids == range(1500)).all()
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_end_to_end(tmp_path):
+    """The real pretrained model on real English: the report's content, not just its existence."""
+    run = tmp_path / "run"
+    proc = collide("model=smollm2", "corpus=stdlib-docs", "n_prompts=60", "layers=[0,1,15,30]",
+                   f"hydra.run.dir={run}", *QUIET, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["model"]["n_layers"] == 30 and report["model"]["d"] == 576
+    layers = {entry["layer"]: entry for entry in report["layers"]}
+    assert set(layers) == {0, 1, 15, 30}
+    for k in (1, 15, 30):  # contextual layers: distinct prompts stay apart, certified
+        assert layers[k]["certified"] and layers[k]["n_collisions"] == 0 and layers[k]["min_distance"] > 1e-3
+    # prompts that end in the same token share their embedding state exactly
+    last_tokens = [ids[-1] for ids in open_store(run / "store").prompts(["token_ids"]).column(0).to_pylist()]
+    same_end = sum(a == b for i, a in enumerate(last_tokens) for b in last_tokens[i + 1:])
+    assert layers[0]["n_collisions"] == same_end and (same_end == 0 or layers[0]["min_distance"] == 0)
+    assert report["verdict"]["status"] == "no_collisions"
+    assert "No collisions below 1e-06 in 5,310 pairs" in (run / "report.md").read_text()  # 3 x C(60, 2)
