@@ -73,7 +73,7 @@ def plain_hf_once(lm, prompts: list[Prompt], shard_rows: int, batch_tokens: int,
     return time.perf_counter() - t0
 
 
-def throughput_ratio(lm, prompts: list[Prompt], repeats: int, shard_rows: int = 256, batch_tokens: int = 2048,
+def throughput_ratio(lm, prompts: list[Prompt], repeats: int, shard_rows: int = 1024, batch_tokens: int = 2048,
                      max_batch_size: int = 256) -> tuple[float, float, float]:
     """(ratio, extraction prompts/s, plain prompts/s); best of ``repeats`` alternating runs each."""
     layers = list(range(lm.n_layers + 1))
