@@ -19,6 +19,7 @@ the same token share it), so the verdict does not count it against injectivity.
 from __future__ import annotations
 
 import heapq
+import importlib.metadata
 import json
 import logging
 import os
@@ -60,11 +61,13 @@ def hardware_info() -> dict:
         names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                  if ln.startswith("model name")]
         cpu = names[0] if names else cpu
-    try:
-        import faiss
-        faiss_version = faiss.__version__
-    except ImportError:
-        faiss_version = None
+    faiss_version = None  # read from package metadata: importing faiss only to log its loader is noise
+    for dist in ("faiss-cpu", "faiss-gpu", "faiss"):
+        try:
+            faiss_version = importlib.metadata.version(dist)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
