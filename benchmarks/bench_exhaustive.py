@@ -160,8 +160,9 @@ def gpu_gemma(tmp: Path, config_path: Path, quick: bool, device: str = "cuda") -
     L = config.num_hidden_layers
     run_dir = tmp / "gemma"
     tic = time.perf_counter()
-    _make_run(run_dir, ["model=gemma3-270m", f"model.source={model_dir}", "model.gguf_file=null", f"model.device={device}",
-                        "model.name=gemma3-270m-random", "corpus=stdlib-docs", "n_prompts=1000", f"layers=[{L}]"])
+    _make_run(run_dir, ["model=gemma3-270m", f"model.source={model_dir}", "model.gguf_file=null",
+                        f"model.device={device}", "model.name=gemma3-270m-random", "corpus=stdlib-docs",
+                        "n_prompts=1000", f"layers=[{L}]"])
     base_run_s = time.perf_counter() - tic
     result = _exhaustive(run_dir, n_prompts=2 if quick else 10, vocab=32768 if quick else "all", progress=False)
     figures = _summary("gpu_gemma", result)

@@ -69,7 +69,8 @@ MEMORY_FRACTION = 0.25  # share of free memory that one continuation step may ta
 CPU_MAX_BATCH, GPU_MAX_BATCH = 2048, 16384  # continuations per step past which a device runs no faster
 # The paper's appendix (GPT-2 Small): min distance among 1000 single-token continuations of a
 # prompt, mean over 100 prompts, layers 1..12. The number to check with hub access (model=gpt2).
-DISTINCT_KEYS = ("n_pairs", "min_distance", "certified", "n_collisions", "closest_pair")  # of pairs with distinct inputs
+# The fields of a search restricted to pairs whose appended tokens have different input embeddings.
+DISTINCT_KEYS = ("n_pairs", "min_distance", "certified", "n_collisions", "closest_pair")
 PAPER_GPT2_MARGIN = {1: 1.850, 2: 1.957, 3: 2.064, 4: 2.241, 5: 2.382, 6: 2.500, 7: 2.705, 8: 2.886, 9: 3.025,
                      10: 3.331, 11: 3.918, 12: 4.640}
 
@@ -153,7 +154,6 @@ class RunInputs:
     """What the test takes from a finished run."""
 
     run_dir: Path  # the run directory
-    report: dict | None  # its report.json, None if it has none (a store alone)
     store: Any  # its store (collide.store.Store)
     model_cfg: ModelConfig  # the run's model config with the user's model.* overrides
     threshold: float  # collision L2 (not squared)
@@ -179,7 +179,7 @@ def open_run(run_dir: Path, cfg: ExhaustiveConfig) -> RunInputs:
         raise CollideError(f"unknown model.* keys {sorted(unknown)}; valid: {[f.name for f in fields(ModelConfig)]}")
     model_cfg = ModelConfig(**{**stored, **cfg.model})
     threshold = cfg.threshold if cfg.threshold is not None else float(report["threshold"]) if report else 1e-6
-    return RunInputs(run_dir=run_dir, report=report, store=store, model_cfg=model_cfg, threshold=threshold)
+    return RunInputs(run_dir=run_dir, store=store, model_cfg=model_cfg, threshold=threshold)
 
 
 def token_list(vocab_size: int, spec, seed: int) -> np.ndarray:
@@ -202,9 +202,10 @@ def margin_tokens(vocab_size: int, n: int, seed: int, prompt_id: int) -> np.ndar
 def select_closest(store, layer: int, n_prompts: int, threshold: float, search: SearchConfig) -> tuple[list[int], dict]:
     """The ``n_prompts`` prompt ids whose states at ``layer`` are closest to another prompt's.
 
-    Rows are ordered by their exact nearest-neighbour distance (ties by prompt id), so the two
-    endpoints of the closest pair come first, then those of the next closest pairs. Returns the
-    ids and a description of the selection (layer, each chosen prompt's NN distance).
+    Rows are ordered by their nearest-neighbour distance as the certified search reports it (fp64
+    re-ranked; ties by prompt id), so the two endpoints of the closest pair come first, then those
+    of the next closest pairs. Returns the ids and a description of the selection (layer, each
+    chosen prompt's NN distance).
     """
     from collide.search import search_store
 
@@ -221,8 +222,8 @@ def select_closest(store, layer: int, n_prompts: int, threshold: float, search: 
     ids = [int(found.prompt_ids[i]) for i in order]
     log.info("selected %d base prompts at layer %d (NN distances %.4g .. %.4g) in %.1f s", len(ids), layer,
              nn[order[0]], nn[order[-1]], time.perf_counter() - t0)
-    return ids, {"method": "closest", "layer": layer, "nn_distance": [float(nn[i]) for i in order],
-                 "run_min_distance": found.result.distance}
+    return ids, {"method": "closest", "layer": layer, "nn_distance": [_finite(nn[i]) for i in order],
+                 "run_min_distance": _finite(found.result.distance)}
 
 
 def base_prompts(store, ids: list[int]) -> dict[int, dict]:
@@ -326,11 +327,16 @@ def pair_entry(layer: int, res, row_tokens: np.ndarray, texts: dict[int, str], m
         return out
 
     return {"layer": layer, "n_vectors": int(len(row_tokens)), "n_pairs": int(res.n_pairs),
-            "min_distance": res.distance if math.isfinite(res.distance) else None, "certified": bool(res.certified),
+            "min_distance": _finite(res.distance), "certified": bool(res.certified),
             "uncertified_reason": res.uncertified_reason, "n_collisions": int(res.n_collisions),
             "collisions": [describe(i, j, x) for i, j, x in res.collisions[:max_listed]],
             "closest_pair": describe(*res.pair, res.distance) if res.pair is not None else None,
             "invalid_rows": len(res.invalid_rows), "seconds": round(res.seconds, 3)}
+
+
+def _finite(x: float) -> float | None:
+    """x as a JSON number, None for inf/nan (JSON has neither)."""
+    return float(x) if math.isfinite(x) else None
 
 
 def _write_json(path: Path, obj) -> None:
@@ -646,7 +652,8 @@ def run_margin(inputs: RunInputs, lm: LoadedModel, layers: list[int], ids: list[
                           "paper_gpt2_small": PAPER_GPT2_MARGIN.get(k) if is_gpt2_small(inputs.model_cfg) else None})
     return {"schema_version": SCHEMA_VERSION, "mode": "margin", "threshold": inputs.threshold, "layers": layers,
             "selection": {"method": "explicit" if cfg.prompt_ids else "first", "prompt_ids": ids},
-            "tokens": {"n_tokens": cfg.n_tokens, "seed": cfg.seed, "sample": "seeded per prompt: rng([seed, prompt_id])"},
+            "tokens": {"n_tokens": cfg.n_tokens, "seed": cfg.seed,
+                       "sample": "seeded per prompt: rng([seed, prompt_id])"},
             "n_sets": len(ids), "per_layer": per_layer,
             "sets": [{**r, "base_text": prompts[r["base_prompt_id"]]["text"]} for r in set_results]}
 
@@ -725,7 +732,8 @@ def render_exhaustive(result: dict, figure: str | None, per_set: bool) -> str:
                 "The prompt:", "", _text_block(base.get("base_text"))]
     if result["across_sets"]:
         out += ["", f"Across all {S} sets together (C({S * n:,}, 2) pairs per layer):", "",
-                "| layer | pairs | min distance | certified | collisions | closest pair |", "|---:|---:|---:|:---:|---:|---|"]
+                "| layer | pairs | min distance | certified | collisions | closest pair |",
+                "|---:|---:|---:|:---:|---:|---|"]
         for e in result["across_sets"]:
             c = e["closest_pair"]
             pair = "-" if c is None else \
@@ -913,8 +921,9 @@ def run(run_dir: Path, cfg: ExhaustiveConfig, command: str = "") -> dict:
                          "vocab_size": int(lm.model.get_input_embeddings().weight.shape[0])},
                   timings=timings)
     total = sum(s["n_continuations"] for s in result["sets"])
+    searched = sum(e["n_pairs"] for e in result["per_layer"])
     result["throughput"] = {"continuations_per_s": total / max(timings["extract_s"], 1e-9),
-                            "pairs_per_s": sum(e["n_pairs"] for e in result["per_layer"]) / max(timings["search_s"], 1e-9)}
+                            "pairs_per_s": searched / max(timings["search_s"], 1e-9)}
     tic = time.perf_counter()
     title = (f"{m.name}: {result['n_sets']} prompts x {result['sets'][0]['n_continuations']:,} continuations, "
              f"{cfg.mode}, {m.dtype}")
@@ -945,8 +954,9 @@ def print_summary(result: dict) -> None:
             table.add_column(col, justify="right")
         for e in result["per_layer"]:
             d = e["distinct_inputs"]
-            table.add_row(str(e["layer"]), f"{e['n_pairs']:,}", _fmt(d["min_distance"]), "yes" if d["certified"] else "NO",
-                          f"{d['n_collisions']:,}", f"{e['n_collisions_identical_inputs']:,}")
+            table.add_row(str(e["layer"]), f"{e['n_pairs']:,}", _fmt(d["min_distance"]),
+                          "yes" if d["certified"] else "NO", f"{d['n_collisions']:,}",
+                          f"{e['n_collisions_identical_inputs']:,}")
     else:
         for col in ("layer", "mean min distance", "smallest", "certified", "paper GPT-2 Small"):
             table.add_column(col, justify="right")
