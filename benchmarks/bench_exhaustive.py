@@ -131,6 +131,8 @@ def _summary(prefix: str, result: dict) -> dict:
     e = result["per_layer"][-1]
     return {f"{prefix}_extract_s": t["extract_s"], f"{prefix}_search_s": t["search_s"], f"{prefix}_wall_s": t["wall_s"],
             f"{prefix}_pairs": float(e["n_pairs"]), f"{prefix}_min_distance": e["min_distance"],
+            f"{prefix}_min_distance_distinct_inputs": e["distinct_inputs"]["min_distance"],
+            f"{prefix}_collisions_identical_inputs": float(e["n_collisions_identical_inputs"]),
             f"{prefix}_cont_per_s": result["throughput"]["continuations_per_s"],
             f"{prefix}_pairs_per_s": result["throughput"]["pairs_per_s"]}
 
