@@ -958,11 +958,12 @@ def print_summary(result: dict) -> None:
                           "yes" if d["certified"] else "NO", f"{d['n_collisions']:,}",
                           f"{e['n_collisions_identical_inputs']:,}")
     else:
-        for col in ("layer", "mean min distance", "smallest", "certified", "paper GPT-2 Small"):
+        paper = any(e["paper_gpt2_small"] is not None for e in result["per_layer"])
+        for col in ("layer", "mean min distance", "smallest", "certified") + (("paper GPT-2 Small",) if paper else ()):
             table.add_column(col, justify="right")
         for e in result["per_layer"]:
             table.add_row(str(e["layer"]), _fmt(e["mean_min_distance"], 4), _fmt(e["min_min_distance"], 4),
-                          "yes" if e["certified"] else "NO", _fmt(e["paper_gpt2_small"], 4))
+                          "yes" if e["certified"] else "NO", *([_fmt(e["paper_gpt2_small"], 4)] if paper else []))
     Console().print(table)
 
 
