@@ -684,6 +684,13 @@ def _layers_in_words(layers: list[int]) -> str:
     return f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
 
 
+def _table_row(layer: int, entry: dict, pair: str) -> str:
+    """One markdown row: layer, pairs, min distance, certified, collisions, closest pair."""
+    name = f"{layer} (embeddings)" if layer == 0 else str(layer)
+    return (f"| {name} | {entry['n_pairs']:,} | {_fmt(entry['min_distance'])} | "
+            f"{'yes' if entry['certified'] else '**no**'} | {entry['n_collisions']:,} | {pair} |")
+
+
 def render_exhaustive(result: dict, figure: str | None, per_set: bool) -> str:
     """Markdown of an exhaustive result: the report.md section (``per_set=False``) or exhaustive.md."""
     sel, tok, S, n = result["selection"], result["tokens"], result["n_sets"], result["tokens"]["n_tokens"]
@@ -718,9 +725,7 @@ def render_exhaustive(result: dict, figure: str | None, per_set: bool) -> str:
         pair = "-" if c is None else \
             f"{_token(c['token_texts'][0], c['tokens'][0])} vs {_token(c['token_texts'][1], c['tokens'][1])} " \
             f"after prompt {c['base_prompt_id']}"
-        name = f"{e['layer']} (embeddings)" if e["layer"] == 0 else str(e["layer"])
-        out.append(f"| {name} | {d['n_pairs']:,} | {_fmt(d['min_distance'])} | {'yes' if d['certified'] else '**no**'} "
-                   f"| {d['n_collisions']:,} | {pair} |")
+        out.append(_table_row(e["layer"], d, pair))
     deepest = result["per_layer"][-1]
     c = deepest["distinct_inputs"]["closest_pair"]
     if c is not None:
@@ -739,9 +744,7 @@ def render_exhaustive(result: dict, figure: str | None, per_set: bool) -> str:
             pair = "-" if c is None else \
                 f"{_token(c['token_texts'][0], c['tokens'][0])} after prompt {c['base_prompt_ids'][0]} vs " \
                 f"{_token(c['token_texts'][1], c['tokens'][1])} after prompt {c['base_prompt_ids'][1]}"
-            name = f"{e['layer']} (embeddings)" if e["layer"] == 0 else str(e["layer"])
-            out.append(f"| {name} | {e['n_pairs']:,} | {_fmt(e['min_distance'])} | "
-                       f"{'yes' if e['certified'] else '**no**'} | {e['n_collisions']:,} | {pair} |")
+            out.append(_table_row(e["layer"], e, pair))
         if result["across_sets"][0]["layer"] == 0:
             out += ["", "At layer 0 a continuation's state is the appended token's embedding (plus a position "
                     "embedding in models that have one), so the same token appended to two prompts collides there "
