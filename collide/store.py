@@ -160,6 +160,29 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 # --------------------------------------------------------------------------- reading
 
+HASH_CHUNK = 1 << 22  # bytes hashed per read
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_problem(path: Path, entry: dict) -> str | None:
+    """What is wrong with one file the manifest lists (missing, size, sha256), or None."""
+    if not path.is_file():
+        return f"{path}: missing"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or rewritten)"
+    if sha256_file(path) != entry["sha256"]:
+        return f"{path}: sha256 mismatch (the file is corrupted or was modified)"
+    return None
+
+
 
 class Store:
     """Read access to a store: ids, (n, d) float32 state matrices per layer, and the prompts.
@@ -177,6 +200,7 @@ class Store:
         self.n_rows: int = sum(int(s["rows"]) for s in self.shards)  # prompts in the complete shards
         self.complete: bool = self.manifest["status"] == "complete"  # False while extraction is unfinished
         self.keep_text: bool = bool(self.manifest.get("keep_text", True))  # prompts carry a text column
+        self._verified: set[Path] = set()  # files whose sha256 matched the manifest in this session
 
     def __repr__(self) -> str:
         status = "complete" if self.complete else "in-progress"
@@ -186,7 +210,22 @@ class Store:
         if k not in self.layers:
             raise CollideError(f"layer {k} is not in the store {self.path} (it holds layers {self.layers}); "
                                "pick one of those or extract again with that layer selected")
-        return [self.path / layer_dir(k) / part_name(s["index"]) for s in self.shards]
+        return [self._checked(s, f"{layer_dir(k)}/{part_name(s['index'])}") for s in self.shards]
+
+    def _checked(self, shard: dict, rel: str) -> Path:
+        """The path of a listed file, after checking its size and sha256 (once per Store).
+
+        Hashing runs at several hundred MB/s, far faster than the search that reads the states,
+        and it is what keeps a damaged file from being compared as numbers.
+        """
+        path = self.path / rel
+        if path not in self._verified:
+            problem = file_problem(path, shard["files"][rel])
+            if problem:
+                raise CollideError(f"{problem}. Run `python -m collide.verify {self.path}` to list every bad "
+                                   "file, then restore them from a copy or extract again into a new store.path")
+            self._verified.add(path)
+        return path
 
     def layer(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 (n,), states float32 (n, d)) of layer k, rows in prompt_id order.
@@ -241,7 +280,7 @@ class Store:
 
     def prompts(self, columns: Sequence[str] | None = None) -> pa.Table:
         """The prompts table (prompt_id, token_ids, n_tokens, source[, text][, extra]) in prompt_id order."""
-        files = [self.path / PROMPTS_DIR / part_name(s["index"]) for s in self.shards]
+        files = [self._checked(s, f"{PROMPTS_DIR}/{part_name(s['index'])}") for s in self.shards]
         if columns is not None and files:
             available = pq.read_schema(files[0]).names
             missing = [c for c in columns if c not in available]

@@ -9,7 +9,6 @@ Needs only pyarrow and numpy.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -18,30 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from collide.errors import CollideError
-from collide.store import PROMPTS_DIR, layer_dir, part_name, read_manifest
-
-CHUNK = 1 << 22  # bytes hashed per read
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_file(path: Path, entry: dict) -> str | None:
-    """The problem with one listed file (existence, size, checksum), or None."""
-    if not path.is_file():
-        return f"{path}: missing"
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        return f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or rewritten)"
-    if sha256_file(path) != entry["sha256"]:
-        return f"{path}: sha256 mismatch (the file is corrupted or was modified)"
-    return None
-
+from collide.store import PROMPTS_DIR, file_problem, layer_dir, part_name, read_manifest
 
 def _ids(path: Path) -> np.ndarray:
     return pq.read_table(path, columns=["prompt_id"]).column("prompt_id").to_numpy()
@@ -70,7 +46,7 @@ def verify_store(path) -> list[str]:
             problems.append(f"{path / 'manifest.json'}: shard {shard['index']} lists {sorted(shard['files'])}, "
                             f"expected {sorted(expected)}")
             continue
-        bad = {rel: _check_file(path / rel, shard["files"][rel]) for rel in expected}
+        bad = {rel: file_problem(path / rel, shard["files"][rel]) for rel in expected}
         problems += [problem for problem in bad.values() if problem]
         if bad[expected[0]]:
             continue

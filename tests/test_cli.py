@@ -88,6 +88,15 @@ def test_tiny_run_writes_the_documented_outputs(tmp_path):
     assert {p.name for p in (run / "collisions").iterdir()} == {"layer=0.parquet", "layer=2.parquet",
                                                                 "layer=4.parquet"}
     assert open_store(run / "store").complete
+    # a damaged shard is never compared as numbers: the search names the file and the fix
+    damaged = run / "store" / "layer=2" / "part-00000.parquet"
+    data = bytearray(damaged.read_bytes())
+    data[200] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    search = subprocess.run([sys.executable, "-m", "collide.search", str(run / "store"), "layers=[2]"],
+                            capture_output=True, text=True, env=ENV, timeout=300)
+    assert search.returncode == 2
+    assert str(damaged) in error_line(search) and "collide.verify" in error_line(search)
 
 
 def test_ctrl_c_then_same_command_resumes(tmp_path):
