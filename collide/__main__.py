@@ -104,6 +104,25 @@ def _check_group_choices(argv: list[str]) -> None:
                                           else " (or corpus=files corpus.data_files=...)"))
 
 
+def _check_composes(argv: list[str]) -> None:
+    """Compose the config once before Hydra starts, so a bad key or value is one line (single runs)."""
+    if any(arg in ("-m", "--multirun") or arg.startswith("-") for arg in argv):
+        return  # sweeps, --help, --cfg ...: Hydra reports these itself
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+
+    overrides = [arg for arg in argv if not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        with initialize_config_module(config_module="collide.conf", version_base="1.3"):
+            OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+    except (HydraException, ValueError) as exc:
+        cause = exc.__cause__ or exc.__context__
+        first = str(exc).splitlines()[0]
+        detail = str(cause).splitlines()[0] if cause is not None and str(cause) else ""
+        raise CollideError((first if detail in first else f"{first} {detail}")
+                           + "; see `python -m collide --cfg job` for the keys and their types") from None
+
+
 def _hydra_app():
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -133,6 +152,7 @@ def main() -> None:
     register_configs()
     try:
         _check_group_choices(sys.argv[1:])
+        _check_composes(sys.argv[1:])
     except CollideError as exc:
         sys.exit(_fail(str(exc)))
     _hydra_app()()

@@ -51,6 +51,13 @@ def test_unknown_corpus_in_a_sweep_lists_the_choices(tmp_path):
     assert proc.returncode == 2 and "wikipedia" in error_line(proc)
 
 
+@pytest.mark.parametrize("override,named", [("model.dtpye=bf16", "dtpye"), ("n_prompts=many", "many")])
+def test_bad_key_or_value_is_one_line(tmp_path, override, named):
+    proc = collide("model=tiny-random", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and named in error_line(proc)
+    assert not (tmp_path / "run").exists()
+
+
 def test_layer_out_of_range_fails_before_any_forward(tmp_path):
     proc = collide("model=tiny-random", "layers=[2,9]", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2
