@@ -110,12 +110,15 @@ def test_ctrl_c_then_same_command_resumes(tmp_path):
     run = tmp_path / "run"
     args = ["model=tiny-random", "n_prompts=1800", "store.shard_rows=50", "corpus.max_tokens=128",
             f"hydra.run.dir={run}", "extract.max_batch_size=1", *QUIET]  # ~36 slow shards: time to interrupt
+    # A shell that starts a job in the background (as CI runners may) makes it ignore SIGINT, and
+    # Python keeps an ignored SIGINT ignored: restore the default so the child gets KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "collide", *args], env=ENV, cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     manifest = run / "store" / "manifest.json"
     deadline = time.time() + 300
     while time.time() < deadline and not (manifest.exists() and json.loads(manifest.read_text())["shards"]):
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
