@@ -28,6 +28,7 @@ from pathlib import Path
 
 from collide import figures
 from collide.errors import CollideError
+from collide.report import fmt_distance
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +160,6 @@ def run_summary(run: Run) -> dict:
     }
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else ("0" if x == 0 else f"{x:.4g}")
-
-
 def render_markdown(summary: dict) -> str:
     """comparison.md: the problems first, then one row per run (min distance at layers 1, L/2 and L, as the paper)."""
     out = ["# collide comparison", "", f"{len(summary['runs'])} runs, figure `comparison.png` "
@@ -184,8 +181,8 @@ def render_markdown(summary: dict) -> str:
             continue
         p = r["paper_layers"]
         out.append(f"| {r['label']} | {r['model']} | {r['corpus']} | {r['n_prompts']:,} | {r['dtype']} "
-                   f"| {r['final_norm']} | {r['threshold']:g} | {r['n_layers']} | {_fmt(p['1'])} | {_fmt(p['L/2'])} "
-                   f"| {_fmt(p['L'])} | {r['n_collisions']:,} | {r['verdict']} | {'; '.join(r['problems'])} |")
+                   f"| {r['final_norm']} | {r['threshold']:g} | {r['n_layers']} | {fmt_distance(p['1'])} | {fmt_distance(p['L/2'])} "
+                   f"| {fmt_distance(p['L'])} | {r['n_collisions']:,} | {r['verdict']} | {'; '.join(r['problems'])} |")
     out += ["", "![min distance per layer](comparison.png)"]
     return "\n".join(out) + "\n"
 
@@ -220,7 +217,7 @@ def print_comparison(summary: dict, out: Path) -> None:
     for r in summary["runs"]:
         if r["complete"]:
             p = r["paper_layers"]
-            table.add_row(r["label"], r["dtype"], str(r["n_layers"]), _fmt(p["1"]), _fmt(p["L/2"]), _fmt(p["L"]),
+            table.add_row(r["label"], r["dtype"], str(r["n_layers"]), fmt_distance(p["1"]), fmt_distance(p["L/2"]), fmt_distance(p["L"]),
                           r["verdict"])
         else:
             table.add_row(r["label"], "", "", "", "", "", "[red]incomplete[/red]")

@@ -57,6 +57,7 @@ from collide.config import ExtractConfig, ModelConfig, SearchConfig, StoreConfig
 from collide.continuations import continuation_states, input_groups
 from collide.errors import CollideError
 from collide.models import DTYPES, LoadedModel, load_model, parse_layers
+from collide.report import fmt_distance
 
 log = logging.getLogger("collide.exhaustive")  # also when run as __main__
 
@@ -666,10 +667,6 @@ def is_gpt2_small(model_cfg: ModelConfig) -> bool:
 # --------------------------------------------------------------------------- reports
 
 
-def _fmt(x: float | None, digits: int = 6) -> str:
-    return "-" if x is None else f"{x:.{digits}g}"
-
-
 def _token(text: str, token_id: int) -> str:
     return f"`{json.dumps(text, ensure_ascii=False)}` (id {token_id})"
 
@@ -687,7 +684,7 @@ def _layers_in_words(layers: list[int]) -> str:
 def _table_row(layer: int, entry: dict, pair: str) -> str:
     """One markdown row: layer, pairs, min distance, certified, collisions, closest pair."""
     name = f"{layer} (embeddings)" if layer == 0 else str(layer)
-    return (f"| {name} | {entry['n_pairs']:,} | {_fmt(entry['min_distance'])} | "
+    return (f"| {name} | {entry['n_pairs']:,} | {fmt_distance(entry['min_distance'], 6)} | "
             f"{'yes' if entry['certified'] else '**no**'} | {entry['n_collisions']:,} | {pair} |")
 
 
@@ -733,7 +730,7 @@ def render_exhaustive(result: dict, figure: str | None, per_set: bool) -> str:
         out += ["", f"Closest continuation pair (different inputs) at layer {deepest['layer']}: after prompt "
                 f"{c['base_prompt_id']}, "
                 f"appending {_token(c['token_texts'][0], c['tokens'][0])} or "
-                f"{_token(c['token_texts'][1], c['tokens'][1])} gives states {_fmt(c['distance'])} apart. "
+                f"{_token(c['token_texts'][1], c['tokens'][1])} gives states {fmt_distance(c['distance'], 6)} apart. "
                 "The prompt:", "", _text_block(base.get("base_text"))]
     if result["across_sets"]:
         out += ["", f"Across all {S} sets together (C({S * n:,}, 2) pairs per layer):", "",
@@ -760,7 +757,7 @@ def render_exhaustive(result: dict, figure: str | None, per_set: bool) -> str:
         for s in result["sets"]:
             mins = {e["layer"]: e["min_distance"] for e in s["layers"]}
             out.append(f"| {s['set']} | {s['base_prompt_id']} | {s['prefix_tokens']} | "
-                       + " | ".join(_fmt(mins[k]) for k in shown) + " |")
+                       + " | ".join(fmt_distance(mins[k], 6) for k in shown) + " |")
     if figure:
         out += ["", f"![exhaustive continuation test]({figure})"]
     return "\n".join(out) + "\n"
@@ -778,10 +775,10 @@ def render_margin(result: dict, figure: str | None, per_set: bool) -> str:
            + (" paper, GPT-2 Small |" if paper else ""),
            "|---:|---:|---:|---:|---:|:---:|---:|" + ("---:|" if paper else "")]
     for e in result["per_layer"]:
-        out.append(f"| {e['layer']} | {_fmt(e['mean_min_distance'], 4)} | {_fmt(e['std_min_distance'], 3)} | "
-                   f"{_fmt(e['min_min_distance'], 4)} | {_fmt(e['max_min_distance'], 4)} | "
+        out.append(f"| {e['layer']} | {fmt_distance(e['mean_min_distance'], 4)} | {fmt_distance(e['std_min_distance'], 3)} | "
+                   f"{fmt_distance(e['min_min_distance'], 4)} | {fmt_distance(e['max_min_distance'], 4)} | "
                    f"{'yes' if e['certified'] else '**no**'} | {e['n_collisions']:,} |"
-                   + (f" {_fmt(e['paper_gpt2_small'], 4)} |" if paper else ""))
+                   + (f" {fmt_distance(e['paper_gpt2_small'], 4)} |" if paper else ""))
     t = result["timings"]
     out += ["", f"Time: extraction {t['extract_s']:.1f} s, search {t['search_s']:.1f} s ({result['device']})."]
     if per_set:
@@ -790,7 +787,7 @@ def render_margin(result: dict, figure: str | None, per_set: bool) -> str:
                 "|---:|---:|" + "---:|" * len(result["layers"][-6:])]
         for s in result["sets"]:
             out.append(f"| {s['base_prompt_id']} | {s['prefix_tokens']} | "
-                       + " | ".join(_fmt(e["min_distance"], 4) for e in s["layers"][-6:]) + " |")
+                       + " | ".join(fmt_distance(e["min_distance"], 4) for e in s["layers"][-6:]) + " |")
     if figure:
         out += ["", f"![margin of single-token continuations]({figure})"]
     return "\n".join(out) + "\n"
@@ -957,7 +954,7 @@ def print_summary(result: dict) -> None:
             table.add_column(col, justify="right")
         for e in result["per_layer"]:
             d = e["distinct_inputs"]
-            table.add_row(str(e["layer"]), f"{e['n_pairs']:,}", _fmt(d["min_distance"]),
+            table.add_row(str(e["layer"]), f"{e['n_pairs']:,}", fmt_distance(d["min_distance"], 6),
                           "yes" if d["certified"] else "NO", f"{d['n_collisions']:,}",
                           f"{e['n_collisions_identical_inputs']:,}")
     else:
@@ -965,8 +962,8 @@ def print_summary(result: dict) -> None:
         for col in ("layer", "mean min distance", "smallest", "certified") + (("paper GPT-2 Small",) if paper else ()):
             table.add_column(col, justify="right")
         for e in result["per_layer"]:
-            table.add_row(str(e["layer"]), _fmt(e["mean_min_distance"], 4), _fmt(e["min_min_distance"], 4),
-                          "yes" if e["certified"] else "NO", *([_fmt(e["paper_gpt2_small"], 4)] if paper else []))
+            table.add_row(str(e["layer"]), fmt_distance(e["mean_min_distance"], 4), fmt_distance(e["min_min_distance"], 4),
+                          "yes" if e["certified"] else "NO", *([fmt_distance(e["paper_gpt2_small"], 4)] if paper else []))
     Console().print(table)
 
 

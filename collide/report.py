@@ -253,8 +253,9 @@ def build_report(run_info: dict, results: list, max_listed: int, store=None) -> 
 # --------------------------------------------------------------------------- report.md
 
 
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "-" if x is None else ("0" if x == 0 else f"{x:.{digits}g}")
+def fmt_distance(x: float | None, digits: int = 4) -> str:
+    """A distance for a table: "-" when undefined (None), else ``digits`` significant digits."""
+    return "-" if x is None else f"{x:.{digits}g}"
 
 
 def _text_block(text: str) -> str:
@@ -283,7 +284,7 @@ def render_markdown(report: dict) -> str:
     out = [f"# collide report: {m['name']} on {c['name']}", "",
            f"**Verdict: {STATUS_TITLES[v['status']]}.** {v['text'][0].upper() + v['text'][1:]}", ""]
     if v["min_distance"] is not None:
-        out += [f"Smallest distance at a contextual layer: {_fmt(v['min_distance'], 6)} at layer "
+        out += [f"Smallest distance at a contextual layer: {fmt_distance(v['min_distance'], 6)} at layer "
                 f"{v['min_distance_layer']}.", ""]
     corpus_desc = ", ".join(f"{k}={c[k]}" for k in ("kind", "path", "seed", "min_tokens", "max_tokens")
                             if c.get(k) is not None)
@@ -314,9 +315,9 @@ def render_markdown(report: dict) -> str:
         name = f"{e['layer']} (embeddings)" if e["is_embedding_layer"] else str(e["layer"])
         cert = "yes" if e["certified"] else f"**no** ({e['uncertified_reason'] or 'budget'})"
         pair = "{} / {}".format(*e["closest_pair"]) if e["closest_pair"] else "-"
-        out.append(f"| {name} | {e['n_vectors']:,} | {e['n_pairs']:,} | {_fmt(e['min_distance'], 6)} | {cert} | {pair} "
-                   f"| {e['n_collisions']:,} | {_fmt(nn.get('p5'))} | {_fmt(nn.get('p50'))} | {_fmt(nn.get('p95'))} "
-                   f"| {_fmt(nn.get('max'))} | {len(e['invalid_rows'])} |")
+        out.append(f"| {name} | {e['n_vectors']:,} | {e['n_pairs']:,} | {fmt_distance(e['min_distance'], 6)} | {cert} | {pair} "
+                   f"| {e['n_collisions']:,} | {fmt_distance(nn.get('p5'))} | {fmt_distance(nn.get('p50'))} | {fmt_distance(nn.get('p95'))} "
+                   f"| {fmt_distance(nn.get('max'))} | {len(e['invalid_rows'])} |")
     if report["figures"]:
         out += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]
     collided = [e for e in report["layers"] if e["n_collisions"] and not e["is_embedding_layer"]]
@@ -327,7 +328,7 @@ def render_markdown(report: dict) -> str:
         for e in collided:
             out += ["", f"### Layer {e['layer']}: {_plural(e['n_collisions'], 'pair')}"]
             for col in e["collisions"][:MD_COLLISIONS]:
-                out += ["", f"Distance {_fmt(col['distance'], 6)}:", "", _prompt(report, col["a"]), "",
+                out += ["", f"Distance {fmt_distance(col['distance'], 6)}:", "", _prompt(report, col["a"]), "",
                         _prompt(report, col["b"])]
     out += _closest_pairs_section(report)
     return "\n".join(out) + "\n"
@@ -343,7 +344,7 @@ def _closest_pairs_section(report: dict) -> list[str]:
         return []
     out = ["", "## Closest pairs", "", "What nearly collided: the closest pair of prompts at each layer."]
     for (a, b), entries in groups.items():
-        dists = ", ".join(f"{_fmt(e['min_distance'], 4)} at layer {e['layer']}" for e in entries[:6])
+        dists = ", ".join(f"{fmt_distance(e['min_distance'], 4)} at layer {e['layer']}" for e in entries[:6])
         more = f" and {len(entries) - 6} more layers" if len(entries) > 6 else ""
         out += ["", f"### Layer{'s' if len(entries) > 1 else ''} {_layer_list([e['layer'] for e in entries])}: "
                 f"prompts {a} and {b}", "", f"L2 distance {dists}{more}.", "", _prompt(report, a), "",
@@ -410,10 +411,10 @@ def print_summary(report: dict, console=None) -> None:
         table.add_column(col, justify="right")
     for e in report["layers"]:
         nn = e["nn_distance"] or {}
-        table.add_row(f"{e['layer']}{' (emb)' if e['is_embedding_layer'] else ''}", _fmt(e["min_distance"], 6),
+        table.add_row(f"{e['layer']}{' (emb)' if e['is_embedding_layer'] else ''}", fmt_distance(e["min_distance"], 6),
                       "yes" if e["certified"] else "[red]no[/red]",
                       f"[red]{e['n_collisions']:,}[/red]" if e["n_collisions"] and not e["is_embedding_layer"]
-                      else f"{e['n_collisions']:,}", _fmt(nn.get("p50")), f"{e['seconds']:.1f}")
+                      else f"{e['n_collisions']:,}", fmt_distance(nn.get("p50")), f"{e['seconds']:.1f}")
     console.print(table)
     colour = {"no_collisions": "green", "collisions": "red"}.get(report["verdict"]["status"], "yellow")
     console.print(f"[{colour}]{STATUS_TITLES[report['verdict']['status']]}:[/{colour}] {report['verdict']['text']}",
