@@ -74,7 +74,8 @@ def test_offline_hub_model_names_the_id_and_the_fix(tmp_path):
 
 def test_too_many_prompts_says_how_many_the_corpus_gives(tmp_path):
     data = tmp_path / "docs.txt"
-    data.write_text("\n\n".join(f"paragraph number {i} of a very small corpus" for i in range(12)))
+    # one letter per paragraph: every window of every paragraph is distinct, so none is dropped as a duplicate
+    data.write_text("\n\n".join(chr(ord("a") + i) * 40 for i in range(12)))
     proc = collide("model=tiny-random", "corpus=files", f"corpus.data_files=[{data}]", "n_prompts=50",
                    f"hydra.run.dir={tmp_path / 'run'}", *QUIET, cwd=tmp_path)
     assert proc.returncode == 2

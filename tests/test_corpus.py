@@ -61,7 +61,11 @@ def test_files_corpus_reads_jsonl_parquet_and_text(tmp_path):
     assert len(prompts) == 5 + 4 + 2
     for name, count in [("a.jsonl", 5), ("b.parquet", 4), ("c.txt", 2)]:
         assert sum(f"{tmp_path / name}" in p.source for p in prompts) == count
-    assert any(p.text.startswith("json document") or "json document" in p.text for p in prompts)
+    documents = [f"json document number {i} " * 3 for i in range(5)]
+    documents += [f"parquet row {i} with enough words" for i in range(4)]
+    documents += ["first paragraph of plain text", "second paragraph of plain text"]
+    for p in prompts:  # each prompt is a window of the document its source names (the window is seeded per path)
+        assert any(p.text in doc for doc in documents), p
 
 
 def test_files_corpus_errors_name_the_input(tmp_path):
