@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so a red CI is reproducible; run
+# HYPOTHESIS_PROFILE=explore make test to draw fresh examples when hunting bugs.
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on CI: fail fast instead of retrying
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
