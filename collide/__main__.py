@@ -104,23 +104,43 @@ def _check_group_choices(argv: list[str]) -> None:
                                           else " (or corpus=files corpus.data_files=...)"))
 
 
+def _sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """The override lists to compose for a sweep: the first value of every swept key, then each
+    other value of each key alone (every value is checked without composing the whole product)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - a sweep syntax Hydra's own parser rejects: Hydra reports it
+        return []
+    if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in parsed):
+        return []  # interval sweeps are for sweeper plugins: they check their own arguments
+    options = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in parsed]
+    base = [opts[0] for opts in options]
+    return [base] + [base[:k] + [v] + base[k + 1:] for k, opts in enumerate(options) for v in opts[1:]]
+
+
 def _check_composes(argv: list[str]) -> None:
-    """Compose the config once before Hydra starts, so a bad key or value is one line (single runs)."""
-    if any(arg in ("-m", "--multirun") or arg.startswith("-") for arg in argv):
-        return  # sweeps, --help, --cfg ...: Hydra reports these itself
+    """Compose the config before Hydra starts, so a bad key or value is one line (runs and sweeps)."""
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    if any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in argv):
+        return  # --help, --cfg, --config-dir ...: Hydra handles these itself
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
 
-    overrides = [arg for arg in argv if not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    try:
-        with initialize_config_module(config_module="collide.conf", version_base="1.3"):
-            OmegaConf.to_object(compose(config_name="config", overrides=overrides))
-    except (HydraException, ValueError) as exc:
-        cause = exc.__cause__ or exc.__context__
-        first = str(exc).splitlines()[0]
-        detail = str(cause).splitlines()[0] if cause is not None and str(cause) else ""
-        raise CollideError((first if detail in first else f"{first} {detail}")
-                           + "; see `python -m collide --cfg job` for the keys and their types") from None
+    overrides = [arg for arg in argv if not arg.startswith("-")
+                 and not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    for variant in _sweep_variants(overrides) if multirun else [overrides]:
+        try:
+            with initialize_config_module(config_module="collide.conf", version_base="1.3"):
+                OmegaConf.to_object(compose(config_name="config", overrides=variant))
+        except (HydraException, ValueError) as exc:
+            cause = exc.__cause__ or exc.__context__
+            first = str(exc).splitlines()[0]
+            detail = str(cause).splitlines()[0] if cause is not None and str(cause) else ""
+            raise CollideError((first if detail in first else f"{first} {detail}")
+                               + "; see `python -m collide --cfg job` for the keys and their types") from None
 
 
 def _hydra_app():

@@ -58,6 +58,29 @@ def test_bad_key_or_value_is_one_line(tmp_path, override, named):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("sweep,named", [("n_prompts=10,many", "many"), ("model.dtpye=bf16,fp16", "dtpye")])
+def test_bad_value_anywhere_in_a_sweep_is_one_line_before_any_job(tmp_path, sweep, named):
+    proc = collide("-m", "model=tiny-random", sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert proc.returncode == 2 and named in error_line(proc)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_multirun_sweep_runs_every_job_and_compares_them(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = collide("-m", "model=tiny-random", "model.dtype=fp32,bf16", "n_prompts=30", "layers=[0,4]",
+                   f"hydra.sweep.dir={sweep}", *QUIET, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(sweep.glob("*/report.json"))
+    assert [p.parent.name for p in jobs] == ["0-tiny-random-stdlib-docs", "1-tiny-random-stdlib-docs"]
+    assert [json.loads(p.read_text())["dtype"] for p in jobs] == ["fp32", "bf16"]
+    cmp = subprocess.run([sys.executable, "-m", "collide.report", str(sweep), "--out", str(tmp_path / "cmp")],
+                         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert cmp.returncode == 0, cmp.stderr[-3000:]
+    summary = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert [(r["dtype"], r["complete"]) for r in summary["runs"]] == [("fp32", True), ("bf16", True)]
+    assert summary["differing"] == ["dtype"]  # flagged: bf16 and fp32 states are not like for like
+
+
 def test_layer_out_of_range_fails_before_any_forward(tmp_path):
     proc = collide("model=tiny-random", "layers=[2,9]", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2
