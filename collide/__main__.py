@@ -146,6 +146,7 @@ def _check_composes(argv: list[str]) -> None:
 def _hydra_app():
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     @hydra.main(version_base="1.3", config_path="pkg://collide.conf", config_name="config")
     def app(dcfg: DictConfig) -> None:
@@ -154,16 +155,22 @@ def _hydra_app():
         try:
             run(cfg, run_dir, "python -m collide " + shlex.join(sys.argv[1:]))
         except CollideError as exc:
-            log.error("%s", exc)
             sys.exit(_fail(str(exc)))
         except KeyboardInterrupt:
-            sys.exit(_fail(f"interrupted; complete shards are kept. Resume with the same command plus "
-                           f"hydra.run.dir={run_dir}", status=130))
+            again = ("the same command" if HydraConfig.get().mode == RunMode.RUN
+                     else f"this job alone: python -m collide {shlex.join(HydraConfig.get().overrides.task)}")
+            sys.exit(_fail(f"interrupted; the complete shards in {run_dir / cfg.store.path} are kept: run {again} "
+                           f"with hydra.run.dir={run_dir} to resume", status=130))
 
     return app
 
 
 def _fail(message: str, status: int = 2) -> int:
+    """Print the one-line error (and keep it in the job's log file, if Hydra opened one); returns status."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
     print(f"collide: error: {message}", file=sys.stderr)
     return status
 

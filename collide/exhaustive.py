@@ -57,7 +57,7 @@ from collide.config import ExtractConfig, ModelConfig, SearchConfig, StoreConfig
 from collide.continuations import continuation_states, input_groups
 from collide.errors import CollideError
 from collide.models import DTYPES, LoadedModel, load_model, parse_layers
-from collide.report import fmt_distance
+from collide.figures import fmt_distance
 
 log = logging.getLogger("collide.exhaustive")  # also when run as __main__
 
@@ -576,6 +576,7 @@ def run_exhaustive(inputs: RunInputs, lm: LoadedModel, layers: list[int], ids: l
         set_results.append(result)
     if not writer.complete:
         writer.finish(sum(r["extract_s"] for r in set_results))
+    writer.close()
     store = open_store(writer.path)
     timings["extract_s"] = sum(r["extract_s"] for r in set_results)
     timings["search_s"] = sum(r["search_s"] for r in set_results)
@@ -701,10 +702,10 @@ def render_exhaustive(result: dict, figure: str | None, per_set: bool) -> str:
            f"Base prompts: {how}. Appended to each: {appended}, {n:,} continuations per prompt. Pairs compared "
            f"within each prompt's set: **{result['n_pairs_per_layer']:,} per layer** ({S} x C({n:,}, 2)) at "
            f"{_layers_in_words(result['layers'])}. Distances are L2 (not squared); a collision is a distance "
-           f"below {result['threshold']:g}.", ""]
+           f"below {fmt_distance(result['threshold'])}.", ""]
     if distinct_collisions == 0:
         out += [f"**No collisions** between continuations with different inputs: no two different next tokens "
-                f"took the same prompt within {result['threshold']:g} of each other at any tested layer.", ""]
+                f"took the same prompt within {fmt_distance(result['threshold'])} of each other at any tested layer.", ""]
     else:
         out += [f"**{distinct_collisions:,} colliding pairs** of continuations with different inputs, summed over "
                 f"the tested layers (listed in `{OUT_DIR}/exhaustive.json`).", ""]
@@ -832,7 +833,7 @@ def draw_figure(result: dict, path: Path, title: str) -> None:
     zeros = [k for k, x in per_set if x == 0] + [k for k, x in zip(layers, main) if x == 0]
     if zeros:
         ax.scatter(zeros, [floor] * len(zeros), marker="v", color="red", s=40, zorder=4, label="distance exactly 0")
-    ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"collision threshold {threshold:g}")
+    ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"collision threshold {fmt_distance(threshold)}")
     ax.set_yscale("log")
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel("L2 distance (not squared)")

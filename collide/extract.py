@@ -23,6 +23,7 @@ distinct prompt for deduplication; nothing else grows with the number of prompts
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -300,61 +301,62 @@ def extract_to_store(lm: LoadedModel, prompts: Iterable[Prompt], layers: list[in
                            f"{extract_cfg.max_batch_size} must be >= 1, extract.batch_tokens="
                            f"{extract_cfg.batch_tokens} >= 0 (0 = automatic)")
     writer = StoreWriter.open(store_dir, identity, store_header(lm, layers, n_prompts, store_cfg, extract_cfg))
-    if writer.complete:
-        log.info("store %s is complete already (%d prompts); nothing to extract", store_dir, writer.n_rows)
-        return open_store(store_dir)
-    shard_rows, max_batch = writer.batching("shard_rows"), writer.batching("max_batch_size")
-    budget = writer.batching("batch_tokens")
-    stream = DistinctPrompts(prompts)
-    skip_committed(stream, writer.shards, store_dir)
-    first_id = start_id = writer.n_rows
-    bar = tqdm(total=n_prompts, initial=first_id, unit="prompt", desc="extract", dynamic_ncols=True,
-               disable=not extract_cfg.progress)
-    t_run, n_tokens = time.perf_counter(), [0]  # tokens forwarded this run
+    with contextlib.closing(writer):  # the lock on the store is released however this ends
+        if writer.complete:
+            log.info("store %s is complete already (%d prompts); nothing to extract", store_dir, writer.n_rows)
+            return open_store(store_dir)
+        shard_rows, max_batch = writer.batching("shard_rows"), writer.batching("max_batch_size")
+        budget = writer.batching("batch_tokens")
+        stream = DistinctPrompts(prompts)
+        skip_committed(stream, writer.shards, store_dir)
+        first_id = start_id = writer.n_rows
+        bar = tqdm(total=n_prompts, initial=first_id, unit="prompt", desc="extract", dynamic_ncols=True,
+                   disable=not extract_cfg.progress)
+        t_run, n_tokens = time.perf_counter(), [0]  # tokens forwarded this run
 
-    def on_batch(prompts: int, tokens: int) -> None:
-        n_tokens[0] += tokens
-        bar.update(prompts)
-        bar.set_postfix_str(f"{n_tokens[0] / max(time.perf_counter() - t_run, 1e-9):,.0f} tok/s", refresh=False)
+        def on_batch(prompts: int, tokens: int) -> None:
+            n_tokens[0] += tokens
+            bar.update(prompts)
+            bar.set_postfix_str(f"{n_tokens[0] / max(time.perf_counter() - t_run, 1e-9):,.0f} tok/s", refresh=False)
 
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collide-store-writer")
-    pending: Future | None = None
-    try:
-        while first_id < n_prompts:
-            wanted = min(shard_rows, n_prompts - first_id)
-            shard = list(itertools.islice(stream, wanted))
-            if not shard:
-                break
-            seqs = [tokens for _, tokens, _ in shard]
-            if budget is None:
-                budget = auto_batch_tokens(lm, max(len(s) for s in seqs), len(layers))
-            t0 = time.perf_counter()
-            states, wait, budget = forward_shard_adaptive(lm, seqs, layers, budget, max_batch, on_batch)
-            table = prompt_table(first_id, seqs, [p.source for p, _, _ in shard],
-                                 [p.text for p, _, _ in shard] if writer.manifest["keep_text"] else None)
-            info = dict(stream_items=stream.n_items, n_duplicates=stream.n_duplicates,
-                        tokens_sha256=hashlib.sha256(b"".join(key for _, _, key in shard)).hexdigest(),
-                        batch_tokens=budget, forward_s=round(time.perf_counter() - t0, 6))
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collide-store-writer")
+        pending: Future | None = None
+        try:
+            while first_id < n_prompts:
+                wanted = min(shard_rows, n_prompts - first_id)
+                shard = list(itertools.islice(stream, wanted))
+                if not shard:
+                    break
+                seqs = [tokens for _, tokens, _ in shard]
+                if budget is None:
+                    budget = auto_batch_tokens(lm, max(len(s) for s in seqs), len(layers))
+                t0 = time.perf_counter()
+                states, wait, budget = forward_shard_adaptive(lm, seqs, layers, budget, max_batch, on_batch)
+                table = prompt_table(first_id, seqs, [p.source for p, _, _ in shard],
+                                     [p.text for p, _, _ in shard] if writer.manifest["keep_text"] else None)
+                info = dict(stream_items=stream.n_items, n_duplicates=stream.n_duplicates,
+                            tokens_sha256=hashlib.sha256(b"".join(key for _, _, key in shard)).hexdigest(),
+                            batch_tokens=budget, forward_s=round(time.perf_counter() - t0, 6))
+                if pending is not None:
+                    pending.result()  # at most one shard in flight: memory stays bounded
+                pending = pool.submit(_commit_when_ready, writer, wait, table, states, info)
+                first_id += len(shard)
+                if len(shard) < wanted:
+                    break
             if pending is not None:
-                pending.result()  # at most one shard in flight: memory stays bounded
-            pending = pool.submit(_commit_when_ready, writer, wait, table, states, info)
-            first_id += len(shard)
-            if len(shard) < wanted:
-                break
-        if pending is not None:
-            pending.result()
-    finally:
-        pool.shutdown(wait=True)  # a shard being written completes, also on Ctrl-C
-        bar.close()
-    seconds = time.perf_counter() - t_start
-    if first_id < n_prompts:
-        writer.mark_stream_end(first_id)
-        raise CollideError(f"the corpus gave only {first_id} distinct prompts, fewer than n_prompts={n_prompts}; "
-                           f"set n_prompts<={first_id} or use a larger corpus (n_prompts={first_id} finishes the "
-                           f"store {store_dir} from the prompts already extracted)")
-    store = writer.finish(seconds)
-    log.info("extracted %d prompts into %s (%d this run, %d duplicates dropped) in %.1f s: %.1f prompts/s, "
-             "%.0f tokens/s", store.n_rows, os.fspath(store_dir), first_id - start_id,
-             store.manifest["counts"]["n_duplicates"], seconds, (first_id - start_id) / max(seconds, 1e-9),
-             n_tokens[0] / max(seconds, 1e-9))
-    return store
+                pending.result()
+        finally:
+            pool.shutdown(wait=True)  # a shard being written completes, also on Ctrl-C
+            bar.close()
+        seconds = time.perf_counter() - t_start
+        if first_id < n_prompts:
+            writer.mark_stream_end(first_id)
+            raise CollideError(f"the corpus gave only {first_id} distinct prompts, fewer than n_prompts={n_prompts}; "
+                               f"set n_prompts<={first_id} or use a larger corpus (n_prompts={first_id} finishes the "
+                               f"store {store_dir} from the prompts already extracted)")
+        store = writer.finish(seconds)
+        log.info("extracted %d prompts into %s (%d this run, %d duplicates dropped) in %.1f s: %.1f prompts/s, "
+                 "%.0f tokens/s", store.n_rows, os.fspath(store_dir), first_id - start_id,
+                 store.manifest["counts"]["n_duplicates"], seconds, (first_id - start_id) / max(seconds, 1e-9),
+                 n_tokens[0] / max(seconds, 1e-9))
+        return store

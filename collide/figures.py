@@ -12,6 +12,7 @@ the embedding layer (shaded): prompts that end in the same token share it by con
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -23,6 +24,12 @@ REPORT_SIZE = (8.0, 4.5)  # inches: 800 x 450 px
 COMPARE_SIZE = (10.0, 5.5)  # inches: 1000 x 550 px
 HISTORY_PANEL = (10.0, 2.8)  # inches per benchmark module (one panel each)
 MAX_TICKS = 16  # at most this many x ticks, whatever the depth (31+ layers stay readable)
+
+
+def fmt_distance(x: float | None, digits: int = 4) -> str:
+    """A distance (or threshold) for people: "-" when undefined (None), else ``digits`` significant
+    digits with a short exponent (1e-6, not 1e-06)."""
+    return "-" if x is None else re.sub(r"e([+-])0+(\d)", r"e\1\2", f"{x:.{digits}g}")
 
 
 def _new_figure(size: tuple[float, float]) -> Figure:
@@ -78,7 +85,7 @@ def min_distance_figure(report: dict, path: Path) -> Path:
                 label="not certified (an upper bound)")
     if zeros:
         ax.plot(zeros, [floor] * len(zeros), "v", color="C3", ms=7, zorder=4, label="exactly 0 (drawn at the floor)")
-    ax.axhline(threshold, color="C3", ls="--", lw=1, label=f"collision threshold {threshold:g}")
+    ax.axhline(threshold, color="C3", ls="--", lw=1, label=f"collision threshold {fmt_distance(threshold)}")
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor / 2)
     ax.set_xlim(min(xs) - 0.6, max(xs) + 0.6)
@@ -119,7 +126,7 @@ def nn_boxplot_figure(report: dict, path: Path) -> Path:
                flierprops=dict(marker=".", ms=4, mec="0.3"))
     if any(v == 0 for v in values):
         ax.axhline(floor, color="C3", lw=0.8, ls=":", label="exactly 0 (drawn at the floor)")
-    ax.axhline(threshold, color="C3", ls="--", lw=1, label=f"collision threshold {threshold:g}")
+    ax.axhline(threshold, color="C3", ls="--", lw=1, label=f"collision threshold {fmt_distance(threshold)}")
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor / 2)
     if positions:
@@ -161,7 +168,7 @@ def comparison_figure(runs: list[dict], path: Path, depth_axis: str = "relative"
     if any(y == 0 for y in all_y):
         ax.axhline(floor, color="0.5", lw=0.8, ls=":", label="exactly 0 (triangles at the floor)")
     for t in thresholds:
-        ax.axhline(t, color="C3", ls="--", lw=1, label=f"collision threshold {t:g}")
+        ax.axhline(t, color="C3", ls="--", lw=1, label=f"collision threshold {fmt_distance(t)}")
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor / 2)
     if depth_axis == "relative":

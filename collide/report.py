@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 import collide
 from collide import figures
+from collide.figures import fmt_distance
 from collide.config import ReportConfig
 
 log = logging.getLogger(__name__)
@@ -176,13 +177,13 @@ def verdict(layers: list[dict], threshold: float) -> dict:
                                                 "injectivity. Select layers 1..L.")
     elif colliding:
         status = "collisions"
-        text = (f"{_plural(n_collisions, 'colliding pair')} (L2 < {threshold:g}) at "
+        text = (f"{_plural(n_collisions, 'colliding pair')} (L2 < {fmt_distance(threshold)}) at "
                 f"{_plural(len(colliding), 'layer', count=False)} {_layer_list([e['layer'] for e in colliding])}: "
                 "distinct prompts map to the same state (see the colliding pairs below).")
     else:
         per_layer = {e["n_pairs"] for e in ctx}
         each = f" ({per_layer.pop():,} per layer)" if len(per_layer) == 1 else ""
-        text = f"no collisions below {threshold:g} in {n_pairs:,} pairs across {len(ctx)} layers{each}"
+        text = f"no collisions below {fmt_distance(threshold)} in {n_pairs:,} pairs across {len(ctx)} layers{each}"
         if uncertified or invalid:
             status = "inconclusive"
             if uncertified:
@@ -253,11 +254,6 @@ def build_report(run_info: dict, results: list, max_listed: int, store=None) -> 
 # --------------------------------------------------------------------------- report.md
 
 
-def fmt_distance(x: float | None, digits: int = 4) -> str:
-    """A distance for a table: "-" when undefined (None), else ``digits`` significant digits."""
-    return "-" if x is None else f"{x:.{digits}g}"
-
-
 def _text_block(text: str) -> str:
     """A fenced block that survives backticks and newlines in the prompt."""
     cut = text if len(text) <= MD_TEXT_CHARS else text[:MD_TEXT_CHARS] + " [...]"
@@ -297,7 +293,7 @@ def render_markdown(report: dict) -> str:
             f"| corpus | {c['name']} ({corpus_desc}) |",
             f"| prompts | {report['n_prompts']:,} distinct token sequences "
             f"({_plural(report['n_duplicates'], 'duplicate')} dropped) |",
-            f"| threshold | L2 < {report['threshold']:g} (not squared) |",
+            f"| threshold | L2 < {fmt_distance(report['threshold'])} (not squared) |",
             f"| hardware | {hw['cpu']}, {hw['cores']} cores, {hw['ram_gib']} GiB RAM, GPU: {hw['gpu'] or 'none'} |",
             f"| software | collide {report['collide_version']}, commit {commit}, torch {hw['torch']}, "
             f"faiss {hw['faiss'] or 'not installed'} |",
@@ -323,7 +319,7 @@ def render_markdown(report: dict) -> str:
     collided = [e for e in report["layers"] if e["n_collisions"] and not e["is_embedding_layer"]]
     if collided:
         out += ["", "## Colliding pairs", "",
-                f"Pairs of distinct prompts under L2 {report['threshold']:g}. The full lists are in "
+                f"Pairs of distinct prompts under L2 {fmt_distance(report['threshold'])}. The full lists are in "
                 "`collisions/layer=K.parquet`."]
         for e in collided:
             out += ["", f"### Layer {e['layer']}: {_plural(e['n_collisions'], 'pair')}"]
@@ -406,7 +402,7 @@ def print_summary(report: dict, console=None) -> None:
 
     console = console or Console()
     table = Table(title=f"{report['model']['name']} on {report['corpus']['name']}: {report['n_prompts']:,} prompts, "
-                        f"threshold {report['threshold']:g}")
+                        f"threshold {fmt_distance(report['threshold'])}")
     for col in ("layer", "min distance", "certified", "collisions", "NN median", "seconds"):
         table.add_column(col, justify="right")
     for e in report["layers"]:

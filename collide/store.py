@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import copy
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -368,6 +369,23 @@ def identity_diff(stored: dict, wanted: dict) -> list[tuple[str, object, object]
             if a.get(key, missing) != b.get(key, missing)]
 
 
+def lock_store(path: Path) -> int:
+    """Take the writer's exclusive lock on the store directory; returns the descriptor holding it.
+
+    An advisory ``flock`` on the directory itself (no lock file): the kernel releases it when the
+    process ends, even by SIGKILL, so a killed run never leaves a stale lock behind.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CollideError(f"the store {path} is being written by another writer (another run, or an unclosed "
+                           "StoreWriter); wait for it to end, or give this run its own hydra.run.dir (or "
+                           "store.path)") from None
+    return fd
+
+
 class StoreWriter:
     """Creates a store, or resumes an ``in-progress`` one, and commits shards atomically.
 
@@ -377,9 +395,19 @@ class StoreWriter:
     thread); the manifest is only touched by these methods.
     """
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, lock_fd: int | None = None):
         self.path = path  # store directory
         self.manifest = manifest  # the manifest as last written to disk
+        self._lock_fd = lock_fd  # open descriptor of the store directory holding the writer's lock
+
+    def close(self) -> None:
+        """Release the writer's lock on the store directory (also done by ``finish`` and at exit)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __del__(self):
+        self.close()
 
     # ----------------------------------------------------------------- create or resume
 
@@ -401,6 +429,15 @@ class StoreWriter:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CollideError(os_error_message(path, exc, "creating the store directory")) from exc
+        lock_fd = lock_store(path)
+        try:
+            return cls._open_locked(path, identity, header, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def _open_locked(cls, path: Path, identity: dict, header: dict, lock_fd: int) -> "StoreWriter":
         if not (path / MANIFEST).exists():
             if any(path.iterdir()):
                 raise CollideError(f"store.path {path} exists, is not empty and holds no {MANIFEST}; "
@@ -410,14 +447,14 @@ class StoreWriter:
                             counts=dict(n_prompts=0, n_duplicates=0, n_tokens=0),
                             nonfinite_rows={str(k): 0 for k in header["layers"]}, stream_end=None,
                             timings=dict(forward_s=0.0, write_s=0.0, wall_s=0.0), shards=[])
-            writer = cls(path, json.loads(json.dumps(manifest)))
+            writer = cls(path, json.loads(json.dumps(manifest)), lock_fd)
             writer._write_manifest()  # first, so that a killed run leaves a store that resumes
             writer._make_dirs()
             log.info("created store %s", path)
             return writer
         manifest = read_manifest(path)
         cls._check_resumable(path, manifest, identity, header)
-        writer = cls(path, manifest)
+        writer = cls(path, manifest, lock_fd)
         writer._make_dirs()
         for key in BATCHING_KEYS:
             if header.get(key) and manifest.get(key) and header[key] != manifest[key]:
@@ -602,4 +639,5 @@ class StoreWriter:
         m["status"] = "complete"
         m["timings"]["wall_s"] = float(wall_s)
         self._write_manifest(m)
+        self.close()
         return open_store(self.path)

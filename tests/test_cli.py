@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from collide.store import open_store
+from collide.store import lock_store, open_store
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 QUIET = ["extract.progress=false", "search.progress=false"]
@@ -157,6 +157,24 @@ def test_ctrl_c_then_same_command_resumes(tmp_path):
     assert (ids == range(1800)).all()
 
 
+def test_same_command_reuses_its_run_dir_and_a_store_being_written_is_refused(tmp_path):
+    args = ["model=tiny-random", "n_prompts=40", "layers=[1]", *QUIET]
+    assert collide(*args, cwd=tmp_path).returncode == 0
+    run = tmp_path / "runs" / "tiny-random-stdlib-docs-n40" / "layers=[1]"  # progress flags do not name it
+    first = (run / "report.json").read_text()
+    fd = lock_store(run / "store")  # as if another run of the same command were writing it
+    try:
+        busy = collide(*args, cwd=tmp_path)
+    finally:
+        os.close(fd)
+    assert busy.returncode == 2 and "being written by another writer" in error_line(busy)
+    again = collide(*args, cwd=tmp_path)
+    assert again.returncode == 0 and "complete already" in again.stdout + again.stderr
+    report = json.loads((run / "report.json").read_text())
+    assert report["layers"][0]["min_distance"] == json.loads(first)["layers"][0]["min_distance"]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["tiny-random-stdlib-docs-n40"]
+
+
 @pytest.mark.slow
 def test_embedded_smollm2_end_to_end(tmp_path):
     """The real pretrained model on real English: the report's content, not just its existence."""
@@ -175,4 +193,4 @@ def test_embedded_smollm2_end_to_end(tmp_path):
     same_end = sum(a == b for i, a in enumerate(last_tokens) for b in last_tokens[i + 1:])
     assert layers[0]["n_collisions"] == same_end and (same_end == 0 or layers[0]["min_distance"] == 0)
     assert report["verdict"]["status"] == "no_collisions"
-    assert "No collisions below 1e-06 in 5,310 pairs" in (run / "report.md").read_text()  # 3 x C(60, 2)
+    assert "No collisions below 1e-6 in 5,310 pairs" in (run / "report.md").read_text()  # 3 x C(60, 2)

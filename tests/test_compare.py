@@ -77,7 +77,7 @@ def test_threshold_mismatch_and_uncertified_layers_are_flagged(tmp_path):
     assert summary["differing"] == ["threshold", "final_norm"]
     problems = {r["dir"].rsplit("/", 1)[1]: r["problems"] for r in summary["runs"]}
     assert problems == {"a": [], "b": ["layers [2] not certified"],
-                        "c": ["threshold=0.001, others 1e-06", "final_norm=pre, others post"]}
+                        "c": ["threshold=0.001, others 1e-6", "final_norm=pre, others post"]}
 
 
 def test_cli_absolute_axis_and_console_warnings(sweep, tmp_path, capsys):

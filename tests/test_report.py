@@ -57,7 +57,7 @@ def test_verdict_with_planted_collisions_lists_the_pairs(tmp_path):
     report = _write(tmp_path, collide_at=(2, 3))
     v = report["verdict"]
     assert v["status"] == "collisions" and v["n_collisions"] == 2 and v["embedding_collisions"] == EMBEDDING_PAIRS
-    assert "2 colliding pairs (L2 < 1e-06) at layers 2, 3" in v["text"]
+    assert "2 colliding pairs (L2 < 1e-6) at layers 2, 3" in v["text"]
     md = (tmp_path / "report.md").read_text()
     assert "**Verdict: collisions found.**" in md
     section = md.split("## Colliding pairs")[1].split("## Closest pairs")[0]
@@ -70,7 +70,7 @@ def test_verdict_without_collisions_does_not_count_layer_0(tmp_path):
     v = report["verdict"]
     assert v["status"] == "no_collisions" and v["n_collisions"] == 0
     pairs = N * (N - 1) // 2
-    assert v["text"].startswith(f"no collisions below 1e-06 in {4 * pairs:,} pairs across 4 layers "
+    assert v["text"].startswith(f"no collisions below 1e-6 in {4 * pairs:,} pairs across 4 layers "
                                 f"({pairs:,} per layer)")
     assert f"Layer 0 (embeddings): {EMBEDDING_PAIRS} colliding pairs, expected" in v["text"]
     md = (tmp_path / "report.md").read_text()
@@ -144,7 +144,7 @@ def test_print_summary_shows_each_layer_and_the_verdict(tmp_path):
     out = io.StringIO()
     print_summary(report, Console(file=out, width=200))
     text = out.getvalue()
-    assert "collisions found: 1 colliding pair (L2 < 1e-06) at layer 2" in text
+    assert "collisions found: 1 colliding pair (L2 < 1e-6) at layer 2" in text
     assert "0 (emb)" in text and text.count("yes") == 5
 
 

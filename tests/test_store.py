@@ -219,7 +219,8 @@ def test_enospc_gives_one_clear_line_and_keeps_earlier_shards(tmp_path, monkeypa
     assert verify_store(tmp_path / "s") == []
     assert open_store(tmp_path / "s").n_rows == 20
     assert sorted(p.name for p in (tmp_path / "s" / "prompts").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
-    monkeypatch.setattr(store_mod, "_write_atomic", real)  # disk freed: the same writer resumes
+    monkeypatch.setattr(store_mod, "_write_atomic", real)  # disk freed: a new writer resumes
+    writer.close()
     writer = StoreWriter.open(tmp_path / "s", {}, header(n_prompts=30))
     writer.commit_shard(*shard_data(20, 10))
     assert writer.finish().n_rows == 30 and verify_store(tmp_path / "s") == []
