@@ -30,8 +30,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 import collide
 from collide import figures
@@ -356,10 +354,7 @@ def write_collisions(run_dir: Path, results: list) -> None:
     out = Path(run_dir) / "collisions"
     out.mkdir(parents=True, exist_ok=True)
     for r in results:
-        table: pa.Table = r.collision_table()
-        tmp = out / f".layer={r.layer}.parquet.tmp"
-        pq.write_table(table, tmp)
-        tmp.replace(out / f"layer={r.layer}.parquet")
+        r.write_collisions(out / f"layer={r.layer}.parquet")
 
 
 def write_figures(report: dict, run_dir: Path) -> list[str]:

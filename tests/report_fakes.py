@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from collide.search import LayerResult
+
 
 @dataclass
 class FakePairwise:
@@ -45,6 +47,8 @@ class FakeLayer:
         return pa.table({"a": pa.array([int(self.prompt_ids[i]) for i, _, _ in c], pa.int64()),
                          "b": pa.array([int(self.prompt_ids[j]) for _, j, _ in c], pa.int64()),
                          "distance": pa.array([dd for _, _, dd in c], pa.float64())})
+
+    write_collisions = LayerResult.write_collisions  # the real writer, over this table
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from collide.config import SearchConfig
@@ -123,6 +124,9 @@ def test_cli_searches_every_layer_and_writes_json(store, tmp_path, capsys):
         assert e["closest_pair"] == [4, 61] and e["min_distance"] == 0.0
         assert e["n_collisions"] == 2 and e["collisions"] == [{"a": 4, "b": 61, "distance": 0.0}]
         assert e["invalid_prompt_ids"] == [12, 50]
+        listed = pq.read_table(e["collisions_file"])  # max_listed=1 caps the JSON, never the Parquet list
+        assert e["collisions_file"] == str(tmp_path / "s-collisions" / f"layer={e['layer']}.parquet")
+        assert listed.column("a").to_pylist() == [4, 33] and listed.column("b").to_pylist() == [61, 70]
     assert summary["search"]["block_rows"] == 25
     printed = capsys.readouterr().out
     assert "4 / 61" in printed and f"written {out}" in printed

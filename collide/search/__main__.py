@@ -1,7 +1,9 @@
 """``python -m collide.search STORE [layers=...] [threshold=...] [out=...] [max_listed=...] [search.KEY=...]``
 
 Runs the certified search on every selected layer of an existing store (no model, no corpus),
-prints one line per layer and writes a JSON summary (default: ``STORE/../search.json``).
+prints one line per layer and writes a JSON summary (default: ``STORE/../search.json``) and,
+beside it, every collision of layer K in ``<summary stem>-collisions/layer=K.parquet`` (columns
+a, b: prompt ids; distance: L2, fp64), however many there are.
 Keys are those of ``SearchCLI`` below, and ``search.*`` those of collide.config.SearchConfig;
 a misspelt key or a bad value exits with status 2 and one line naming it.
 
@@ -29,7 +31,7 @@ class SearchCLI:
     layers: Any = "all"  # store layers to search: all, an int, a list [0, 5] or a range "a:b" (inclusive)
     threshold: float = 1e-6  # L2 distance (not squared) under which a pair is a collision
     out: Optional[str] = None  # JSON summary path; None = STORE/../search.json
-    max_listed: int = 100  # collisions per layer copied into the JSON (n_collisions is always exact)
+    max_listed: int = 100  # collisions per layer copied into the JSON (the Parquet files hold them all)
     search: SearchConfig = field(default_factory=SearchConfig)  # engine settings (search.backend=..., ...)
 
 
@@ -103,15 +105,23 @@ def run(store_path: Path, cfg: SearchCLI) -> dict:
         log.warning("store %s is in-progress: searching its %d complete rows", store_path, store.n_rows)
     print(f"{'layer':>5} {'n':>9} {'min distance':>14} {'certified':>9} {'pair (prompt ids)':>21} "
           f"{'collisions':>10} {'seconds':>8}")
+    out = Path(cfg.out) if cfg.out else store_path.resolve().parent / "search.json"
+    collisions_dir = out.with_name(f"{out.stem}-collisions")
+    try:
+        collisions_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CollideError(f"cannot create {collisions_dir}: {exc.strerror}; pass out=PATH in a writable "
+                           "directory") from None
     summaries = []
     for k in layers:
         lr = search_store(store, k, cfg.threshold, cfg.search)
+        lr.write_collisions(collisions_dir / f"layer={k}.parquet")
         s = layer_summary(lr, cfg.max_listed)
+        s["collisions_file"] = str(collisions_dir / f"layer={k}.parquet")
         summaries.append(s)
         pair = "-" if s["closest_pair"] is None else "{} / {}".format(*s["closest_pair"])
         print(f"{k:>5} {s['n']:>9} {lr.result.distance:>14.6g} {str(s['certified']):>9} {pair:>21} "
               f"{s['n_collisions']:>10} {s['seconds']:>8.2f}")
-    out = Path(cfg.out) if cfg.out else store_path.resolve().parent / "search.json"
     summary = {"store": str(store_path), "threshold": cfg.threshold, "search": asdict(cfg.search), "layers": summaries}
     try:
         out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 import warnings
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -82,6 +83,16 @@ class LayerResult:
         return pa.table({"a": pa.array(self.prompt_ids[rows_a], pa.int64()),
                          "b": pa.array(self.prompt_ids[rows_b], pa.int64()),
                          "distance": pa.array(np.fromiter((x for _, _, x in c), np.float64, len(c)), pa.float64())})
+
+    def write_collisions(self, path: str | Path) -> None:
+        """Write ``collision_table()`` (every collision, even none) to the Parquet file ``path``,
+        through a temporary name and a rename, so that a reader never sees half a file."""
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(self.collision_table(), tmp)
+        tmp.replace(path)
 
 
 def pick_backend(backend: str, device) -> str:
