@@ -9,7 +9,7 @@ name. The groups mirror the pipeline stages: model -> corpus -> extract -> store
 from __future__ import annotations
 
 from dataclasses import dataclass, field as default
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -47,6 +47,8 @@ class CorpusConfig:
     path_suffix: Optional[str] = None  # keep only documents whose path ends with this (e.g. ".py")
     path_field: Optional[str] = None  # column holding the document's path, for path_suffix
     components: List[str] = default(default_factory=list)  # corpus config names mixed by kind=mix
+    # kind=mix: a local copy per hub component, e.g. {c4: /data/c4} (its corpus.path, for offline use)
+    component_paths: Dict[str, str] = default(default_factory=dict)
     min_tokens: int = 8  # shortest prompt window, in tokens, special tokens excluded
     max_tokens: int = 32  # longest prompt window, in tokens, special tokens excluded
     seed: int = 0  # sampling seed: document order, window lengths and offsets

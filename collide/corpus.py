@@ -112,8 +112,11 @@ def _field(record: dict, cfg: CorpusConfig, where: str) -> str:
     return record[cfg.field] or ""
 
 
-def hub_documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
-    """Stream a Hugging Face dataset (hub id or local directory) in shuffled order."""
+def hub_documents(cfg: CorpusConfig, path_key: str = "corpus.path") -> Iterator[tuple[str, str]]:
+    """Stream a Hugging Face dataset (hub id or local directory) in shuffled order.
+
+    ``path_key``: the override that points this corpus at a local copy, named by the offline error.
+    """
     try:
         import datasets
     except ImportError as exc:
@@ -132,12 +135,12 @@ def hub_documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
     except Exception as exc:  # datasets raises many types for an unreachable hub
         raise CollideError(
             f"cannot stream {where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            "Without hub access, point at a local copy with corpus.path=/path/to/dataset_dir, or use "
+            f"Without hub access, point at a local copy with {path_key}=/path/to/dataset_dir, or use "
             "corpus=files corpus.data_files='[/path/*.jsonl]'") from exc
 
 
-def documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
-    """The document stream of a single (non-mix) corpus, in its sampling order."""
+def documents(cfg: CorpusConfig, path_key: str = "corpus.path") -> Iterator[tuple[str, str]]:
+    """The document stream of a single (non-mix) corpus, in its sampling order (``path_key``: see hub_documents)."""
     if cfg.kind == "stdlib-docs":
         return iter(_shuffled(stdlib_docs(), cfg.seed))
     if cfg.kind == "stdlib-code":
@@ -145,7 +148,7 @@ def documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
     if cfg.kind == "files":
         return _buffer_shuffled(file_documents(cfg), cfg.shuffle_buffer, cfg.seed)
     if cfg.kind == "hub":
-        return hub_documents(cfg)
+        return hub_documents(cfg, path_key)
     raise CollideError(f"corpus.kind={cfg.kind!r} is not supported; use one of {list(KINDS)}")
 
 
@@ -197,13 +200,19 @@ def mixed(cfg: CorpusConfig, tokenizer) -> Iterator[Prompt]:
     """Prompts drawn from ``cfg.components``, each prompt's source corpus chosen uniformly at random."""
     if not cfg.components:
         raise CollideError(f"corpus {cfg.name!r} is a mix with no components; set corpus.components=[c4,pile]")
+    stray = sorted(set(cfg.component_paths) - set(cfg.components))
+    if stray:
+        raise CollideError(f"corpus.component_paths names {stray}, which are not components of {cfg.name!r} "
+                           f"({cfg.components}); use component names as keys")
     streams = []
     for name in cfg.components:
         part = load_corpus_config(name)
         if part.kind == "mix":
             raise CollideError(f"corpus {cfg.name!r}: component {name!r} is itself a mix; list plain corpora")
         part.min_tokens, part.max_tokens, part.seed = cfg.min_tokens, cfg.max_tokens, cfg.seed
-        streams.append(windows(documents(part), tokenizer, part))
+        if name in cfg.component_paths:
+            part.path = cfg.component_paths[name]
+        streams.append(windows(documents(part, f"corpus.component_paths.{name}"), tokenizer, part))
     rng = random.Random(cfg.seed)
     while streams:
         stream = rng.choice(streams)

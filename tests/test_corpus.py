@@ -82,6 +82,41 @@ def test_offline_hub_corpus_names_the_dataset_and_the_fix():
     assert "\n" not in str(err.value)
 
 
+def local_hub_copy(root, column: str, n: int = 40):
+    """A dataset directory as a hub clone holds it (data/train-*.parquet), made by the test.
+
+    Document i repeats one character of its own, so any window of it tells which document it is.
+    """
+    (root / "data").mkdir(parents=True)
+    pq.write_table(pa.table({column: [chr(ord("A") + i) * 40 for i in range(n)]}),
+                   root / "data" / "train-00000-of-00001.parquet")
+    return root
+
+
+def test_hub_corpus_streams_a_local_copy_through_datasets(tmp_path, compose):
+    pile = local_hub_copy(tmp_path / "pile", "text")
+    cfg = compose(["corpus=pile", f"corpus.path={pile}", "corpus.shuffle_buffer=8"]).corpus
+    prompts = list(iter_prompts(cfg, TOK))
+    assert prompts == list(iter_prompts(cfg, TOK))  # deterministic, so a run can resume
+    assert {p.source.rsplit(":", 2)[0] for p in prompts} == {f"pile:{pile}"}  # corpus:path:row:window start
+    order = [ord(p.text[0]) - ord("A") for p in prompts]
+    assert all(set(p.text) == {p.text[0]} for p in prompts)  # a window of one document
+    assert sorted(order) == list(range(40)) and order != sorted(order)  # every document once, shuffled
+
+
+def test_mix_reads_local_copies_of_its_components(tmp_path, compose):
+    pile = local_hub_copy(tmp_path / "pile", "text")
+    code = local_hub_copy(tmp_path / "gh", "code")  # github-python's text column is `code`
+    cfg = compose(["corpus=mix", "corpus.components=[pile,github-python]",
+                   f"corpus.component_paths={{pile: '{pile}', github-python: '{code}'}}"]).corpus
+    sources = [p.source for p in take(iter_prompts(cfg, TOK), 30)]
+    assert {s.rsplit(":", 2)[0] for s in sources} == {f"pile:{pile}", f"github-python:{code}"}
+    offline = CorpusConfig(name="mix", kind="mix", components=["pile", "c4"], component_paths={"pile": str(pile)})
+    with pytest.raises(CollideError, match=r"allenai/c4.*corpus\.component_paths\.c4=") as err:
+        list(iter_prompts(offline, TOK))
+    assert "\n" not in str(err.value)
+
+
 def test_unknown_corpus_lists_choices():
     with pytest.raises(CollideError, match="stdlib-docs"):
         load_corpus_config("wikipedai")
