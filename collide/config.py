@@ -47,7 +47,7 @@ class CorpusConfig:
     path_suffix: Optional[str] = None  # keep only documents whose path ends with this (e.g. ".py")
     path_field: Optional[str] = None  # column holding the document's path, for path_suffix
     components: List[str] = default(default_factory=list)  # corpus config names mixed by kind=mix
-    # kind=mix: a local copy per hub component, e.g. {c4: /data/c4} (its corpus.path, for offline use)
+    # kind=mix: a local copy per hub component (its corpus.path, for offline use): +corpus.component_paths.c4=/data/c4
     component_paths: Dict[str, str] = default(default_factory=dict)
     min_tokens: int = 8  # shortest prompt window, in tokens, special tokens excluded
     max_tokens: int = 32  # longest prompt window, in tokens, special tokens excluded

@@ -212,7 +212,7 @@ def mixed(cfg: CorpusConfig, tokenizer) -> Iterator[Prompt]:
         part.min_tokens, part.max_tokens, part.seed = cfg.min_tokens, cfg.max_tokens, cfg.seed
         if name in cfg.component_paths:
             part.path = cfg.component_paths[name]
-        streams.append(windows(documents(part, f"corpus.component_paths.{name}"), tokenizer, part))
+        streams.append(windows(documents(part, f"+corpus.component_paths.{name}"), tokenizer, part))
     rng = random.Random(cfg.seed)
     while streams:
         stream = rng.choice(streams)

@@ -108,11 +108,11 @@ def test_mix_reads_local_copies_of_its_components(tmp_path, compose):
     pile = local_hub_copy(tmp_path / "pile", "text")
     code = local_hub_copy(tmp_path / "gh", "code")  # github-python's text column is `code`
     cfg = compose(["corpus=mix", "corpus.components=[pile,github-python]",
-                   f"corpus.component_paths={{pile: '{pile}', github-python: '{code}'}}"]).corpus
+                   f"+corpus.component_paths={{pile: '{pile}', github-python: '{code}'}}"]).corpus
     sources = [p.source for p in take(iter_prompts(cfg, TOK), 30)]
     assert {s.rsplit(":", 2)[0] for s in sources} == {f"pile:{pile}", f"github-python:{code}"}
     offline = CorpusConfig(name="mix", kind="mix", components=["pile", "c4"], component_paths={"pile": str(pile)})
-    with pytest.raises(CollideError, match=r"allenai/c4.*corpus\.component_paths\.c4=") as err:
+    with pytest.raises(CollideError, match=r"allenai/c4.* \+corpus\.component_paths\.c4=") as err:
         list(iter_prompts(offline, TOK))
     assert "\n" not in str(err.value)
 
