@@ -27,8 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from collide import figures
-from collide.figures import fmt_distance
 from collide.errors import CollideError
+from collide.figures import fmt_distance
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ def flag_problems(runs: list[Run]) -> list[str]:
         reference = next(v for v in values if counts[v] == top)
         for run, value in zip(complete, values):
             if value != reference:
-                run.problems.append(f"{key}={fmt_distance(value)}, others {fmt_distance(reference)}" if key == "threshold"
-                                    else f"{key}={value}, others {reference}")
+                shown = (fmt_distance(value), fmt_distance(reference)) if key == "threshold" else (value, reference)
+                run.problems.append(f"{key}={shown[0]}, others {shown[1]}")
     return differing
 
 
@@ -181,8 +181,9 @@ def render_markdown(summary: dict) -> str:
             continue
         p = r["paper_layers"]
         out.append(f"| {r['label']} | {r['model']} | {r['corpus']} | {r['n_prompts']:,} | {r['dtype']} "
-                   f"| {r['final_norm']} | {fmt_distance(r['threshold'])} | {r['n_layers']} | {fmt_distance(p['1'])} | {fmt_distance(p['L/2'])} "
-                   f"| {fmt_distance(p['L'])} | {r['n_collisions']:,} | {r['verdict']} | {'; '.join(r['problems'])} |")
+                   f"| {r['final_norm']} | {fmt_distance(r['threshold'])} | {r['n_layers']} "
+                   f"| {fmt_distance(p['1'])} | {fmt_distance(p['L/2'])} | {fmt_distance(p['L'])} "
+                   f"| {r['n_collisions']:,} | {r['verdict']} | {'; '.join(r['problems'])} |")
     out += ["", "![min distance per layer](comparison.png)"]
     return "\n".join(out) + "\n"
 

@@ -705,7 +705,8 @@ def render_exhaustive(result: dict, figure: str | None, per_set: bool) -> str:
            f"below {fmt_distance(result['threshold'])}.", ""]
     if distinct_collisions == 0:
         out += [f"**No collisions** between continuations with different inputs: no two different next tokens "
-                f"took the same prompt within {fmt_distance(result['threshold'])} of each other at any tested layer.", ""]
+                f"took the same prompt within {fmt_distance(result['threshold'])} of each other at any tested "
+                "layer.", ""]
     else:
         out += [f"**{distinct_collisions:,} colliding pairs** of continuations with different inputs, summed over "
                 f"the tested layers (listed in `{OUT_DIR}/exhaustive.json`).", ""]
@@ -833,7 +834,8 @@ def draw_figure(result: dict, path: Path, title: str) -> None:
     zeros = [k for k, x in per_set if x == 0] + [k for k, x in zip(layers, main) if x == 0]
     if zeros:
         ax.scatter(zeros, [floor] * len(zeros), marker="v", color="red", s=40, zorder=4, label="distance exactly 0")
-    ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"collision threshold {fmt_distance(threshold)}")
+    ax.axhline(threshold, color="red", linestyle="--", linewidth=1,
+               label=f"collision threshold {fmt_distance(threshold)}")
     ax.set_yscale("log")
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel("L2 distance (not squared)")

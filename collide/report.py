@@ -33,8 +33,8 @@ import numpy as np
 
 import collide
 from collide import figures
-from collide.figures import fmt_distance
 from collide.config import ReportConfig
+from collide.figures import fmt_distance
 
 log = logging.getLogger(__name__)
 

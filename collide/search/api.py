@@ -13,8 +13,8 @@ import logging
 import math
 import time
 import warnings
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np

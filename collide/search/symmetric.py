@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 PAD = 8  # the augmented width d + 2 is padded with zero columns to a multiple of this (GEMM speed)
 CPU_PANEL = 1024  # row panel of a diagonal tile on CPU: a quarter of a 4096-row block wastes 20% of the GEMM
-# on the lower triangle instead of 50% at 2048 (n=5000, d=576: 0.15 s vs 0.19 s; n=20000: the same)
+# on the lower triangle instead of 33% at 2048 (n=5000, d=576: 0.15 s vs 0.19 s; n=20000: the same)
 GPU_PANEL = 2048  # row panel of a diagonal tile on CUDA (the H100 figures in benchmarks/ use it)
 COL_CHUNK = 32  # rows per step of the CPU tile reduction (a chunk stays in cache)
 RERANK_ELEMENTS = 1 << 22  # fp64 elements per chunk of exact re-ranks (bounds their memory)
