@@ -3,6 +3,8 @@
 All continuations of a prompt share its prefix, so the prefix runs once with a KV cache and
 every candidate next token is one batched single-token step against that cache: a step costs B
 tokens of compute instead of B * (P + 1) for full forwards of prefix+token (P = prefix length).
+On architectures that call transformers' attention interface, a step's attention
+(``prefix_attention``) reads the one prefix copy directly instead of a per-continuation copy of it.
 
 Conventions (as in ``collide.models``):
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from collide.errors import CollideError
 from collide.models import LoadedModel, last_token_states
@@ -38,6 +43,21 @@ from collide.models import LoadedModel, last_token_states
 log = logging.getLogger(__name__)
 
 SUPPORTED_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)  # KV-cache layer types the engine can share
+# Architectures whose attention modules call transformers' attention interface right after the
+# cache update (model_type): their steps use prefix_attention, the others concatenate the prefix.
+INTERFACE_ATTENTION = ("llama", "mistral", "gemma3_text", "gemma3", "gpt2", "phi3", "qwen2", "qwen3")
+PREFIX_ATTENTION = "collide_prefix"  # attention implementation name registered for the steps
+
+
+@dataclass
+class StepKV:
+    """Keys (or values) of a single-token step, the shared prefix's kept apart from each step's own.
+
+    What the shared cache hands to ``prefix_attention``: the prefix is never copied per continuation.
+    """
+
+    prefix: torch.Tensor  # (1, kv_heads, P, head_dim): the prefix's, shared by the whole batch
+    step: torch.Tensor  # (b, kv_heads, 1, head_dim): each continuation's own token's
 
 
 @dataclass
@@ -56,8 +76,9 @@ def input_groups(lm: LoadedModel, tokens: np.ndarray) -> tuple[np.ndarray, np.nd
     ``first``). Without duplicate rows, ``first == arange(n)`` and ``group == arange(n)``.
     """
     weight = lm.model.get_input_embeddings().weight
-    rows = weight.detach()[torch.as_tensor(tokens, device=weight.device)].cpu().contiguous().numpy()
-    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    rows = weight.detach()[torch.as_tensor(tokens, device=weight.device)].cpu().contiguous()
+    rows = rows.view(torch.uint8).numpy()  # the raw bytes: bitwise identity in any dtype (numpy has no bf16)
+    keys = rows.view(np.dtype((np.void, rows.shape[1]))).ravel()
     _, first, group = np.unique(keys, return_index=True, return_inverse=True)
     order = np.argsort(first, kind="stable")  # number groups by first occurrence
     rank = np.empty_like(order)
@@ -70,29 +91,70 @@ def prefix_cache(lm: LoadedModel, prefix: Sequence[int]):
     """Run ``prefix`` (token ids, BOS included where wanted) once; its KV cache, ready for ``step_states``."""
     ids = torch.tensor([list(prefix)], dtype=torch.long, device=lm.device)
     out = lm.decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    return shared_prefix(out.past_key_values)
+    return shared_prefix(out.past_key_values, split=uses_prefix_attention(lm))
 
 
-def _shared_update(layer, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+def uses_prefix_attention(lm: LoadedModel) -> bool:
+    """Whether the steps of ``lm`` run ``prefix_attention`` (its architecture is in INTERFACE_ATTENTION)."""
+    return lm.model.config.model_type in INTERFACE_ATTENTION
+
+
+def prefix_attention(module, query: torch.Tensor, key: StepKV, value: StepKV, attention_mask, dropout: float = 0.0,
+                     scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention of b single-token queries over the shared prefix plus each query's own token.
+
+    query: (b, heads, 1, head_dim); key/value: StepKV with kv_heads dividing heads (grouped-query
+    attention: query head i reads kv head i // (heads / kv_heads), as ``repeat_kv`` lays them out).
+    The scores against the prefix are one batched GEMM per kv head against the single prefix copy;
+    everything runs in fp32, whatever the model's dtype. ``attention_mask``: None or the 4-D mask of
+    ``sdpa_mask`` (bool, True = attend, or additive float). Returns (b, 1, heads, head_dim), as
+    transformers' sdpa attention does.
+    """
+    if kwargs.get("softcap") is not None or dropout:
+        raise CollideError("the continuation engine's attention supports neither logit soft-capping nor dropout")
+    b, heads, _, head_dim = query.shape
+    kv_heads = key.prefix.shape[1]
+    f32 = torch.float32  # the arithmetic of sdpa's CPU kernels for half types too (fp32 is a no-op)
+    q = query.reshape(b, kv_heads, heads // kv_heads, head_dim).to(f32)
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    scores = torch.cat([torch.einsum("bkgd,kpd->bkgp", q, key.prefix[0].to(f32)),
+                        q @ key.step.to(f32).transpose(-1, -2)], dim=-1) * scale
+    if attention_mask is not None:
+        mask = attention_mask.reshape(attention_mask.shape[0], 1, 1, -1)[..., -scores.shape[-1]:]
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.to(f32)
+    probs = torch.softmax(scores, dim=-1)
+    out = (torch.einsum("bkgp,kpd->bkgd", probs[..., :-1], value.prefix[0].to(f32))
+           + probs[..., -1:] * value.step.to(f32))
+    return out.to(query.dtype).reshape(b, 1, heads, head_dim), None
+
+
+AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)
+
+
+def _shared_update(layer, split: bool, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
     """Cache update of a single-token step against a shared prefix: attend, but keep nothing.
 
-    Returns the prefix keys/values (broadcast to the batch, no copy) followed by the new token's,
-    exactly what ``DynamicLayer.update`` and ``DynamicSlidingWindowLayer.update`` return for this
-    step, but leaves the layer unchanged: every step starts again from the prefix, and only one
-    layer's (batch, heads, P + 1, head_dim) keys are alive at a time.
+    ``split``: return StepKV pairs for ``prefix_attention`` (no copy at all). Otherwise return the
+    prefix keys/values broadcast to the batch followed by the new token's, exactly what
+    ``DynamicLayer.update`` and ``DynamicSlidingWindowLayer.update`` return for this step; only one
+    layer's (batch, heads, P + 1, head_dim) keys are alive at a time. Either way the layer stays
+    unchanged: every step starts again from the prefix.
     """
+    if split:
+        return StepKV(layer.keys, key_states), StepKV(layer.values, value_states)
     batch = key_states.shape[0]
     keys = layer.keys.expand(batch, *layer.keys.shape[1:])
     values = layer.values.expand(batch, *layer.values.shape[1:])
     return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
 
-def shared_prefix(cache):
+def shared_prefix(cache, split: bool = False):
     """Turn a batch-1 prefix cache into one that serves any number of single-token steps.
 
-    Each layer's ``update`` is replaced by ``_shared_update`` (see there). Masks and positions are
-    still derived from the layer (``get_mask_sizes``, ``get_seq_length``), which stays at the
-    prefix length. Supported for the cache layers of full and sliding-window attention.
+    Each layer's ``update`` is replaced by ``_shared_update`` (see there; ``split`` as there). Masks
+    and positions are still derived from the layer (``get_mask_sizes``, ``get_seq_length``), which
+    stays at the prefix length. Supported for the cache layers of full and sliding-window attention.
     """
     for layer in cache.layers:
         if type(layer) not in SUPPORTED_LAYERS:
@@ -101,7 +163,7 @@ def shared_prefix(cache):
                                "this architecture needs full forwards instead")
         if not layer.is_initialized:
             raise CollideError("the prefix left a KV-cache layer empty; the prefix must hold at least one token")
-        layer.update = functools.partial(_shared_update, layer)
+        layer.update = functools.partial(_shared_update, layer, split)
     return cache
 
 
@@ -116,7 +178,15 @@ def step_states(lm: LoadedModel, cache, prefix_len: int, tokens: torch.Tensor,
     """
     batch = tokens.shape[0]
     mask = torch.ones(batch, prefix_len + 1, dtype=torch.long, device=lm.device)
-    return last_token_states(lm, tokens[:, None], mask, layers, past_key_values=cache, use_cache=True)
+    if not uses_prefix_attention(lm):
+        return last_token_states(lm, tokens[:, None], mask, layers, past_key_values=cache, use_cache=True)
+    config = lm.model.config
+    saved = config._attn_implementation
+    config._attn_implementation = PREFIX_ATTENTION
+    try:
+        return last_token_states(lm, tokens[:, None], mask, layers, past_key_values=cache, use_cache=True)
+    finally:
+        config._attn_implementation = saved
 
 
 def continuation_states(lm: LoadedModel, prefix: Sequence[int], tokens: Sequence[int] | np.ndarray,

@@ -20,6 +20,7 @@ from collide.config import ModelConfig
 from collide.continuations import continuation_states, full_forward_states, input_groups
 from collide.errors import CollideError
 from collide.exhaustive import ExhaustiveConfig, main, parse_args, run
+from collide.extract import BF16_RTOL
 from collide.models import load_model
 from collide.search import min_pairwise
 from collide.store import open_store
@@ -67,6 +68,18 @@ def test_cached_continuations_equal_full_forwards(family):
         scale = np.abs(ref[k]).max()
         assert np.abs(got[k] - ref[k]).max() <= 2e-6 * max(scale, 1.0), (family, k)
     assert not np.array_equal(got[lm.n_layers][0], got[lm.n_layers][1])  # distinct tokens, distinct states
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_bf16_continuations_within_the_bf16_tolerance(family):
+    lm = load_model(ModelConfig(name="tiny", source=f"random:{family}", family=family, dtype="bf16"))
+    layers = [1, lm.n_layers]
+    tokens = np.arange(10, 50)
+    _, got = collect(continuation_states(lm, PREFIX, tokens, layers, batch_size=16))
+    _, ref = collect(full_forward_states(lm, PREFIX, tokens, layers, batch_size=16))
+    for k in layers:
+        rel = np.linalg.norm(got[k] - ref[k], axis=1) / np.linalg.norm(ref[k], axis=1)
+        assert rel.max() <= BF16_RTOL, (family, k, rel.max())
 
 
 def test_resume_point_gives_the_same_blocks_bitwise():
