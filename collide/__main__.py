@@ -7,6 +7,7 @@ and ``figures/``. Re-running with the same ``hydra.run.dir`` resumes an interrup
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shlex
@@ -43,6 +44,28 @@ def identity(cfg: CollideConfig, layers: list[int]) -> dict:
             "n_prompts": cfg.n_prompts, "keep_text": cfg.store.keep_text, "shard_rows": cfg.store.shard_rows}
 
 
+def finished_store(cfg: CollideConfig, store_dir: Path):
+    """(store, layers) when ``store_dir`` holds a complete store made by this very config, else None.
+
+    Such a store needs neither the model nor the corpus: a rerun only searches and reports.
+    """
+    from collide.models import parse_layers
+    from collide.store import MANIFEST, open_store
+
+    if not (store_dir / MANIFEST).is_file():
+        return None
+    try:
+        store = open_store(store_dir)
+    except CollideError:
+        return None  # the extraction stage reports what is wrong with it
+    if not store.complete:
+        return None
+    layers = parse_layers(cfg.layers, store.manifest["n_layers"])
+    if store.manifest["identity"] != json.loads(json.dumps(identity(cfg, layers))):
+        return None  # the extraction stage names the differing key
+    return store, layers
+
+
 def run(cfg: CollideConfig, run_dir: Path, command: str) -> dict:
     """The whole pipeline on a validated config; returns the report dict."""
     from collide.corpus import iter_prompts
@@ -52,21 +75,26 @@ def run(cfg: CollideConfig, run_dir: Path, command: str) -> dict:
     from collide.search import search_store
 
     validate(cfg)
-    timings: dict[str, float] = {}
-    tic = time.perf_counter()
-    log.info("loading model %s (%s)", cfg.model.name, cfg.model.source)
-    lm = load_model(cfg.model)
-    layers = parse_layers(cfg.layers, lm.n_layers)
-    timings["load_model"] = time.perf_counter() - tic
-    log.info("model loaded in %.1f s: L=%d blocks, d=%d, layers %s", timings["load_model"], lm.n_layers, lm.d,
-             layers if len(layers) < 8 else f"{layers[0]}..{layers[-1]} ({len(layers)})")
-
+    timings: dict[str, float] = {"load_model": 0.0, "extract": 0.0}
     store_dir = Path(cfg.store.path) if Path(cfg.store.path).is_absolute() else run_dir / cfg.store.path
-    tic = time.perf_counter()
-    store = extract_to_store(lm, iter_prompts(cfg.corpus, lm.tokenizer), layers, store_dir, cfg.n_prompts,
-                             identity(cfg, layers), cfg.store, cfg.extract)
-    timings["extract"] = time.perf_counter() - tic
-    del lm  # free the model before the search needs memory
+    finished = finished_store(cfg, store_dir)
+    if finished is not None:
+        store, layers = finished
+        log.info("store %s is complete (%d prompts, layers %s): searching it without loading the model",
+                 store_dir, store.n_rows, layers if len(layers) < 8 else f"{layers[0]}..{layers[-1]}")
+    else:
+        tic = time.perf_counter()
+        log.info("loading model %s (%s)", cfg.model.name, cfg.model.source)
+        lm = load_model(cfg.model)
+        layers = parse_layers(cfg.layers, lm.n_layers)
+        timings["load_model"] = time.perf_counter() - tic
+        log.info("model loaded in %.1f s: L=%d blocks, d=%d, layers %s", timings["load_model"], lm.n_layers, lm.d,
+                 layers if len(layers) < 8 else f"{layers[0]}..{layers[-1]} ({len(layers)})")
+        tic = time.perf_counter()
+        store = extract_to_store(lm, iter_prompts(cfg.corpus, lm.tokenizer), layers, store_dir, cfg.n_prompts,
+                                 identity(cfg, layers), cfg.store, cfg.extract)
+        timings["extract"] = time.perf_counter() - tic
+        del lm  # free the model before the search needs memory
 
     tic = time.perf_counter()
     results = []

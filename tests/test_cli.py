@@ -161,18 +161,23 @@ def test_same_command_reuses_its_run_dir_and_a_store_being_written_is_refused(tm
     args = ["model=tiny-random", "n_prompts=40", "layers=[1]", *QUIET]
     assert collide(*args, cwd=tmp_path).returncode == 0
     run = tmp_path / "runs" / "tiny-random-stdlib-docs-n40" / "layers=[1]"  # progress flags do not name it
-    first = (run / "report.json").read_text()
-    fd = lock_store(run / "store")  # as if another run of the same command were writing it
+    first = json.loads((run / "report.json").read_text())
+    again = collide(*args, cwd=tmp_path)  # a complete store: searched again, no model needed
+    assert again.returncode == 0 and "searching it without loading the model" in again.stdout + again.stderr
+    assert "loading model" not in again.stdout + again.stderr
+    untimed = [{k: v for k, v in e.items() if k != "seconds"} for e in first["layers"]]
+    assert [{k: v for k, v in e.items() if k != "seconds"}
+            for e in json.loads((run / "report.json").read_text())["layers"]] == untimed
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["tiny-random-stdlib-docs-n40"]
+    other = tmp_path / "runs" / "tiny-random-stdlib-docs-n30" / "layers=[1]" / "store"
+    other.mkdir(parents=True)
+    fd = lock_store(other)  # as if another copy of this command were writing its store
     try:
-        busy = collide(*args, cwd=tmp_path)
+        busy = collide("model=tiny-random", "n_prompts=30", "layers=[1]", *QUIET, cwd=tmp_path)
     finally:
         os.close(fd)
     assert busy.returncode == 2 and "being written by another writer" in error_line(busy)
-    again = collide(*args, cwd=tmp_path)
-    assert again.returncode == 0 and "complete already" in again.stdout + again.stderr
-    report = json.loads((run / "report.json").read_text())
-    assert report["layers"][0]["min_distance"] == json.loads(first)["layers"][0]["min_distance"]
-    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["tiny-random-stdlib-docs-n40"]
+    assert list(other.iterdir()) == []  # nothing was written into it
 
 
 @pytest.mark.slow
