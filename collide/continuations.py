@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)  # KV-cache layer types the engine can share
 # Architectures whose attention modules call transformers' attention interface right after the
 # cache update (model_type): their steps use prefix_attention, the others concatenate the prefix.
-INTERFACE_ATTENTION = ("llama", "mistral", "gemma3_text", "gemma3", "gpt2", "phi3", "qwen2", "qwen3")
+INTERFACE_ATTENTION = ("llama", "mistral", "gemma3_text", "gemma3", "gpt2", "phi3", "qwen2")
 PREFIX_ATTENTION = "collide_prefix"  # attention implementation name registered for the steps
 
 

@@ -27,7 +27,7 @@ from collide.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((REPO / "collide" / "report_schema.json").read_text())
-FAMILIES = ["gpt2", "llama", "gemma3_text", "gpt_neo"]
+FAMILIES = ["gpt2", "llama", "mistral", "phi3", "qwen2", "gemma3_text", "gemma3", "gpt_neo"]
 PREFIX = [256] + list(b"The injectivity of language models.")  # 36 tokens: past the tiny Gemma's window of 8
 
 
