@@ -2,7 +2,8 @@
 
 Hydra entry point: ``--help``, ``--cfg job``, ``-m`` multirun and ``hydra.run.dir=DIR`` work as
 usual. The run directory receives ``store/``, ``report.json``, ``report.md``, ``collisions/``
-and ``figures/``. Re-running with the same ``hydra.run.dir`` resumes an interrupted store.
+and ``figures/``. The default run directory is named by the command, so running the same
+command again resumes an interrupted store, or searches a complete one without loading the model.
 """
 
 from __future__ import annotations
