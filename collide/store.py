@@ -30,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +50,7 @@ TMP_SUFFIX = ".tmp"
 STATE_OPTIONS = dict(compression="none", use_dictionary=False, write_statistics=["prompt_id"])
 PROMPT_OPTIONS = dict(compression="zstd")
 WRITE_THREADS = min(8, os.cpu_count() or 1)  # files of one shard written in parallel
-HASH_CHUNK = 1 << 22  # bytes read per step when hashing a written file
+HASH_CHUNK = 1 << 22  # bytes read per step when hashing a file
 # Batching parameters that fix which prompts share a forward batch: a resumed run reuses the
 # values stored in the manifest so that its states are bit-identical to an uninterrupted run.
 BATCHING_KEYS = ("shard_rows", "batch_tokens", "max_batch_size")
@@ -115,17 +115,23 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> dict:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         write(tmp)
-        digest, size = hashlib.sha256(), 0
         with open(tmp, "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
+            digest, size = _sha256_of(f)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"sha256": digest.hexdigest(), "bytes": size}
+    return {"sha256": digest, "bytes": size}
+
+
+def _sha256_of(f) -> tuple[str, int]:
+    """(sha256 hex digest, bytes) of what is left to read in the binary file object ``f``."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := f.read(HASH_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def os_error_message(path: Path, exc: OSError, what: str = "writing") -> str:
@@ -161,15 +167,10 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 # --------------------------------------------------------------------------- reading
 
-HASH_CHUNK = 1 << 22  # bytes hashed per read
-
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return _sha256_of(f)[0]
 
 
 def file_problem(path: Path, entry: dict) -> str | None:
@@ -192,7 +193,7 @@ class Store:
     prompts of its complete shards. Rows are in prompt_id order (0, 1, 2, ...).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, verified: Iterable[Path] = ()):
         self.path = Path(path)  # store directory
         self.manifest: dict = read_manifest(self.path)  # the parsed manifest.json
         self.layers: list[int] = [int(k) for k in self.manifest["layers"]]  # stored layers, ascending
@@ -201,7 +202,9 @@ class Store:
         self.n_rows: int = sum(int(s["rows"]) for s in self.shards)  # prompts in the complete shards
         self.complete: bool = self.manifest["status"] == "complete"  # False while extraction is unfinished
         self.keep_text: bool = bool(self.manifest.get("keep_text", True))  # prompts carry a text column
-        self._verified: set[Path] = set()  # files whose sha256 matched the manifest in this session
+        # files whose sha256 matched the manifest in this session: ``verified`` are files the caller
+        # hashed itself (a StoreWriter, from the bytes on disk, as it listed them)
+        self._verified: set[Path] = set(verified)
 
     def __repr__(self) -> str:
         status = "complete" if self.complete else "in-progress"
@@ -310,7 +313,8 @@ class Store:
         out: dict[int, str] = {}
         for index, ids in by_shard.items():
             shard = self.shards[index]
-            table = pq.read_table(self.path / PROMPTS_DIR / part_name(shard["index"]), columns=["prompt_id", "text"])
+            table = pq.read_table(self._checked(shard, f"{PROMPTS_DIR}/{part_name(shard['index'])}"),
+                                  columns=["prompt_id", "text"])
             for pid, text in zip(table.column("prompt_id").to_pylist(), table.column("text").to_pylist()):
                 if pid in ids:
                     out[pid] = text
@@ -399,6 +403,7 @@ class StoreWriter:
         self.path = path  # store directory
         self.manifest = manifest  # the manifest as last written to disk
         self._lock_fd = lock_fd  # open descriptor of the store directory holding the writer's lock
+        self.written: set[Path] = set()  # files this writer committed (hashed from disk as it listed them)
 
     def close(self) -> None:
         """Release the writer's lock on the store directory (also done by ``finish`` and at exit)."""
@@ -624,6 +629,7 @@ class StoreWriter:
         m["timings"]["forward_s"] += float(info.get("forward_s", 0.0))
         m["timings"]["write_s"] += time.perf_counter() - t0
         self._write_manifest(m)
+        self.written.update(self.path / rel for rel in files)
         log.debug("committed shard %d (%d rows) in %.2f s", index, rows, time.perf_counter() - t0)
         return shard
 
@@ -640,4 +646,4 @@ class StoreWriter:
         m["timings"]["wall_s"] = float(wall_s)
         self._write_manifest(m)
         self.close()
-        return open_store(self.path)
+        return Store(self.path, verified=self.written)

@@ -176,6 +176,11 @@ def test_verify_ok_then_names_a_corrupted_and_a_truncated_file(tmp_path):
     assert len(problems) == 2
     assert str(corrupted) in problems[0] and "sha256 mismatch" in problems[0]
     assert str(truncated) in problems[1] and "truncated" in problems[1]
+    store = open_store(tmp_path / "s")  # readers refuse the damaged files too, naming them
+    with pytest.raises(CollideError, match=str(corrupted)):
+        store.layer(3)
+    with pytest.raises(CollideError, match=str(truncated)):
+        store.texts([store.shards[2]["first_prompt_id"]])
     run = subprocess.run([sys.executable, "-m", "collide.verify", str(tmp_path / "s")], capture_output=True, text=True)
     assert run.returncode == 1
     assert str(corrupted) in run.stdout and str(truncated) in run.stdout and "FAILED" in run.stdout
