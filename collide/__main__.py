@@ -8,7 +8,6 @@ command again resumes an interrupted store, or searches a complete one without l
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shlex
@@ -24,17 +23,16 @@ from collide.errors import CollideError
 
 log = logging.getLogger("collide")
 
-SEARCH_BACKENDS = ("auto", "torch", "faiss")
-
-
 def validate(cfg: CollideConfig) -> None:
     """Checks that need no model, so that bad values fail before anything is loaded."""
+    from collide.search.api import BACKENDS
+
     if cfg.n_prompts < 2:
         raise CollideError(f"n_prompts={cfg.n_prompts}: at least 2 prompts are needed to form a pair")
     if not cfg.threshold > 0:
         raise CollideError(f"threshold={cfg.threshold}: must be a positive L2 distance, e.g. threshold=1e-6")
-    if cfg.search.backend not in SEARCH_BACKENDS:
-        raise CollideError(f"search.backend={cfg.search.backend!r}: use one of {list(SEARCH_BACKENDS)}")
+    if cfg.search.backend not in BACKENDS:
+        raise CollideError(f"search.backend={cfg.search.backend!r}: use one of {list(BACKENDS)}")
     if cfg.store.shard_rows < 1 or cfg.search.block_rows < 1:
         raise CollideError("store.shard_rows and search.block_rows must be >= 1")
 
@@ -51,7 +49,7 @@ def finished_store(cfg: CollideConfig, store_dir: Path):
     Such a store needs neither the model nor the corpus: a rerun only searches and reports.
     """
     from collide.models import parse_layers
-    from collide.store import MANIFEST, open_store
+    from collide.store import MANIFEST, identity_diff, open_store
 
     if not (store_dir / MANIFEST).is_file():
         return None
@@ -62,7 +60,7 @@ def finished_store(cfg: CollideConfig, store_dir: Path):
     if not store.complete:
         return None
     layers = parse_layers(cfg.layers, store.manifest["n_layers"])
-    if store.manifest["identity"] != json.loads(json.dumps(identity(cfg, layers))):
+    if identity_diff(store.manifest["identity"], identity(cfg, layers)):
         return None  # the extraction stage names the differing key
     return store, layers
 

@@ -32,6 +32,7 @@ reports. Distances are L2, not squared; layer k is HF ``hidden_states[k]`` (see 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -57,6 +58,7 @@ from collide.config import ExtractConfig, ModelConfig, SearchConfig, StoreConfig
 from collide.continuations import continuation_states, input_groups
 from collide.errors import CollideError
 from collide.models import DTYPES, LoadedModel, load_model, parse_layers
+from collide import figures
 from collide.figures import fmt_distance
 
 log = logging.getLogger("collide.exhaustive")  # also when run as __main__
@@ -461,20 +463,18 @@ def search_set(store, pset: PromptSet, layers: list[int], threshold: float, cfg:
 
     n = len(pset.tokens)
     view = set_view(store, pset.index * n, (pset.index + 1) * n)
-    table = view.prompts(["prompt_id", "appended_token"])
-    appended = table.column("appended_token").to_numpy().astype(np.int64)
+    appended = view.prompts(["appended_token"]).column(0).to_numpy().astype(np.int64)  # row r: prompt id base + r
+    keep = None if representatives is None else np.isin(appended, representatives)
     entries, t0 = [], time.perf_counter()
     for k in layers:
         found = search_store(view, k, threshold, cfg.search)
-        row_tokens = appended[found.prompt_ids - pset.index * n]
-        entry = pair_entry(k, found.result, row_tokens, texts, cfg.max_listed)
-        if representatives is None:
+        entry = pair_entry(k, found.result, appended, texts, cfg.max_listed)
+        if keep is None:
             entry["distinct_inputs"] = {key: entry[key] for key in DISTINCT_KEYS}
         else:
-            ids, states = view.layer(k)
-            keep = np.isin(appended[ids - pset.index * n], representatives)
+            _, states = view.layer(k)  # rows in prompt id order, as ``appended``
             distinct = pair_entry(k, min_pairwise(states[keep], threshold, **search_kwargs(cfg.search, False)),
-                                  appended[ids - pset.index * n][keep], texts, cfg.max_listed)
+                                  appended[keep], texts, cfg.max_listed)
             entry["distinct_inputs"] = {key: distinct[key] for key in DISTINCT_KEYS}
         entries.append(entry)
         log.info("set %d (prompt %d) layer %d: min %.6g (%s), %d collisions (distinct inputs: min %.6g, %d), %.1f s",
@@ -535,7 +535,7 @@ def run_exhaustive(inputs: RunInputs, lm: LoadedModel, layers: list[int], ids: l
                    cfg: ExhaustiveConfig, timings: dict) -> dict:
     """Extract and search every set (resumable), optionally across sets; returns exhaustive.json's dict."""
     from collide.extract import store_header
-    from collide.store import StoreWriter, open_store
+    from collide.store import Store, StoreWriter
 
     out_dir = inputs.run_dir / OUT_DIR
     tokens = token_list(lm.model.get_input_embeddings().weight.shape[0], cfg.vocab, cfg.seed)
@@ -557,27 +557,28 @@ def run_exhaustive(inputs: RunInputs, lm: LoadedModel, layers: list[int], ids: l
     header = store_header(lm, layers, n * len(sets), StoreConfig(shard_rows=cfg.shard_rows, keep_text=False),
                           ExtractConfig(max_batch_size=batch))
     writer = StoreWriter.open(out_dir / "store", identity, header)
-    batch, shard_rows = int(writer.batching("max_batch_size")), int(writer.batching("shard_rows"))
-    log.info("%d sets x %d continuations (%d distinct input rows), %d pairs per set and layer, layers %s, "
-             "%d continuations per step", len(sets), n, len(first), n_pairs(n), layers, batch)
-    results = SetResults(out_dir, "exhaustive", _digest({"store": identity, "threshold": inputs.threshold,
-                                                        "search": search_kwargs(cfg.search, progress=False)}))
-    set_results = []
-    for pset in sets:
-        result = results.get(pset.index)
-        if result is None:
-            if writer.n_rows < (pset.index + 1) * n:
-                extract_set(lm, writer, pset, layers, batch, shard_rows, token_texts, (first, group), cfg.progress)
-            store = open_store(writer.path)
-            result = search_set(store, pset, layers, inputs.threshold, cfg, texts,
-                                tokens[first] if len(first) < n else None)
-            result["extract_s"] = round(set_extract_seconds(store, pset.index * n, (pset.index + 1) * n), 3)
-            results.put(pset.index, result)
-        set_results.append(result)
-    if not writer.complete:
-        writer.finish(sum(r["extract_s"] for r in set_results))
-    writer.close()
-    store = open_store(writer.path)
+    with contextlib.closing(writer):  # the lock on the store is released however this ends
+        batch, shard_rows = int(writer.batching("max_batch_size")), int(writer.batching("shard_rows"))
+        log.info("%d sets x %d continuations (%d distinct input rows), %d pairs per set and layer, layers %s, "
+                 "%d continuations per step", len(sets), n, len(first), n_pairs(n), layers, batch)
+        results = SetResults(out_dir, "exhaustive", _digest({"store": identity, "threshold": inputs.threshold,
+                                                            "search": search_kwargs(cfg.search, progress=False)}))
+        set_results = []
+        for pset in sets:
+            result = results.get(pset.index)
+            if result is None:
+                if writer.n_rows < (pset.index + 1) * n:
+                    extract_set(lm, writer, pset, layers, batch, shard_rows, token_texts, (first, group),
+                                cfg.progress)
+                store = Store(writer.path, verified=writer.written)  # this run's files are hashed already
+                result = search_set(store, pset, layers, inputs.threshold, cfg, texts,
+                                    tokens[first] if len(first) < n else None)
+                result["extract_s"] = round(set_extract_seconds(store, pset.index * n, (pset.index + 1) * n), 3)
+                results.put(pset.index, result)
+            set_results.append(result)
+        if not writer.complete:
+            writer.finish(sum(r["extract_s"] for r in set_results))
+    store = Store(writer.path, verified=writer.written)
     timings["extract_s"] = sum(r["extract_s"] for r in set_results)
     timings["search_s"] = sum(r["search_s"] for r in set_results)
     across = None
@@ -795,60 +796,6 @@ def render_margin(result: dict, figure: str | None, per_set: bool) -> str:
     return "\n".join(out) + "\n"
 
 
-def draw_figure(result: dict, path: Path, title: str) -> None:
-    """PNG: min distance per layer (log y). Exhaustive: each set a grey dot, the min over sets a line (pairs
-    with different inputs: identical embedding rows collide by construction and are reported apart).
-    Margin: mean over prompts with the min..max band (and the paper's GPT-2 Small line when it applies).
-    Exact zeros sit at the axis floor as red triangles; the threshold is a dashed red line."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(8.0, 4.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    layers, threshold = result["layers"], result["threshold"]
-    if result["mode"] == "exhaustive":
-        n_sets = result["n_sets"]  # sets are spread over +-0.2 around their layer, so that they stay visible
-        per_set = [(e["layer"] + 0.4 * ((s + 0.5) / n_sets - 0.5), x) for e in result["per_layer"]
-                   for s, x in enumerate(e["distinct_inputs"]["min_distance_per_set"]) if x is not None]
-        main = [e["distinct_inputs"]["min_distance"] for e in result["per_layer"]]
-    else:
-        per_set = []
-        main = [e["mean_min_distance"] for e in result["per_layer"]]
-    values = [x for _, x in per_set] + [x for x in main if x is not None]
-    positive = [x for x in values if x > 0] + [threshold]
-    floor = 10 ** math.floor(math.log10(min(positive))) / 10
-    if per_set:
-        ax.scatter([k for k, _ in per_set], [max(x, floor) for _, x in per_set], s=12, color="0.6",
-                   label="min within one prompt's set", zorder=2)
-    label = "min over all sets (different inputs)" if result["mode"] == "exhaustive" else "mean over prompts of the min"
-    ax.plot(layers, [floor if x is None or x <= 0 else x for x in main], "o-", color="C0", label=label, zorder=3)
-    if result["mode"] == "margin":
-        ax.fill_between(layers, [max(e["min_min_distance"], floor) for e in result["per_layer"]],
-                        [e["max_min_distance"] for e in result["per_layer"]], color="C0", alpha=0.15,
-                        label="smallest .. largest prompt")
-        paper = [(e["layer"], e["paper_gpt2_small"]) for e in result["per_layer"] if e["paper_gpt2_small"]]
-        if paper:
-            ax.plot(*zip(*paper), "s--", color="C2", label="paper (GPT-2 Small)")
-    zeros = [k for k, x in per_set if x == 0] + [k for k, x in zip(layers, main) if x == 0]
-    if zeros:
-        ax.scatter(zeros, [floor] * len(zeros), marker="v", color="red", s=40, zorder=4, label="distance exactly 0")
-    ax.axhline(threshold, color="red", linestyle="--", linewidth=1,
-               label=f"collision threshold {fmt_distance(threshold)}")
-    ax.set_yscale("log")
-    ax.set_xlabel("layer (0 = embeddings)")
-    ax.set_ylabel("L2 distance (not squared)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=16))
-    if len(layers) == 1:
-        ax.set_xlim(layers[0] - 1, layers[0] + 1)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(True, which="major", alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-
-
 def extend_report(run_dir: Path, mode: str, summary: dict, section: str, figure: str) -> bool:
     """Put ``summary`` into RUN_DIR/report.json and ``section`` into report.md (replacing an earlier one).
 
@@ -930,7 +877,7 @@ def run(run_dir: Path, cfg: ExhaustiveConfig, command: str = "") -> dict:
     tic = time.perf_counter()
     title = (f"{m.name}: {result['n_sets']} prompts x {result['sets'][0]['n_continuations']:,} continuations, "
              f"{cfg.mode}, {m.dtype}")
-    draw_figure(result, out_dir / f"{name}.png", title)
+    figures.exhaustive_figure(result, out_dir / f"{name}.png", title)
     timings["report_s"] = time.perf_counter() - tic
     timings["wall_s"] = time.perf_counter() - t_start
     render = render_exhaustive if cfg.mode == "exhaustive" else render_margin

@@ -1,8 +1,8 @@
 """Figures of collide reports (PNG, headless).
 
-Every function draws from plain dicts (a report.json, a comparison, a benchmark history), so a
-figure can be redrawn later from the JSON alone. Matplotlib's object API is used without pyplot:
-no global state, no GUI backend, nothing left open.
+Every function draws from plain dicts (a report.json, a comparison, a benchmark history, an
+exhaustive.json), so a figure can be redrawn later from the JSON alone. Matplotlib's object API
+is used without pyplot: no global state, no GUI backend, nothing left open.
 
 Conventions: distances are L2 (not squared). A log axis cannot show an exact 0 (a collision), so
 zeros are drawn at the axis floor with a red down-triangle and named in the legend. Layer 0 is
@@ -226,4 +226,50 @@ def history_figure(entries: list[dict], path: Path, title: str) -> Path:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     axes[-1].set_xlabel("benchmark run (date, commit)")
     fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def exhaustive_figure(result: dict, path: Path, title: str) -> Path:
+    """PNG: min distance per layer (log y). Exhaustive: each set a grey dot, the min over sets a line (pairs
+    with different inputs: identical embedding rows collide by construction and are reported apart).
+    Margin: mean over prompts with the min..max band (and the paper's GPT-2 Small line when it applies).
+    Exact zeros sit at the axis floor as red triangles; the threshold is a dashed red line."""
+    fig = _new_figure(REPORT_SIZE)
+    ax = fig.add_subplot()
+    layers, threshold = result["layers"], result["threshold"]
+    if result["mode"] == "exhaustive":
+        n_sets = result["n_sets"]  # sets are spread over +-0.2 around their layer, so that they stay visible
+        per_set = [(e["layer"] + 0.4 * ((s + 0.5) / n_sets - 0.5), x) for e in result["per_layer"]
+                   for s, x in enumerate(e["distinct_inputs"]["min_distance_per_set"]) if x is not None]
+        main = [e["distinct_inputs"]["min_distance"] for e in result["per_layer"]]
+    else:
+        per_set = []
+        main = [e["mean_min_distance"] for e in result["per_layer"]]
+    floor = log_floor([x for _, x in per_set] + main, threshold)
+    if per_set:
+        ax.scatter([k for k, _ in per_set], [max(x, floor) for _, x in per_set], s=12, color="0.6",
+                   label="min within one prompt's set", zorder=2)
+    label = "min over all sets (different inputs)" if result["mode"] == "exhaustive" else "mean over prompts of the min"
+    ax.plot(layers, [floor if x is None or x <= 0 else x for x in main], "o-", color="C0", label=label, zorder=3)
+    if result["mode"] == "margin":
+        ax.fill_between(layers, [max(e["min_min_distance"], floor) for e in result["per_layer"]],
+                        [e["max_min_distance"] for e in result["per_layer"]], color="C0", alpha=0.15,
+                        label="smallest .. largest prompt")
+        paper = [(e["layer"], e["paper_gpt2_small"]) for e in result["per_layer"] if e["paper_gpt2_small"]]
+        if paper:
+            ax.plot(*zip(*paper), "s--", color="C2", label="paper (GPT-2 Small)")
+    zeros = [k for k, x in per_set if x == 0] + [k for k, x in zip(layers, main) if x == 0]
+    if zeros:
+        ax.scatter(zeros, [floor] * len(zeros), marker="v", color="red", s=40, zorder=4, label="distance exactly 0")
+    ax.axhline(threshold, color="red", linestyle="--", linewidth=1,
+               label=f"collision threshold {fmt_distance(threshold)}")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("L2 distance (not squared)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=MAX_TICKS))
+    if len(layers) == 1:
+        ax.set_xlim(layers[0] - 1, layers[0] + 1)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(True, which="major", alpha=0.3)
     return _save(fig, path)
