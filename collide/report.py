@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -43,6 +44,10 @@ PERCENTILES = {"min": 0, "p1": 1, "p5": 5, "p25": 25, "p50": 50, "p75": 75, "p95
 MD_COLLISIONS = 10  # colliding pairs per layer shown with their text in report.md
 MD_TEXT_CHARS = 400  # prompt texts longer than this are cut in report.md
 FIGURES = {"min_distance": "figures/min_distance.png", "nn_boxplot": "figures/nn_boxplot.png"}
+# Sections that later commands add to a run's report (collide.exhaustive): a rewrite of the report
+# (the same command run again) keeps them, their figures and their marked blocks of report.md.
+EXTENSION_KEYS = ("exhaustive", "exhaustive_margin")
+EXTENSION_BLOCK = re.compile(r"<!-- (collide\.\w+:\w+):begin -->\n.*?<!-- \1:end -->\n", re.S)
 LAYER_CONVENTION = ("layer 0 = embedding output (input of block 1); layer k = output of block k; "
                     "layer L = last block, read after the final norm (post) or before it (pre)")
 
@@ -364,6 +369,20 @@ def write_figures(report: dict, run_dir: Path) -> list[str]:
     return list(FIGURES.values())
 
 
+def earlier_extensions(run_dir: Path) -> tuple[dict, list[str], list[str]]:
+    """What later commands added to the run's current report, to keep when it is rewritten:
+    (report.json sections {key: value}, their figures, their marked report.md blocks); all empty
+    when there is no earlier report."""
+    try:
+        earlier = json.loads((run_dir / "report.json").read_text())
+        md = (run_dir / "report.md").read_text()
+    except (OSError, ValueError):
+        return {}, [], []
+    sections = {key: earlier[key] for key in EXTENSION_KEYS if key in earlier}
+    extra_figures = [f for f in earlier.get("figures", []) if f not in FIGURES.values()] if sections else []
+    return sections, extra_figures, [m.group(0) for m in EXTENSION_BLOCK.finditer(md)]
+
+
 def write_report(run_dir: Path, run_info: dict, results: list, store, cfg: ReportConfig) -> dict:
     """Write report.json, report.md, collisions/ and figures/ into ``run_dir``; return the report dict.
 
@@ -380,7 +399,10 @@ def write_report(run_dir: Path, run_info: dict, results: list, store, cfg: Repor
     if cfg.figures:
         report["figures"] = write_figures(report, run_dir)
     report["timings"]["report"] = time.perf_counter() - start
-    (run_dir / "report.md").write_text(render_markdown(report))
+    sections, extra_figures, blocks = earlier_extensions(run_dir)
+    report.update(sections)
+    report["figures"] += [f for f in extra_figures if f not in report["figures"]]
+    (run_dir / "report.md").write_text(render_markdown(report) + "".join(f"\n{b}" for b in blocks))
     (run_dir / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     log.info("report: %s (%s) in %.1f s", run_dir / "report.md", report["verdict"]["status"],
              report["timings"]["report"])

@@ -114,15 +114,17 @@ def test_planted_duplicate_embedding_collides_at_every_layer(family):
 # --------------------------------------------------------------------------- the command
 
 
+TINY_RUN = ["model=tiny-random", "corpus=stdlib-docs", "n_prompts=40", "extract.progress=false",
+            "search.progress=false"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, compose):
     """A finished `python -m collide` run of the tiny random Llama on 40 stdlib-docs prompts."""
     from collide.__main__ import run as run_collide
 
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
-    cfg = compose(["model=tiny-random", "corpus=stdlib-docs", "n_prompts=40", "extract.progress=false",
-                   "search.progress=false"])
-    run_collide(cfg, run_dir, "python -m collide model=tiny-random n_prompts=40")
+    run_collide(compose(TINY_RUN), run_dir, "python -m collide model=tiny-random n_prompts=40")
     return run_dir
 
 
@@ -188,7 +190,7 @@ def test_planted_duplicate_found_through_the_command(run_copy, monkeypatch):
     assert "collide at every layer by construction" in (run_copy / "report.md").read_text()
 
 
-def test_selection_report_and_rerun(run_copy):
+def test_selection_report_and_rerun(run_copy, compose):
     import jsonschema
 
     first = run(run_copy, config(n_prompts=4, vocab=30, batch_size=16))
@@ -213,6 +215,16 @@ def test_selection_report_and_rerun(run_copy):
     second = run(run_copy, config(n_prompts=4, vocab=30, batch_size=16))  # finished: reuses every set
     assert second["per_layer"] == first["per_layer"]
     assert second["timings"]["extract_s"] == first["timings"]["extract_s"]
+    assert (run_copy / "report.md").read_text().count("## Exhaustive continuation test") == 1
+
+    from collide.__main__ import run as run_collide  # the run's own command again rewrites its report
+
+    before = json.loads((run_copy / "report.json").read_text())
+    run_collide(compose(TINY_RUN), run_copy, "python -m collide model=tiny-random n_prompts=40")
+    rewritten = json.loads((run_copy / "report.json").read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(rewritten)
+    assert rewritten["exhaustive"] == before["exhaustive"] and "exhaustive/exhaustive.png" in rewritten["figures"]
+    assert rewritten["layers"][-1]["min_distance"] == before["layers"][-1]["min_distance"]
     assert (run_copy / "report.md").read_text().count("## Exhaustive continuation test") == 1
 
 
