@@ -111,7 +111,9 @@ def prefix_attention(module, query: torch.Tensor, key: StepKV, value: StepKV, at
     transformers' sdpa attention does.
     """
     if kwargs.get("softcap") is not None or dropout:
-        raise CollideError("the continuation engine's attention supports neither logit soft-capping nor dropout")
+        raise CollideError(f"{type(module).__name__} asks for logit soft-capping or dropout, which prefix_attention "
+                           "does not do; remove its model_type from continuations.INTERFACE_ATTENTION so that its "
+                           "steps use the model's own attention")
     b, heads, _, head_dim = query.shape
     kv_heads = key.prefix.shape[1]
     f32 = torch.float32  # the arithmetic of sdpa's CPU kernels for half types too (fp32 is a no-op)
@@ -160,7 +162,8 @@ def shared_prefix(cache, split: bool = False):
         if type(layer) not in SUPPORTED_LAYERS:
             raise CollideError(f"the continuation engine does not support KV-cache layers of type "
                                f"{type(layer).__name__} (supported: {[c.__name__ for c in SUPPORTED_LAYERS]}); "
-                               "this architecture needs full forwards instead")
+                               "run collide.exhaustive on a model whose cache uses those (Llama, Mistral, Phi-3, "
+                               "Qwen2, Gemma-3, GPT-2, GPT-Neo families)")
         if not layer.is_initialized:
             raise CollideError("the prefix left a KV-cache layer empty; the prefix must hold at least one token")
         layer.update = functools.partial(_shared_update, layer, split)

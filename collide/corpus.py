@@ -91,19 +91,31 @@ def file_documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
             with open(path, encoding="utf-8") as fh:
                 for row, line in enumerate(fh):
                     if line.strip():
-                        yield f"{path}:{row}", _field(json.loads(line), cfg, path)
+                        yield f"{path}:{row}", _field(_json_object(line, f"{path}:{row + 1}"), cfg, path)
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
-            if cfg.field not in table.column_names:
-                raise CollideError(f"{path} has no column {cfg.field!r} (it has {table.column_names}); "
+            names = pq.read_schema(path).names
+            if cfg.field not in names:
+                raise CollideError(f"{path} has no column {cfg.field!r} (it has {names}); "
                                    "set corpus.field to the text column")
-            for row, text in enumerate(table.column(cfg.field).to_pylist()):
+            for row, text in enumerate(pq.read_table(path, columns=[cfg.field]).column(0).to_pylist()):
                 yield f"{path}:{row}", text or ""
         else:
             for i, para in enumerate(_paragraphs(Path(path).read_text(encoding="utf-8", errors="replace"))):
                 yield f"{path}#{i}", para
+
+
+def _json_object(line: str, where: str) -> dict:
+    """One .jsonl line as a JSON object; CollideError naming the file and line otherwise."""
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        raise CollideError(f"{where}: not valid JSON ({exc}); each .jsonl line must be one JSON object") from None
+    if not isinstance(record, dict):
+        raise CollideError(f"{where}: a JSON {type(record).__name__}, not an object; each .jsonl line must be "
+                           "one JSON object holding the text field")
+    return record
 
 
 def _field(record: dict, cfg: CorpusConfig, where: str) -> str:

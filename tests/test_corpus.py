@@ -74,6 +74,12 @@ def test_files_corpus_errors_name_the_input(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}))
     with pytest.raises(CollideError, match=r"no key 'text'.*corpus.field"):
         list(iter_prompts(CorpusConfig(name="f", kind="files", data_files=[str(tmp_path / "a.jsonl")]), TOK))
+    for bad, says in [('{"text": "fine words here"}\n{"text": oops}\n', "not valid JSON"),
+                      ('{"text": "fine words here"}\n["a list"]\n', "a JSON list, not an object")]:
+        (tmp_path / "b.jsonl").write_text(bad)
+        with pytest.raises(CollideError, match=f"b.jsonl:2: {says}") as err:
+            list(iter_prompts(CorpusConfig(name="f", kind="files", data_files=[str(tmp_path / "b.jsonl")]), TOK))
+        assert "\n" not in str(err.value)
 
 
 def test_offline_hub_corpus_names_the_dataset_and_the_fix():
