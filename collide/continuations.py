@@ -151,7 +151,7 @@ def _shared_update(layer, split: bool, key_states: torch.Tensor, value_states: t
     return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
 
-def shared_prefix(cache, split: bool = False):
+def shared_prefix(cache, split: bool):
     """Turn a batch-1 prefix cache into one that serves any number of single-token steps.
 
     Each layer's ``update`` is replaced by ``_shared_update`` (see there; ``split`` as there). Masks
@@ -181,11 +181,10 @@ def step_states(lm: LoadedModel, cache, prefix_len: int, tokens: torch.Tensor,
     """
     batch = tokens.shape[0]
     mask = torch.ones(batch, prefix_len + 1, dtype=torch.long, device=lm.device)
-    if not uses_prefix_attention(lm):
-        return last_token_states(lm, tokens[:, None], mask, layers, past_key_values=cache, use_cache=True)
     config = lm.model.config
     saved = config._attn_implementation
-    config._attn_implementation = PREFIX_ATTENTION
+    if uses_prefix_attention(lm):
+        config._attn_implementation = PREFIX_ATTENTION
     try:
         return last_token_states(lm, tokens[:, None], mask, layers, past_key_values=cache, use_cache=True)
     finally:

@@ -48,18 +48,18 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-import psutil
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from tqdm import tqdm
 
+from collide import figures
 from collide.config import ExtractConfig, ModelConfig, SearchConfig, StoreConfig
 from collide.continuations import continuation_states, input_groups
 from collide.errors import CollideError
-from collide.models import DTYPES, LoadedModel, load_model, parse_layers
-from collide import figures
+from collide.extract import MEMORY_FRACTION, free_memory, model_widths
 from collide.figures import fmt_distance
+from collide.models import LoadedModel, load_model, parse_layers
 
 log = logging.getLogger("collide.exhaustive")  # also when run as __main__
 
@@ -68,7 +68,6 @@ MODES = ("exhaustive", "margin")
 OUT_DIR = "exhaustive"  # inside the run directory
 MD_BEGIN, MD_END = "<!-- collide.exhaustive:{mode}:begin -->", "<!-- collide.exhaustive:{mode}:end -->"
 REPORT_KEYS = {"exhaustive": "exhaustive", "margin": "exhaustive_margin"}  # report.json key per mode
-MEMORY_FRACTION = 0.25  # share of free memory that one continuation step may take
 CPU_MAX_BATCH, GPU_MAX_BATCH = 2048, 16384  # continuations per step past which a device runs no faster
 # The paper's appendix (GPT-2 Small): min distance among 1000 single-token continuations of a
 # prompt, mean over 100 prompts, layers 1..12. The number to check with hub access (model=gpt2).
@@ -254,20 +253,14 @@ def auto_batch_size(lm: LoadedModel, prefix_len: int, n_layers_kept: int) -> int
     """Continuations per step from the free memory and the model's shape.
 
     Per continuation a step holds, in the compute dtype, one layer's prefix+1 keys and values
-    expanded to all heads (4 (P+1) heads head_dim), the residual stream and attention/MLP
+    expanded to all heads (4 (P+1) heads head_dim: what architectures without prefix_attention
+    copy; an upper bound for the others), the residual stream and attention/MLP
     activations (~8 d + 3 intermediate), plus the kept fp32 states (4 d per layer).
     """
-    cfg = lm.model.config.get_text_config()
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
-    head_dim = getattr(cfg, "head_dim", None) or lm.d // heads
-    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * lm.d
-    elem = torch.finfo(DTYPES[lm.dtype]).bits // 8
+    heads, head_dim, inter, elem = model_widths(lm)
     per = elem * (4 * (prefix_len + 1) * heads * head_dim + 8 * lm.d + 3 * inter) + 4 * lm.d * n_layers_kept
-    if lm.device.type == "cuda":
-        free, cap = torch.cuda.mem_get_info(lm.device)[0], GPU_MAX_BATCH
-    else:
-        free, cap = psutil.virtual_memory().available, CPU_MAX_BATCH
-    return max(1, min(cap, int(MEMORY_FRACTION * free / per)))
+    cap = GPU_MAX_BATCH if lm.device.type == "cuda" else CPU_MAX_BATCH
+    return max(1, min(cap, int(MEMORY_FRACTION * free_memory(lm.device) / per)))
 
 
 # --------------------------------------------------------------------------- sets
@@ -289,12 +282,9 @@ def n_pairs(n: int) -> int:
     return n * (n - 1) // 2
 
 
-def search_kwargs(search: SearchConfig, progress: bool | None = None) -> dict:
-    """SearchConfig -> keyword arguments of collide.search.min_pairwise."""
-    kwargs = asdict(search)
-    if progress is not None:
-        kwargs["progress"] = progress
-    return kwargs
+def search_kwargs(search: SearchConfig) -> dict:
+    """SearchConfig -> keyword arguments of collide.search.min_pairwise, without a progress bar."""
+    return {**asdict(search), "progress": False}
 
 
 def set_view(store, first_id: int, stop_id: int):
@@ -473,7 +463,7 @@ def search_set(store, pset: PromptSet, layers: list[int], threshold: float, cfg:
             entry["distinct_inputs"] = {key: entry[key] for key in DISTINCT_KEYS}
         else:
             _, states = view.layer(k)  # rows in prompt id order, as ``appended``
-            distinct = pair_entry(k, min_pairwise(states[keep], threshold, **search_kwargs(cfg.search, False)),
+            distinct = pair_entry(k, min_pairwise(states[keep], threshold, **search_kwargs(cfg.search)),
                                   appended[keep], texts, cfg.max_listed)
             entry["distinct_inputs"] = {key: distinct[key] for key in DISTINCT_KEYS}
         entries.append(entry)
@@ -562,7 +552,7 @@ def run_exhaustive(inputs: RunInputs, lm: LoadedModel, layers: list[int], ids: l
         log.info("%d sets x %d continuations (%d distinct input rows), %d pairs per set and layer, layers %s, "
                  "%d continuations per step", len(sets), n, len(first), n_pairs(n), layers, batch)
         results = SetResults(out_dir, "exhaustive", _digest({"store": identity, "threshold": inputs.threshold,
-                                                            "search": search_kwargs(cfg.search, progress=False)}))
+                                                            "search": search_kwargs(cfg.search)}))
         set_results = []
         for pset in sets:
             result = results.get(pset.index)
@@ -614,7 +604,7 @@ def run_margin(inputs: RunInputs, lm: LoadedModel, layers: list[int], ids: list[
                 "n_tokens": cfg.n_tokens, "seed": cfg.seed, "layers": layers}
     results = SetResults(inputs.run_dir / OUT_DIR, "margin",
                          _digest({"identity": identity, "threshold": inputs.threshold,
-                                  "search": search_kwargs(cfg.search, progress=False)}))
+                                  "search": search_kwargs(cfg.search)}))
     set_results = []
     timings.setdefault("extract_s", 0.0)
     timings.setdefault("search_s", 0.0)
@@ -633,7 +623,7 @@ def run_margin(inputs: RunInputs, lm: LoadedModel, layers: list[int], ids: list[
             entries = []
             for k in layers:
                 res = min_pairwise(torch.cat([b.states[k] for b in blocks]), inputs.threshold,
-                                   **search_kwargs(cfg.search, progress=False))
+                                   **search_kwargs(cfg.search))
                 entries.append(pair_entry(k, res, row_tokens, texts, cfg.max_listed))
             result = {"set": s, "base_prompt_id": pid, "prefix_tokens": len(prefix), "n_continuations": len(tokens),
                       "extract_s": round(extract_s, 3), "search_s": round(time.perf_counter() - tic - extract_s, 3),
@@ -796,15 +786,15 @@ def render_margin(result: dict, figure: str | None, per_set: bool) -> str:
     return "\n".join(out) + "\n"
 
 
-def extend_report(run_dir: Path, mode: str, summary: dict, section: str, figure: str) -> bool:
+def extend_report(run_dir: Path, mode: str, summary: dict, section: str, figure: str) -> None:
     """Put ``summary`` into RUN_DIR/report.json and ``section`` into report.md (replacing an earlier one).
 
-    Returns False (and changes nothing) when the run has no report.json.
+    Changes nothing when the run has no report.json.
     """
     report_file, md_file = run_dir / "report.json", run_dir / "report.md"
     if not report_file.is_file():
         log.warning("%s has no report.json; the results stay in %s", run_dir, run_dir / OUT_DIR)
-        return False
+        return
     report = json.loads(report_file.read_text())
     report[REPORT_KEYS[mode]] = summary
     if figure not in report.setdefault("figures", []):
@@ -820,7 +810,6 @@ def extend_report(run_dir: Path, mode: str, summary: dict, section: str, figure:
     tmp = md_file.with_name(md_file.name + ".tmp")
     tmp.write_text(md)
     os.replace(tmp, md_file)
-    return True
 
 
 # --------------------------------------------------------------------------- the command

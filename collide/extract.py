@@ -150,6 +150,20 @@ def plan_batches(lengths: np.ndarray, batch_tokens: int, max_batch_size: int, bu
     return batches
 
 
+def model_widths(lm: LoadedModel) -> tuple[int, int, int, int]:
+    """(heads, head_dim, intermediate size, bytes per element) of ``lm``, for memory estimates."""
+    cfg = lm.model.config.get_text_config()
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
+    head_dim = getattr(cfg, "head_dim", None) or lm.d // heads
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * lm.d
+    return heads, head_dim, inter, torch.finfo(DTYPES[lm.dtype]).bits // 8
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free now where ``device`` computes: CUDA ``mem_get_info``, else psutil's available RAM."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+
+
 def auto_batch_tokens(lm: LoadedModel, longest: int, n_layers_kept: int) -> int:
     """A token budget per batch from the memory free now and the model's shape.
 
@@ -159,16 +173,11 @@ def auto_batch_tokens(lm: LoadedModel, longest: int, n_layers_kept: int) -> int:
     the free memory (CUDA: ``mem_get_info``; CPU: psutil available) is given to that, capped by
     what still speeds the device up. Never below ``longest``, so one prompt always fits.
     """
-    cfg = lm.model.config.get_text_config()
     d = lm.d
-    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
-    elem = torch.finfo(DTYPES[lm.dtype]).bits // 8
+    heads, _, inter, elem = model_widths(lm)
     per_token = elem * (6 * d + 2 * inter + heads * longest) + 4 * d * n_layers_kept
-    if lm.device.type == "cuda":
-        free, cap = torch.cuda.mem_get_info(lm.device)[0], GPU_MAX_BATCH_TOKENS
-    else:
-        free, cap = psutil.virtual_memory().available, CPU_MAX_BATCH_TOKENS
+    free = free_memory(lm.device)
+    cap = GPU_MAX_BATCH_TOKENS if lm.device.type == "cuda" else CPU_MAX_BATCH_TOKENS
     budget = max(longest, min(cap, int(MEMORY_FRACTION * free / per_token)))
     log.info("batch budget: %d tokens (%.1f GiB free, ~%d bytes per token)", budget, free / 2**30, per_token)
     return budget
