@@ -521,17 +521,18 @@ def summarize_layers(set_results: list[dict], layers: list[int]) -> list[dict]:
     return out
 
 
-def run_exhaustive(inputs: RunInputs, lm: LoadedModel, layers: list[int], ids: list[int], selection: dict,
-                   cfg: ExhaustiveConfig, timings: dict) -> dict:
-    """Extract and search every set (resumable), optionally across sets; returns exhaustive.json's dict."""
+def run_exhaustive(inputs: RunInputs, lm: LoadedModel, layers: list[int], prompts: dict[int, dict],
+                   selection: dict, cfg: ExhaustiveConfig, timings: dict) -> dict:
+    """Extract and search every set (resumable), optionally across sets; returns exhaustive.json's dict.
+
+    ``prompts``: ``base_prompts`` of the selected ids, in set order."""
     from collide.extract import store_header
     from collide.store import Store, StoreWriter
 
     out_dir = inputs.run_dir / OUT_DIR
     tokens = token_list(lm.model.get_input_embeddings().weight.shape[0], cfg.vocab, cfg.seed)
-    prompts = base_prompts(inputs.store, ids)
-    sets = [PromptSet(index=s, base_prompt_id=pid, prefix=list(prompts[pid]["token_ids"]), text=prompts[pid]["text"],
-                      tokens=tokens) for s, pid in enumerate(ids)]
+    sets = [PromptSet(index=s, base_prompt_id=pid, prefix=list(prompt["token_ids"]), text=prompt["text"],
+                      tokens=tokens) for s, (pid, prompt) in enumerate(prompts.items())]
     n = len(tokens)
     tic = time.perf_counter()
     token_texts = decode_tokens(lm, tokens)
@@ -593,13 +594,15 @@ def run_exhaustive(inputs: RunInputs, lm: LoadedModel, layers: list[int], ids: l
 # --------------------------------------------------------------------------- margin mode
 
 
-def run_margin(inputs: RunInputs, lm: LoadedModel, layers: list[int], ids: list[int], cfg: ExhaustiveConfig,
-               timings: dict) -> dict:
-    """The paper's margin variant: per prompt, the min distance among ``n_tokens`` continuations."""
+def run_margin(inputs: RunInputs, lm: LoadedModel, layers: list[int], prompts: dict[int, dict],
+               selection: dict, cfg: ExhaustiveConfig, timings: dict) -> dict:
+    """The paper's margin variant: per prompt, the min distance among ``n_tokens`` continuations.
+
+    ``prompts``: ``base_prompts`` of the selected ids, in order."""
     from collide.search import min_pairwise
 
     vocab_size = lm.model.get_input_embeddings().weight.shape[0]
-    prompts = base_prompts(inputs.store, ids)
+    ids = list(prompts)
     identity = {"mode": "margin", "model": asdict(inputs.model_cfg), "run_identity": inputs.store.manifest["identity"],
                 "n_tokens": cfg.n_tokens, "seed": cfg.seed, "layers": layers}
     results = SetResults(inputs.run_dir / OUT_DIR, "margin",
@@ -644,7 +647,7 @@ def run_margin(inputs: RunInputs, lm: LoadedModel, layers: list[int], ids: list[
                           "n_collisions": sum(r["layers"][slot]["n_collisions"] for r in set_results),
                           "paper_gpt2_small": PAPER_GPT2_MARGIN.get(k) if is_gpt2_small(inputs.model_cfg) else None})
     return {"schema_version": SCHEMA_VERSION, "mode": "margin", "threshold": inputs.threshold, "layers": layers,
-            "selection": {"method": "explicit" if cfg.prompt_ids else "first", "prompt_ids": ids},
+            "selection": selection,
             "tokens": {"n_tokens": cfg.n_tokens, "seed": cfg.seed,
                        "sample": "seeded per prompt: rng([seed, prompt_id])"},
             "n_sets": len(ids), "per_layer": per_layer,
@@ -835,7 +838,7 @@ def run(run_dir: Path, cfg: ExhaustiveConfig, command: str = "") -> dict:
                                f"set n_prompts<={store.n_rows}")
         ids, selection = list(range(cfg.n_prompts)), {"method": "first"}
     selection["prompt_ids"] = ids
-    base_prompts(store, ids)  # bad ids fail before the model loads
+    prompts = base_prompts(store, ids)  # bad ids fail before the model loads
     timings["select_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -847,9 +850,9 @@ def run(run_dir: Path, cfg: ExhaustiveConfig, command: str = "") -> dict:
     log.info("model %s loaded in %.1f s on %s; %s test of %d prompts at %s", lm.name, timings["load_model_s"],
              lm.device, cfg.mode, len(ids), _layers_in_words(layers))
     if cfg.mode == "exhaustive":
-        result = run_exhaustive(inputs, lm, layers, ids, selection, cfg, timings)
+        result = run_exhaustive(inputs, lm, layers, prompts, selection, cfg, timings)
     else:
-        result = run_margin(inputs, lm, layers, ids, cfg, timings)
+        result = run_margin(inputs, lm, layers, prompts, selection, cfg, timings)
     out_dir = inputs.run_dir / OUT_DIR
     name = cfg.mode
     m = inputs.model_cfg
