@@ -169,7 +169,11 @@ def open_run(run_dir: Path, cfg: ExhaustiveConfig) -> RunInputs:
         raise CollideError(f"RUN_DIR {run_dir} is not a directory; pass the directory of a finished "
                            "`python -m collide` run (it holds store/ and report.json)")
     report_file = run_dir / "report.json"
-    report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    try:
+        report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise CollideError(f"cannot read {report_file} ({exc}); rerun the run's own `python -m collide` command "
+                           "to rewrite it (a complete store is only searched again)") from None
     store_path = Path(report["store"]) if report and report.get("store") else Path("store")
     store = open_store(store_path if store_path.is_absolute() else run_dir / store_path)
     if not store.complete:
@@ -180,7 +184,7 @@ def open_run(run_dir: Path, cfg: ExhaustiveConfig) -> RunInputs:
     if unknown:
         raise CollideError(f"unknown model.* keys {sorted(unknown)}; valid: {[f.name for f in fields(ModelConfig)]}")
     model_cfg = ModelConfig(**{**stored, **cfg.model})
-    threshold = cfg.threshold if cfg.threshold is not None else float(report["threshold"]) if report else 1e-6
+    threshold = cfg.threshold if cfg.threshold is not None else float(report.get("threshold", 1e-6)) if report else 1e-6
     return RunInputs(run_dir=run_dir, store=store, model_cfg=model_cfg, threshold=threshold)
 
 

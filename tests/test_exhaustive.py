@@ -259,6 +259,10 @@ def test_typo_and_bad_values_are_one_line_errors(run_copy):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "'n_promts'" in proc.stderr
     assert main([str(run_copy / "missing")]) == 2
+    (run_copy / "report.json").write_text('{"store": "store", "thresh')  # cut short
+    with pytest.raises(CollideError, match=r"report.json .*rerun the run's own `python -m collide`") as err:
+        run(run_copy, config(n_prompts=2, vocab=10))
+    assert "\n" not in str(err.value)
 
 
 def test_killed_run_resumes_to_identical_results(tiny_run, tmp_path):
