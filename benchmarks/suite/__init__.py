@@ -1,0 +1,1 @@
+"""collide's asv benchmark suite (``asv.conf.json``: ``benchmark_dir``); see benchmarks/README.md."""
