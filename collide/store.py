@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import bisect
 import copy
-import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from collide.atomic import TMP_SUFFIX, atomic_write, atomic_write_json, fsync_dir, os_error_message, sha256_file
 from collide.errors import CollideError
 
 log = logging.getLogger(__name__)
@@ -44,13 +43,11 @@ FORMAT = "collide-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROMPTS_DIR = "prompts"
-TMP_SUFFIX = ".tmp"
 # Parquet options: states are written plain (no compression, no dictionary) so that reading them
 # is a decode of contiguous floats; the prompts table is small and compresses well with zstd.
 STATE_OPTIONS = dict(compression="none", use_dictionary=False, write_statistics=["prompt_id"])
 PROMPT_OPTIONS = dict(compression="zstd")
 WRITE_THREADS = min(8, os.cpu_count() or 1)  # files of one shard written in parallel
-HASH_CHUNK = 1 << 22  # bytes read per step when hashing a file
 # Batching parameters that fix which prompts share a forward batch: a resumed run reuses the
 # values stored in the manifest so that its states are bit-identical to an uninterrupted run.
 BATCHING_KEYS = ("shard_rows", "batch_tokens", "max_batch_size")
@@ -101,50 +98,6 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> dict:
-    """Create ``path`` atomically: ``write(tmp)`` fills ``path.tmp``, which is then read back for
-    its sha256, fsynced and renamed (the directory is not synced). Returns {"sha256", "bytes"}."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            digest, size = _sha256_of(f)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return {"sha256": digest, "bytes": size}
-
-
-def _sha256_of(f) -> tuple[str, int]:
-    """(sha256 hex digest, bytes) of what is left to read in the binary file object ``f``."""
-    digest, size = hashlib.sha256(), 0
-    while chunk := f.read(HASH_CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    return digest.hexdigest(), size
-
-
-def os_error_message(path: Path, exc: OSError, what: str = "writing") -> str:
-    """One line for an OSError while writing the store: the path and the fix."""
-    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
-        return (f"no space left on the device while {what} {path}; free disk space (or point store.path at a "
-                f"disk with room) and rerun the same command: it resumes after the last complete shard")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return (f"cannot write {path} ({exc.strerror}); make it writable or set store.path to a writable "
-                f"directory")
-    return f"{what} {path} failed: {exc.strerror or exc}; fix the path or set store.path to another directory"
-
-
 def read_manifest(path: str | os.PathLike) -> dict:
     """The parsed ``manifest.json`` of the store at ``path``; CollideError if it is not a store."""
     path = Path(path)
@@ -166,11 +119,6 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return _sha256_of(f)[0]
 
 
 def file_problem(path: Path, entry: dict) -> str | None:
@@ -539,15 +487,13 @@ class StoreWriter:
         manifest["updated_at"] = now_iso()
         file = self.path / MANIFEST
         try:
-            text = json.dumps(manifest, indent=1)
-            _write_atomic(file, lambda tmp: tmp.write_text(text))
-            _fsync_dir(self.path)
+            atomic_write_json(file, manifest)
         except OSError as exc:
             raise CollideError(os_error_message(file, exc)) from exc
         self.manifest = manifest
 
     def _write_parquet(self, table: pa.Table, rel: str, options: dict) -> dict:
-        return _write_atomic(self.path / rel, lambda tmp: pq.write_table(
+        return atomic_write(self.path / rel, lambda tmp: pq.write_table(
             table, tmp, row_group_size=max(table.num_rows, 1), **options))
 
     def commit_shard(self, prompts: pa.Table, states: dict[int, np.ndarray], info: dict | None = None) -> dict:
@@ -589,20 +535,10 @@ class StoreWriter:
 
         # Files are independent: encode, hash and fsync them in parallel (pyarrow, hashlib and
         # file I/O release the GIL), so that writing keeps up with a GPU.
-        def sync_dir(directory: str) -> tuple[str, OSError | None]:
-            try:
-                _fsync_dir(self.path / directory)
-                return directory, None
-            except OSError as exc:
-                return directory, exc
-
         with ThreadPoolExecutor(max_workers=min(WRITE_THREADS, len(layers) + 1)) as pool:
             prompt_job = pool.submit(write, f"{PROMPTS_DIR}/{part_name(index)}", prompts, PROMPT_OPTIONS)
             results = [prompt_job.result() + (0,)] + list(pool.map(write_layer, layers))
-            failed = [(rel, exc) for rel, _, exc, _ in results if exc is not None]
-            if not failed:  # the renames are durable once their directories are synced
-                synced = pool.map(sync_dir, [PROMPTS_DIR] + [layer_dir(k) for k in layers])
-                failed = [(directory, exc) for directory, exc in synced if exc is not None]
+        failed = [(rel, exc) for rel, _, exc, _ in results if exc is not None]
         if failed:
             for rel, *_ in results:
                 (self.path / rel).unlink(missing_ok=True)

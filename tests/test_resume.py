@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 N_PROMPTS, SHARD_ROWS, LAYERS = 110, 24, [0, 2, 4]  # 5 shards, the last one partial
-KILLS = ["commit:1", "commit:2", "forward:9", "write:9", "manifest:3"]
+KILLS = ["commit:1", "commit:2", "forward:9", "write:7", "manifest:3"]
 
 
 def prompts(n: int = 140):
@@ -79,8 +79,8 @@ def kill_at(spec: str) -> None:
                 die()
             return real_forward(*args, **kwargs)
         extract_mod.last_token_states = forward
-    elif point == "write":  # half-way through the n-th file write (manifest writes included): 9 = shard 1
-        real_write = store_mod._write_atomic
+    elif point == "write":  # half-way through the n-th shard file write (4 files a shard): 7 = shard 1
+        real_write = store_mod.atomic_write
 
         def write(path, fill):
             if nth():
@@ -89,7 +89,7 @@ def kill_at(spec: str) -> None:
                 os.truncate(tmp, tmp.stat().st_size // 2)
                 die()
             return real_write(path, fill)
-        store_mod._write_atomic = write
+        store_mod.atomic_write = write
     elif point == "manifest":  # a shard's files are renamed, the manifest does not list them yet
         real_manifest = store_mod.StoreWriter._write_manifest
 
@@ -148,10 +148,10 @@ def test_sigkill_at_several_points_then_resume_equals_an_uninterrupted_run(tmp_p
         assert proc.returncode == -signal.SIGKILL, f"{spec}: exit {proc.returncode}\n{output}"
     committed = {spec: len(read_manifest(path)["shards"]) for spec, path in stores.items()}
     assert committed["commit:1"] == 1 and committed["commit:2"] == 2
-    assert committed["write:9"] == 1 and committed["manifest:3"] == 1  # shard 1 was being written
+    assert committed["write:7"] == 1 and committed["manifest:3"] == 1  # shard 1 was being written
     assert committed["forward:9"] <= 2  # killed inside shard 1 or 2 (shard 0 may still be in the writer)
     assert all(read_manifest(path)["status"] == "in-progress" for path in stores.values())
-    assert list(stores["write:9"].glob("*/part-00001.parquet.tmp"))  # half a file
+    assert list(stores["write:7"].glob("*/part-00001.parquet.tmp"))  # half a file
     assert (stores["manifest:3"] / "layer=4" / "part-00001.parquet").exists()  # renamed, never listed
     assert all(verify_store(path) == [] for path in stores.values())  # what is listed is sound
 

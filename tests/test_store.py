@@ -209,13 +209,13 @@ def test_enospc_gives_one_clear_line_and_keeps_earlier_shards(tmp_path, monkeypa
     writer = StoreWriter.open(tmp_path / "s", {}, header(n_prompts=30))
     for first in (0, 10):
         writer.commit_shard(*shard_data(first, 10))
-    real = store_mod._write_atomic
+    real = store_mod.atomic_write
 
     def full_disk(path, write):
         if path.name == "part-00002.parquet" and path.parent.name == "layer=3":
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, write)
-    monkeypatch.setattr(store_mod, "_write_atomic", full_disk)
+    monkeypatch.setattr(store_mod, "atomic_write", full_disk)
     with pytest.raises(CollideError) as err:
         writer.commit_shard(*shard_data(20, 10))
     message = str(err.value)
@@ -224,7 +224,7 @@ def test_enospc_gives_one_clear_line_and_keeps_earlier_shards(tmp_path, monkeypa
     assert verify_store(tmp_path / "s") == []
     assert open_store(tmp_path / "s").n_rows == 20
     assert sorted(p.name for p in (tmp_path / "s" / "prompts").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
-    monkeypatch.setattr(store_mod, "_write_atomic", real)  # disk freed: a new writer resumes
+    monkeypatch.setattr(store_mod, "atomic_write", real)  # disk freed: a new writer resumes
     writer.close()
     writer = StoreWriter.open(tmp_path / "s", {}, header(n_prompts=30))
     writer.commit_shard(*shard_data(20, 10))
