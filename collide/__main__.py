@@ -1,15 +1,23 @@
-"""``python -m collide [overrides]``: corpus -> model -> store -> certified search -> report.
+"""``collide run [overrides]`` (= ``python -m collide``): corpus -> model -> store -> search -> report.
 
 Hydra entry point: ``--help``, ``--cfg job``, ``-m`` multirun and ``hydra.run.dir=DIR`` work as
-usual. The run directory receives ``store/``, ``report.json``, ``report.md``, ``collisions/``
-and ``figures/``. The default run directory is named by the command, so running the same
-command again resumes an interrupted store, or searches a complete one without loading the model.
+usual. Stores are keyed by their content, not by the run: a store lives at
+``<store.root>/<model>-<corpus>-n<N>-<hash>/`` where the hash covers everything that determines
+its states (see ``store_identity``), so runs that differ only in search or report settings share
+one store, and a rerun resumes an interrupted one. A complete store that holds more prompts (the
+same deterministic stream) or more layers serves a run that asks for a subset, without loading the
+model. The run directory (named by the command) receives ``report.json``, ``report.md``,
+``collisions/``, ``figures/`` and ``store.json``, the record of the store it used.
+
+``python -m collide COMMAND ...`` with another command of ``collide.cli`` (search, verify, ...)
+runs that command.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import re
 import shlex
 import sys
 import time
@@ -23,112 +31,206 @@ from collide.errors import CollideError
 
 log = logging.getLogger("collide")
 
+# Keys of the model config that say where or how it runs, not what it computes: left out of a store's identity.
+RUNTIME_MODEL_KEYS = ("name", "device", "device_map")
+
+
 def validate(cfg: CollideConfig) -> None:
     """Checks that need no model, so that bad values fail before anything is loaded."""
-    from collide.search.api import BACKENDS
-
     if cfg.n_prompts < 2:
         raise CollideError(f"n_prompts={cfg.n_prompts}: at least 2 prompts are needed to form a pair")
     if not cfg.threshold > 0:
         raise CollideError(f"threshold={cfg.threshold}: must be a positive L2 distance, e.g. threshold=1e-6")
-    if cfg.search.backend not in BACKENDS:
-        raise CollideError(f"search.backend={cfg.search.backend!r}: use one of {list(BACKENDS)}")
     if cfg.store.shard_rows < 1 or cfg.search.block_rows < 1:
         raise CollideError("store.shard_rows and search.block_rows must be >= 1")
 
 
-def identity(cfg: CollideConfig, layers: list[int]) -> dict:
-    """What makes a store: a resumed store must match every key (see collide.extract)."""
-    return {"model": asdict(cfg.model), "corpus": asdict(cfg.corpus), "layers": layers,
-            "n_prompts": cfg.n_prompts, "keep_text": cfg.store.keep_text, "shard_rows": cfg.store.shard_rows}
+def layer_spec(spec) -> str:
+    """A canonical text of the ``layers`` config ("all", "a:b", or "0,5,30") for store identities."""
+    if isinstance(spec, (list, tuple)):
+        return ",".join(str(k) for k in sorted({int(k) for k in spec}))
+    return str(spec)
 
 
-def finished_store(cfg: CollideConfig, store_dir: Path):
-    """(store, layers) when ``store_dir`` holds a complete store made by this very config, else None.
+def store_identity(cfg: CollideConfig) -> dict:
+    """What determines a store's states (and so its location): a resumed store must match every key.
 
-    Such a store needs neither the model nor the corpus: a rerun only searches and reports.
+    Model: source, revision, family, GGUF file, compute dtype, final-norm convention, seed (random
+    models) and trust_remote_code; not its name, device or device map. Corpus: every key but its
+    name. Then n_prompts, the layer spec as given (resolved layers are in the manifest), positions,
+    the storage dtype (auto resolved to the compute dtype), and keep_text and shard_rows (shard
+    boundaries fix which prompts share a forward batch, so a resume stays bit-identical).
+    """
+    model = {k: v for k, v in asdict(cfg.model).items() if k not in RUNTIME_MODEL_KEYS}
+    corpus = {k: v for k, v in asdict(cfg.corpus).items() if k != "name"}
+    stored = cfg.model.dtype if cfg.store.dtype == "auto" else cfg.store.dtype
+    return json.loads(json.dumps({
+        "model": model, "corpus": corpus, "n_prompts": cfg.n_prompts, "layers": layer_spec(cfg.layers),
+        "positions": cfg.store.positions, "dtype": stored, "keep_text": cfg.store.keep_text,
+        "shard_rows": cfg.store.shard_rows}))
+
+
+def identity_hash(identity: dict) -> str:
+    """12 hex digits of the sha256 of the identity's canonical JSON."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def store_location(cfg: CollideConfig, identity: dict) -> Path:
+    """``store.path`` when set, else ``<store.root>/<model>-<corpus>-n<N>-<hash>``."""
+    if cfg.store.path:
+        return Path(cfg.store.path)
+    return Path(cfg.store.root) / f"{cfg.model.name}-{cfg.corpus.name}-n{cfg.n_prompts}-{identity_hash(identity)}"
+
+
+def serves(manifest: dict, identity: dict, cfg: CollideConfig) -> list[int] | None:
+    """The layers a complete store's manifest would give this run, or None if it cannot serve it.
+
+    A store serves when its identity equals this run's in every key but ``n_prompts`` (it holds at
+    least as many: its first N prompts are the first N distinct prompts of the same deterministic
+    stream) and ``layers`` (it holds every layer asked for: the same forward passes computed them).
     """
     from collide.models import parse_layers
-    from collide.store import MANIFEST, identity_diff, open_store
 
-    if not (store_dir / MANIFEST).is_file():
+    stored = manifest.get("identity", {})
+    if manifest.get("status") != "complete" or set(stored) != set(identity):
+        return None
+    if any(stored[k] != identity[k] for k in identity if k not in ("n_prompts", "layers")):
+        return None
+    if int(manifest["counts"]["n_prompts"]) < cfg.n_prompts:
         return None
     try:
-        store = open_store(store_dir)
+        layers = parse_layers(cfg.layers, int(manifest["n_layers"]))
     except CollideError:
-        return None  # the extraction stage reports what is wrong with it
-    if not store.complete:
         return None
-    layers = parse_layers(cfg.layers, store.manifest["n_layers"])
-    if identity_diff(store.manifest["identity"], identity(cfg, layers)):
-        return None  # the extraction stage names the differing key
+    return layers if set(layers) <= {int(k) for k in manifest["layers"]} else None
+
+
+def serving_store(cfg: CollideConfig, identity: dict, location: Path):
+    """(store, layers, how) for a complete store that serves this run without the model, else None.
+
+    ``how`` is "exact" (the store at ``location``) or "subset" (a larger store under store.root).
+    """
+    from collide.store import MANIFEST, open_store, read_manifest
+
+    candidates = [location] + ([] if cfg.store.path else sorted(p for p in Path(cfg.store.root).glob("*")
+                                                                 if p != location))
+    for path in candidates:
+        if not (path / MANIFEST).is_file():
+            continue
+        try:
+            manifest = read_manifest(path)
+        except CollideError:
+            continue  # a damaged store is reported where it is extracted into, not here
+        layers = serves(manifest, identity, cfg)
+        if layers is None:
+            continue
+        store = open_store(path)
+        if store.n_rows == cfg.n_prompts:
+            return store, layers, "exact" if path == location else "subset"
+        return store.select(cfg.n_prompts), layers, "subset"
+    return None
+
+
+def extract(cfg: CollideConfig, identity: dict, location: Path, timings: dict):
+    """Load the model and extract (or resume) the store at ``location``; returns (store, layers)."""
+    from collide.corpus import iter_prompts
+    from collide.models import load_model, parse_layers
+
+    tic = time.perf_counter()
+    log.info("loading model %s (%s)", cfg.model.name, cfg.model.source)
+    lm = load_model(cfg.model)
+    layers = parse_layers(cfg.layers, lm.n_layers)
+    timings["load_model"] = time.perf_counter() - tic
+    log.info("model loaded in %.1f s: L=%d blocks, d=%d, layers %s", timings["load_model"], lm.n_layers, lm.d,
+             layers if len(layers) < 8 else f"{layers[0]}..{layers[-1]} ({len(layers)})")
+    tic = time.perf_counter()
+    args = (lm, iter_prompts(cfg.corpus, lm.tokenizer), layers, location, cfg.n_prompts, identity, cfg.store,
+            cfg.extract)
+    if cfg.cluster.kind == "ray":
+        from collide.cluster import extract_to_store_ray
+
+        store = extract_to_store_ray(*args, cfg.cluster)
+    else:
+        from collide.extract import extract_to_store
+
+        store = extract_to_store(*args)
+    timings["extract"] = time.perf_counter() - tic
     return store, layers
+
+
+def search(store, layers: list[int], cfg: CollideConfig) -> list:
+    """The certified search of every layer (collide.search.search_store, or on Ray with cluster=ray)."""
+    from collide.search import search_store
+
+    results = []
+    for layer in layers:
+        if cfg.cluster.kind == "ray":
+            from collide.cluster import search_store_ray
+
+            results.append(search_store_ray(store, layer, cfg.threshold, cfg.search, cfg.cluster))
+        else:
+            results.append(search_store(store, layer, cfg.threshold, cfg.search))
+        res = results[-1].result
+        log.info("layer %d: min distance %.6g (%s), %d collisions, %.1f s", layer, res.distance,
+                 "certified" if res.certified else "NOT certified", res.n_collisions, res.seconds)
+    return results
 
 
 def run(cfg: CollideConfig, run_dir: Path, command: str) -> dict:
     """The whole pipeline on a validated config; returns the report dict."""
-    from collide.corpus import iter_prompts
-    from collide.extract import extract_to_store
-    from collide.models import load_model, parse_layers
+    from collide.atomic import atomic_write_json
     from collide.report import print_summary, write_report
-    from collide.search import search_store
 
     validate(cfg)
     timings: dict[str, float] = {"load_model": 0.0, "extract": 0.0}
-    store_dir = Path(cfg.store.path) if Path(cfg.store.path).is_absolute() else run_dir / cfg.store.path
-    finished = finished_store(cfg, store_dir)
-    if finished is not None:
-        store, layers = finished
-        log.info("store %s is complete (%d prompts, layers %s): searching it without loading the model",
-                 store_dir, store.n_rows, layers if len(layers) < 8 else f"{layers[0]}..{layers[-1]}")
+    identity = store_identity(cfg)
+    location = store_location(cfg, identity)
+    served = serving_store(cfg, identity, location)
+    if served is not None:
+        store, layers, how = served
+        log.info("store %s is complete (%s: %d prompts, layers %s): searching it without loading the model",
+                 store.path, how, store.n_rows, layers if len(layers) < 8 else f"{layers[0]}..{layers[-1]}")
     else:
-        tic = time.perf_counter()
-        log.info("loading model %s (%s)", cfg.model.name, cfg.model.source)
-        lm = load_model(cfg.model)
-        layers = parse_layers(cfg.layers, lm.n_layers)
-        timings["load_model"] = time.perf_counter() - tic
-        log.info("model loaded in %.1f s: L=%d blocks, d=%d, layers %s", timings["load_model"], lm.n_layers, lm.d,
-                 layers if len(layers) < 8 else f"{layers[0]}..{layers[-1]} ({len(layers)})")
-        tic = time.perf_counter()
-        store = extract_to_store(lm, iter_prompts(cfg.corpus, lm.tokenizer), layers, store_dir, cfg.n_prompts,
-                                 identity(cfg, layers), cfg.store, cfg.extract)
-        timings["extract"] = time.perf_counter() - tic
-        del lm  # free the model before the search needs memory
+        store, layers = extract(cfg, identity, location, timings)
+        how = "exact"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "store.json", {
+        "path": str(store.path.resolve()), "identity_hash": identity_hash(store.manifest["identity"]),
+        "served": how, "n_prompts": store.n_rows, "layers": layers})
 
     tic = time.perf_counter()
-    results = []
-    for layer in layers:
-        results.append(search_store(store, layer, cfg.threshold, cfg.search))
-        res = results[-1].result
-        log.info("layer %d: min distance %.6g (%s), %d collisions, %.1f s", layer, res.distance,
-                 "certified" if res.certified else "NOT certified", res.n_collisions, res.seconds)
+    results = search(store, layers, cfg)
     timings["search"] = time.perf_counter() - tic
-
     model_info = {**{k: getattr(cfg.model, k) for k in ("name", "source", "revision", "family", "dtype",
                                                          "final_norm")},
                   "n_layers": store.manifest["n_layers"], "d": store.d}
+    counts = store.manifest["counts"]
     run_info = {"model": model_info, "corpus": asdict(cfg.corpus), "n_prompts": store.n_rows,
-                "n_duplicates": store.manifest["counts"]["n_duplicates"], "threshold": cfg.threshold,
-                "layers": layers, "timings": timings, "store": str(Path(cfg.store.path)), "command": command}
-    report = write_report(run_dir, run_info, results, store, cfg.report)
+                # duplicates met before the first N distinct prompts: known only for the store's own N
+                "n_duplicates": counts["n_duplicates"] if store.n_rows == counts["n_prompts"] else None,
+                "threshold": cfg.threshold, "layers": layers, "timings": timings, "store": str(store.path),
+                "command": command}
+    report = write_report(run_dir, json.loads(json.dumps(run_info)), results, store, cfg.report)
     print_summary(report)
     log.info("report written to %s", run_dir / "report.md")
     return report
 
 
 def _check_group_choices(argv: list[str]) -> None:
-    """One-line error for an unknown model=/corpus= name, listing the choices (before Hydra starts)."""
+    """One-line error for an unknown model=/corpus=/cluster= name, listing the choices (before Hydra starts)."""
+    import re
+
     from collide.corpus import available
 
     for arg in argv:
-        match = re.fullmatch(r"\+?(model|corpus)=(.+)", arg)
+        match = re.fullmatch(r"\+?(model|corpus|cluster)=(.+)", arg)
         if match:
             group, value = match.groups()
             for name in value.split(","):  # multirun sweeps list several
                 if name and name not in available(group):
                     raise CollideError(f"unknown {group} {name!r}; choose one of: {', '.join(available(group))}"
-                                       + (" (or set model.source=<hub id or local dir>)" if group == "model"
-                                          else " (or corpus=files corpus.data_files=...)"))
+                                       + {"model": " (or set model.source=<hub id or local dir>)",
+                                          "corpus": " (or corpus=files corpus.data_files=...)"}.get(group, ""))
 
 
 def _sweep_variants(overrides: list[str]) -> list[list[str]]:
@@ -167,7 +269,7 @@ def _check_composes(argv: list[str]) -> None:
             first = str(exc).splitlines()[0]
             detail = str(cause).splitlines()[0] if cause is not None and str(cause) else ""
             raise CollideError((first if detail in first else f"{first} {detail}")
-                               + "; see `python -m collide --cfg job` for the keys and their types") from None
+                               + "; see `collide run --cfg job` for the keys and their types") from None
 
 
 def _hydra_app():
@@ -180,14 +282,13 @@ def _hydra_app():
         cfg: CollideConfig = OmegaConf.to_object(dcfg)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            run(cfg, run_dir, "python -m collide " + shlex.join(sys.argv[1:]))
+            run(cfg, run_dir, "collide run " + shlex.join(sys.argv[1:]))
         except CollideError as exc:
             sys.exit(_fail(str(exc)))
         except KeyboardInterrupt:
             again = ("the same command" if HydraConfig.get().mode == RunMode.RUN
-                     else f"this job alone: python -m collide {shlex.join(HydraConfig.get().overrides.task)}")
-            sys.exit(_fail(f"interrupted; the complete shards in {run_dir / cfg.store.path} are kept: run {again} "
-                           f"with hydra.run.dir={run_dir} to resume", status=130))
+                     else f"this job alone: collide run {shlex.join(HydraConfig.get().overrides.task)}")
+            sys.exit(_fail(f"interrupted; the store's complete shards are kept: run {again} to resume", status=130))
 
     return app
 
@@ -202,8 +303,22 @@ def _fail(message: str, status: int = 2) -> int:
     return status
 
 
+def path_safe(text: str) -> str:
+    """A run-directory name from Hydra's override_dirname: a path in an override must not nest directories."""
+    return text.replace("/", "%2F")
+
+
 def main() -> None:
+    """``python -m collide [overrides]`` runs the pipeline; ``python -m collide COMMAND ...`` another command."""
+    from collide.cli import COMMANDS, main as cli_main
+
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS and sys.argv[1] != "run":
+        sys.exit(cli_main(sys.argv[1:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "run":
+        sys.argv = [sys.argv[0]] + sys.argv[2:]
     register_configs()
+    if not OmegaConf.has_resolver("path_safe"):
+        OmegaConf.register_new_resolver("path_safe", path_safe)
     try:
         _check_group_choices(sys.argv[1:])
         _check_composes(sys.argv[1:])

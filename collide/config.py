@@ -150,6 +150,9 @@ class SearchConfig:
     max_candidates: int = 50_000_000
     threads: int = 0  # CPU threads for search; 0 = all cores
     progress: bool = True  # show a progress bar of pairs done, pairs/s and ETA
+    # Exact certified nearest-neighbour distance of every row (nn percentiles, boxplot);
+    # false = minimum and collisions only (nn_distance is null), a little faster.
+    nearest: bool = True
 
 
 @dataclass
@@ -243,10 +246,46 @@ class ExhaustiveConfig:
     progress: bool = True  # progress bars for extraction and search
 
 
+@dataclass
+class ProbeConfig:
+    """``collide probe RUN``: linear probes from the state at t to the token at t+tau (store.positions=all)."""
+
+    source: str = MISSING  # a run directory or a store directory made with store.positions=all (positional)
+    layers: Any = "all"  # store layers to probe: all, an int, a list [0, 8] or a range "a:b" (inclusive)
+    taus: List[int] = default(default_factory=lambda: [1, 2, 3, 4])  # lookaheads; 0 = the token at t itself
+    vocab: int = 1024  # K: the K most frequent training targets are classes, every other token is "other"
+    test_fraction: float = 0.2  # share of the prompts held out for the reported accuracies
+    val_fraction: float = 0.1  # share of the prompts held out of the fit to choose the ridge strength
+    # ridge strengths tried, as multiples of the mean eigenvalue of the (standardised) training Gram matrix
+    alphas: List[float] = default(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    seed: int = 0  # seed of the prompt-level split
+    out: Optional[str] = None  # output directory of probe.{json,md} and figures/; None = the store's parent
+    figures: bool = True  # write figures/probe_accuracy.png
+
+
+@dataclass
+class PrecacheConfig:
+    """``collide precache``: the synthetic pre-caching experiment of arXiv 2404.00859, vanilla vs myopic."""
+
+    out: str = "precache"  # output directory of precache.{json,md} and figures/
+    modes: List[str] = default(default_factory=lambda: ["vanilla", "myopic"])  # training modes to run
+    p: float = 0.5  # P(z_n = 1): the share of positions whose target is the 10-term sum of sin(10 x)
+    seq_len: int = 64  # positions per sequence
+    window: int = 10  # y_n sums sin(10 x_j) over j = n-window+1 .. n when z_n = 1
+    d_model: int = 128  # width of the 2-layer GPT-2
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 2  # attention heads
+    steps: int = 3000  # optimizer steps per model
+    batch_size: int = 64  # sequences per step
+    lr: float = 1e-3  # AdamW peak learning rate (linear warm-up, cosine decay)
+    eval_sequences: int = 2048  # fresh sequences for the test loss and the probes (half fit, half scored)
+    max_lag: int = 20  # probes read sin(10 x_{n-i}) for i = 0..max_lag
+    seed: int = 0  # seed of the data, the initialisation and the probe split
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    figures: bool = True  # write figures/precache_r2.png
+
 def register_configs() -> None:
-    """Register the schemas: ``collide_schema`` (extended by ``conf/config.yaml``) and the cluster group's."""
+    """Register ``collide_schema`` (extended by ``conf/config.yaml``; its groups are typed through it)."""
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    cs.store(name="collide_schema", node=CollideConfig)
-    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
+    ConfigStore.instance().store(name="collide_schema", node=CollideConfig)
