@@ -172,6 +172,9 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0  # CPUs reserved by each worker / search task
     max_retries: int = 3  # times a lost task or actor is retried before the run fails
     object_store_mb: int = 0  # object-store memory of a local Ray instance, MiB; 0 = Ray's default
+    # search.block_rows blocks per search panel: one task screens a panel pair, reading both panels
+    # (2 x panel rows x d x 4 bytes) for panel_rows^2 x d x 2 flops; 16 x 4096 rows keeps an H100 busy
+    panel_blocks: int = 16
 
 
 @dataclass

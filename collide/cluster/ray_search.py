@@ -1,0 +1,251 @@
+"""The certified search of one store layer as Ray tasks: ``search_store_ray``.
+
+The layer's rows are cut into blocks exactly as ``collide.search.search_store`` cuts them
+(``search.block_rows`` rows of the store, NaN/Inf rows left out), and consecutive blocks are
+grouped into panels of ``cluster.panel_blocks`` blocks. Two rounds of tasks:
+
+1. **scan**, one task per panel: its prompt ids, valid and invalid rows, and one fp64 sum per
+   block; the driver adds the block sums in block order, as the local pass does, so the mean
+   ``mu`` that centres the GEMM operands is bit-identical to a local search's.
+2. **tiles**, one task per panel pair (P, Q), P <= Q (the upper triangle): the task reads its two
+   panels from the store's Parquet files itself (``Store.select_range``, sha256-checked, once per
+   worker process), and screens every block pair of P x Q with ``PairSearch.screen``, the local
+   engine: the same GEMM bound, fp64 re-ranks and per-row nearest-neighbour certification. The
+   task starts from the driver's current nearest-neighbour distances of its rows (exact
+   distances of real pairs, so they only prune; they never hide a closer pair).
+
+At most ``cluster.num_workers`` x 2 tasks are in flight (``ray.wait``), and partial results are
+reduced as they arrive: each row's nearest-neighbour distance is the minimum over the tiles that
+hold it (every pair of rows lies in exactly one tile), the minimum pair is the smallest
+(distance, i, j) over tiles, collisions are the union. All three are certified per tile, so the
+result equals the local search's: minimum, pair, collisions and every nn distance bitwise, and
+``certified``; ``n_candidates`` may differ (a tile sees fewer neighbours when it starts).
+
+A tile or scan task is a pure read: a lost worker's task is simply run again (``ray`` task
+retries, ``cluster.max_retries``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from collide.cluster.session import chaos_point, ray_session, remote_options, task_failed
+from collide.config import ClusterConfig, SearchConfig
+from collide.errors import CollideError
+from collide.search.api import LayerResult, _check, _result, _search_context, as_tensor, pick_backend, \
+    resolve_device
+from collide.search.blocks import finite_rows, make_block, right_operand, sum_rows
+from collide.search.symmetric import PairSearch
+from collide.store import open_store
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_PER_WORKER = 2  # tasks queued per worker: one running, one whose inputs are being read
+
+_STORES: dict = {}  # worker process cache: store path -> Store (its files are sha256-checked once)
+
+
+@dataclass
+class BlockSpec:
+    """One search block: store rows [start, stop) of the view, its valid rows, its engine start."""
+
+    start: int  # first row (0 = the view's first prompt) of the block
+    stop: int  # one past its last row
+    valid: np.ndarray  # (b,) int64 rows of the block (relative to start) without NaN/Inf
+    engine: int  # engine index of its first valid row (valid rows of earlier blocks)
+
+
+def _store(path: str, first_id: int, stop_id: int):
+    """The store view [first_id, stop_id) at ``path``, from this worker's cache."""
+    if path not in _STORES:
+        _STORES[path] = open_store(path)
+    return _STORES[path].select_range(first_id, stop_id)
+
+
+def _read(view, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt ids, float32 states) of rows [start, stop) of a store view."""
+    part = view.select_range(view.first_id + start, view.first_id + stop)
+    return next(part.iter_blocks(layer, stop - start))
+
+
+@ray.remote
+def scan_panel(path: str, first_id: int, stop_id: int, layer: int, start: int, stop: int, block_rows: int):
+    """Pass 1 for rows [start, stop) of the view: (ids, [(valid rows, invalid rows, fp64 sum)] per block)."""
+    ids, states = _read(_store(path, first_id, stop_id), layer, start, stop)
+    blocks = []
+    for s in range(0, stop - start, block_rows):
+        xb = as_tensor(states[s:s + block_rows])
+        valid = finite_rows(xb, block_rows)
+        blocks.append((torch.nonzero(valid)[:, 0].numpy(), torch.nonzero(~valid)[:, 0].numpy(),
+                       sum_rows(xb[valid], block_rows).numpy()))
+    return ids, blocks
+
+
+@ray.remote
+def search_tile(path: str, first_id: int, stop_id: int, layer: int, panel_p: list[BlockSpec],
+                panel_q: list[BlockSpec], mu: np.ndarray, nn_seed: np.ndarray, threshold: float, cfg: dict,
+                budget: int, threads: int, tag: str):
+    """Screen every pair of rows in panels P x Q (P == Q: each pair once) with the local engine.
+
+    ``nn_seed``: squared exact nn distances known so far for the rows of P then Q (the unique
+    blocks), engine order. Returns the partial result (see ``_merge``).
+    """
+    view = _store(path, first_id, stop_id)
+    dev = resolve_device(cfg["device"])
+    same = panel_p is panel_q or [b.start for b in panel_p] == [b.start for b in panel_q]
+    specs = panel_p if same else panel_p + panel_q
+    with _search_context(dev, cfg["precision"], threads):
+        mu_t = torch.from_numpy(mu).to(dev)
+        blocks, local = [], 0
+        for spec in specs:
+            _, states = _read(view, layer, spec.start, spec.stop)
+            xb = as_tensor(states).to(dev)
+            xv = xb if len(spec.valid) == xb.shape[0] else xb[torch.from_numpy(spec.valid).to(dev)]
+            blocks.append(make_block(xv, torch.from_numpy(spec.valid + spec.start).to(dev), local, mu_t))
+            local += len(spec.valid)
+        chaos_point(tag)
+        state = PairSearch(local, view.d, dev, threshold, cfg["precision"], budget, cfg["block_rows"])
+        state.nn_exact.copy_(torch.tensor(nn_seed))
+        left, right = blocks[:len(panel_p)], blocks if same else blocks[len(panel_p):]
+        for jb, bj in enumerate(right):
+            rhs = right_operand(bj.left, view.d)
+            for ib, bi in enumerate(left):
+                if same and ib >= jb:
+                    break
+                state.screen(bi, bj, rhs, "cross")
+            if same:
+                state.screen(bj, bj, rhs, "diag")
+    return dict(tau=state.tau, pair=state.pair, coll=state.coll, nn=state.nn_exact.cpu().numpy(),
+                n_candidates=state.n_candidates, n_skipped=state.n_skipped, reason=state.reason,
+                gemm_s=state.gemm_s)
+
+
+def _engine_rows(panel: list[BlockSpec]) -> np.ndarray:
+    """Engine indices of the valid rows of a panel's blocks, in order."""
+    return np.concatenate([np.arange(b.engine, b.engine + len(b.valid)) for b in panel] or [np.empty(0, np.int64)])
+
+
+class _Reduction:
+    """The running merge of tile results, held in a PairSearch so that the local ``_result`` builds the answer."""
+
+    def __init__(self, m: int, d: int, threshold: float, cfg: SearchConfig):
+        self.state = PairSearch(m, d, torch.device("cpu"), threshold, cfg.precision, cfg.max_candidates, 1)
+        self.nn = np.full(m, math.inf)  # squared exact nn distance per engine row, so far
+
+    def merge(self, part: dict, rows: np.ndarray) -> None:
+        st = self.state
+        np.minimum.at(self.nn, rows, part["nn"])
+        if part["pair"] is not None and (part["tau"], part["pair"]) < (st.tau, st.pair or (math.inf,)):
+            st.tau, st.pair = part["tau"], part["pair"]
+        st.coll.extend(part["coll"])
+        st.n_candidates += part["n_candidates"]
+        st.n_skipped += part["n_skipped"]
+        st.reason = st.reason or part["reason"]
+        st.gemm_s += part["gemm_s"]
+
+    def finish(self) -> PairSearch:
+        self.state.nn_exact = torch.from_numpy(self.nn)
+        return self.state
+
+
+def _panels(view, layer: int, block_rows: int, panel_rows: int, opts: dict, max_retries: int):
+    """Scan round: (prompt ids, valid rows, invalid rows, mu, panels of BlockSpecs)."""
+    path, first, stop = str(view.path), view.first_id, view.stop_id
+    bounds = [(s, min(s + panel_rows, view.n_rows)) for s in range(0, view.n_rows, panel_rows)]
+    refs = [scan_panel.options(**opts, name="collide-scan").remote(path, first, stop, layer, a, b, block_rows)
+            for a, b in bounds]
+    parts = _get_all(refs, [f"scan of rows {a}..{b - 1}" for a, b in bounds], max_retries)
+    total = torch.zeros(view.d, dtype=torch.float64)
+    ids, valid_rows, invalid_rows, panels, engine = [], [], [], [], 0
+    for (a, _), (p_ids, blocks) in zip(bounds, parts):
+        ids.append(p_ids)
+        panel = []
+        for n, (valid, invalid, block_sum) in enumerate(blocks):
+            start = a + n * block_rows
+            total += torch.tensor(block_sum)  # block by block, in order: the local pass's additions
+            valid_rows.append(valid + start)
+            invalid_rows.append(invalid + start)
+            if len(valid):
+                panel.append(BlockSpec(start, min(start + block_rows, view.n_rows), valid.astype(np.int64), engine))
+                engine += len(valid)
+        if panel:
+            panels.append(panel)
+    cat = lambda parts: np.concatenate(parts) if parts else np.empty(0, np.int64)  # noqa: E731
+    valid_rows = cat(valid_rows)
+    return cat(ids), valid_rows, cat(invalid_rows), (total / max(len(valid_rows), 1)).numpy(), panels
+
+
+def _get_all(refs: list, names: list[str], max_retries: int) -> list:
+    """ray.get of every ref, translating a lost or failed task into a CollideError."""
+    out = [None] * len(refs)
+    index = {ref: i for i, ref in enumerate(refs)}
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        i = index[done[0]]
+        try:
+            out[i] = ray.get(done[0])
+        except Exception as exc:  # noqa: BLE001 - Ray wraps every remote failure
+            raise task_failed(exc, names[i], max_retries) from None
+    return out
+
+
+def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConfig,
+                     cluster_cfg: ClusterConfig) -> LayerResult:
+    """``collide.search.search_store`` on a Ray cluster: the same LayerResult (see the module docstring).
+
+    ``store``: an opened store (or a view of one) on storage every Ray node mounts at the same
+    path. Only the torch engine is distributed; ``search.backend=faiss`` is refused.
+    """
+    tic = time.perf_counter()
+    if pick_backend(search_cfg.backend, search_cfg.device) != "torch":
+        raise CollideError("search.backend=faiss does not run on a Ray cluster; use search.backend=auto (or torch) "
+                           "with cluster=ray, or cluster=local for the faiss engine")
+    _check(threshold, search_cfg.block_rows, search_cfg.precision, search_cfg.k, search_cfg.max_k,
+           search_cfg.max_candidates, torch.device("cuda" if cluster_cfg.gpus_per_worker else "cpu"))
+    if cluster_cfg.panel_blocks < 1:
+        raise CollideError(f"cluster.panel_blocks={cluster_cfg.panel_blocks} must be >= 1")
+    block_rows = search_cfg.block_rows
+    cfg = dict(device=search_cfg.device, precision=str(search_cfg.precision), block_rows=block_rows)
+    threads = search_cfg.threads or max(1, int(cluster_cfg.cpus_per_worker))
+    with ray_session(cluster_cfg, store.path):
+        opts = remote_options(cluster_cfg, retries=True)
+        prompt_ids, valid_rows, invalid_rows, mu, panels = _panels(
+            store, layer, block_rows, block_rows * cluster_cfg.panel_blocks, opts, cluster_cfg.max_retries)
+        red = _Reduction(len(valid_rows), store.d, threshold, search_cfg)
+        pairs = [(p, q) for q in range(len(panels)) for p in range(q + 1)]
+        engine = [_engine_rows(panel) for panel in panels]
+        path, first, stop, mu_ref = str(store.path), store.first_id, store.stop_id, ray.put(mu)
+        limit = IN_FLIGHT_PER_WORKER * max(1, cluster_cfg.num_workers)
+        in_flight: dict = {}
+        bar = None
+        if search_cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(pairs), unit="tile", desc=f"layer {layer} tiles")
+        for t, (p, q) in enumerate(pairs):
+            rows = engine[p] if p == q else np.concatenate([engine[p], engine[q]])
+            budget = max(search_cfg.max_candidates - red.state.n_candidates, 0)
+            ref = search_tile.options(**opts, name="collide-tile").remote(
+                path, first, stop, layer, panels[p], panels[q], mu_ref, red.nn[rows], threshold, cfg, budget,
+                threads, f"tile-{p}-{q}")
+            in_flight[ref] = (rows, f"tile ({p}, {q}) of layer {layer}")
+            while len(in_flight) >= limit or (t == len(pairs) - 1 and in_flight):
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                rows_done, name = in_flight.pop(done[0])
+                try:
+                    red.merge(ray.get(done[0]), rows_done)
+                except Exception as exc:  # noqa: BLE001 - Ray wraps every remote failure
+                    raise task_failed(exc, name, cluster_cfg.max_retries) from None
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+    res = _result(red.finish(), len(prompt_ids), valid_rows, invalid_rows, "torch", tic)
+    return LayerResult(layer=layer, prompt_ids=prompt_ids, result=res)
