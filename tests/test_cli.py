@@ -23,6 +23,11 @@ def collide(*args, cwd=None, timeout=600):
                           cwd=cwd, timeout=timeout)
 
 
+def store_path(run: Path) -> Path:
+    """The store a run used, from the record in its run directory."""
+    return Path(json.loads((run / "store.json").read_text())["path"])
+
+
 def error_line(proc) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("collide: error:")]
     assert len(lines) == 1, proc.stderr[-2000:]
@@ -73,7 +78,7 @@ def test_multirun_sweep_runs_every_job_and_compares_them(tmp_path):
     jobs = sorted(sweep.glob("*/report.json"))
     assert [p.parent.name for p in jobs] == ["0-tiny-random-stdlib-docs", "1-tiny-random-stdlib-docs"]
     assert [json.loads(p.read_text())["dtype"] for p in jobs] == ["fp32", "bf16"]
-    cmp = subprocess.run([sys.executable, "-m", "collide.report", str(sweep), "--out", str(tmp_path / "cmp")],
+    cmp = subprocess.run([sys.executable, "-m", "collide.report", str(sweep), f"out={tmp_path / 'cmp'}"],
                          capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     assert cmp.returncode == 0, cmp.stderr[-3000:]
     summary = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
@@ -85,7 +90,7 @@ def test_layer_out_of_range_fails_before_any_forward(tmp_path):
     proc = collide("model=tiny-random", "layers=[2,9]", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2
     assert "0..4" in error_line(proc)
-    assert not (tmp_path / "run" / "store").exists()
+    assert not (tmp_path / "runs" / "stores").exists()
 
 
 def test_offline_hub_model_names_the_id_and_the_fix(tmp_path):
@@ -118,13 +123,13 @@ def test_tiny_run_writes_the_documented_outputs(tmp_path):
     assert (run / "report.md").exists() and (run / "figures" / "min_distance.png").stat().st_size > 10_000
     assert {p.name for p in (run / "collisions").iterdir()} == {"layer=0.parquet", "layer=2.parquet",
                                                                 "layer=4.parquet"}
-    assert open_store(run / "store").complete
+    assert open_store(store_path(run)).complete
     # a damaged shard is never compared as numbers: the search names the file and the fix
-    damaged = run / "store" / "layer=2" / "part-00000.parquet"
+    damaged = store_path(run) / "layer=2" / "part-00000.parquet"
     data = bytearray(damaged.read_bytes())
     data[200] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    search = subprocess.run([sys.executable, "-m", "collide.search", str(run / "store"), "layers=[2]"],
+    search = subprocess.run([sys.executable, "-m", "collide.search", str(store_path(run)), "layers=[2]"],
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert search.returncode == 2
     assert str(damaged) in error_line(search) and "collide.verify" in error_line(search)
@@ -139,19 +144,23 @@ def test_ctrl_c_then_same_command_resumes(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "collide", *args], env=ENV, cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    manifest = run / "store" / "manifest.json"
+    stores = tmp_path / "runs" / "stores"
     deadline = time.time() + 300
-    while time.time() < deadline and not (manifest.exists() and json.loads(manifest.read_text())["shards"]):
+    def manifest():
+        found = list(stores.glob("*/manifest.json"))
+        return found[0] if found and json.loads(found[0].read_text())["shards"] else None
+
+    while time.time() < deadline and manifest() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
-    assert f"hydra.run.dir={run}" in [ln for ln in stderr.splitlines() if ln.startswith("collide: error:")][0]
-    partial = json.loads(manifest.read_text())
+    assert "run the same command to resume" in [ln for ln in stderr.splitlines() if ln.startswith("collide: error:")][0]
+    partial = json.loads(manifest().read_text())
     assert partial["status"] == "in-progress" and 1 <= len(partial["shards"]) < 36
     done = collide(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    store = open_store(run / "store")
+    store = open_store(store_path(run))
     assert store.complete and store.n_rows == 1800
     ids, _ = store.layer(1)
     assert (ids == range(1800)).all()
@@ -168,12 +177,13 @@ def test_same_command_reuses_its_run_dir_and_a_store_being_written_is_refused(tm
     untimed = [{k: v for k, v in e.items() if k != "seconds"} for e in first["layers"]]
     assert [{k: v for k, v in e.items() if k != "seconds"}
             for e in json.loads((run / "report.json").read_text())["layers"]] == untimed
-    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["tiny-random-stdlib-docs-n40"]
-    other = tmp_path / "runs" / "tiny-random-stdlib-docs-n30" / "layers=[1]" / "store"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["stores", "tiny-random-stdlib-docs-n40"]
+    other = tmp_path / "store-in-use"
     other.mkdir(parents=True)
     fd = lock_store(other)  # as if another copy of this command were writing its store
     try:
-        busy = collide("model=tiny-random", "n_prompts=30", "layers=[1]", *QUIET, cwd=tmp_path)
+        busy = collide("model=tiny-random", "n_prompts=30", "layers=[1]", f"store.path={other}", *QUIET,
+                       cwd=tmp_path)
     finally:
         os.close(fd)
     assert busy.returncode == 2 and "being written by another writer" in error_line(busy)
@@ -194,7 +204,7 @@ def test_embedded_smollm2_end_to_end(tmp_path):
     for k in (1, 15, 30):  # contextual layers: distinct prompts stay apart, certified
         assert layers[k]["certified"] and layers[k]["n_collisions"] == 0 and layers[k]["min_distance"] > 1e-3
     # prompts that end in the same token share their embedding state exactly
-    last_tokens = [ids[-1] for ids in open_store(run / "store").prompts(["token_ids"]).column(0).to_pylist()]
+    last_tokens = [ids[-1] for ids in open_store(store_path(run)).prompts(["token_ids"]).column(0).to_pylist()]
     same_end = sum(a == b for i, a in enumerate(last_tokens) for b in last_tokens[i + 1:])
     assert layers[0]["n_collisions"] == same_end and (same_end == 0 or layers[0]["min_distance"] == 0)
     assert report["verdict"]["status"] == "no_collisions"

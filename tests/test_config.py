@@ -28,7 +28,26 @@ def test_default_is_embedded_model_on_real_english(compose):
     cfg = compose()
     assert isinstance(cfg, CollideConfig)
     assert (cfg.model.name, cfg.corpus.name) == ("smollm2", "stdlib-docs")
-    assert cfg.threshold == 1e-6 and cfg.layers == "all" and cfg.store.path == "store"
+    assert cfg.threshold == 1e-6 and cfg.layers == "all" and cfg.store.path is None
+    assert (cfg.store.root, cfg.store.positions, cfg.store.dtype, cfg.cluster.kind) == ("runs/stores", "last", "auto",
+                                                                                       "local")
+
+
+@pytest.mark.parametrize("override,named", [("model.dtype=fp64", "fp64"), ("model.final_norm=mid", "mid"),
+                                            ("search.backend=annoy", "annoy"), ("search.precision=tf32", "tf32"),
+                                            ("store.positions=some", "some"), ("store.dtype=int8", "int8"),
+                                            ("corpus.kind=web", "web")])
+def test_fixed_value_sets_are_checked_when_composed(compose, override, named):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose([override])
+    message = str(err.value.__cause__ or err.value)
+    assert named in message and "expected one of" in message
+
+
+def test_enum_values_read_as_their_strings(compose):
+    cfg = compose(["model.dtype=bf16", "corpus=stdlib-code", "store.positions=all"])
+    assert cfg.model.dtype == "bf16" and f"{cfg.model.dtype}" == "bf16" and str(cfg.corpus.kind) == "stdlib-code"
+    assert cfg.store.positions == "all" and {"bf16": 1}[cfg.model.dtype] == 1
 
 
 @pytest.mark.parametrize("name", MODELS)
