@@ -51,7 +51,7 @@ NIGHTLY_DIR := runs/nightly-gpu/$(shell date +%Y-%m-%d)
 nightly-gpu: $(STAMP)
 	$(BIN)/python -m collide -m model=$(or $(MODELS),llama3) corpus=mix n_prompts=100000 \
 	  hydra.sweep.dir=$(NIGHTLY_DIR) $(ARGS)
-	$(BIN)/python -m collide.report $(NIGHTLY_DIR) --out $(NIGHTLY_DIR)/comparison
+	$(BIN)/collide compare $(NIGHTLY_DIR) out=$(NIGHTLY_DIR)/comparison
 	$(BIN)/python benchmarks/run.py --full
 
 clean:
