@@ -8,8 +8,11 @@
    and fill batches up to a token budget (prompts x padded length), so that prompts of similar
    length share a batch and little is padded.
 3. Run each batch right-padded through ``collide.models.last_token_states`` (only the selected
-   layers, stopping after the deepest) and keep each prompt's last real token, as float32.
-4. Hand the shard to a writer thread, which commits it atomically while the next shard runs.
+   layers, stopping after the deepest) and keep each prompt's last real token; with
+   ``store.positions=all``, through ``all_token_states`` and keep every real position too. States
+   are converted to the storage dtype (``store.dtype``; auto = the compute dtype) on the device.
+4. Hand the shard to a writer thread (``ShardPipeline``), which commits it atomically while the
+   next shard runs.
 
 Exactness: with right padding and the attention mask, a stored state equals the state of an
 unpadded forward pass of that prompt alone up to floating-point reassociation (tested: 1e-5
@@ -40,7 +43,7 @@ from tqdm import tqdm
 from collide.config import ExtractConfig, StoreConfig
 from collide.corpus import Prompt
 from collide.errors import CollideError
-from collide.models import DTYPES, LoadedModel, last_token_states
+from collide.models import DTYPES, LoadedModel, all_token_states, last_token_states
 from collide.store import Store, StoreWriter, open_store, prompt_table
 
 log = logging.getLogger(__name__)
@@ -164,18 +167,20 @@ def free_memory(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
 
 
-def auto_batch_tokens(lm: LoadedModel, longest: int, n_layers_kept: int) -> int:
+def auto_batch_tokens(lm: LoadedModel, longest: int, n_layers_kept: int, every_position: bool = False) -> int:
     """A token budget per batch from the memory free now and the model's shape.
 
     Per token of a batch a forward pass holds about 6 d (residual, q, k, v, attention output,
     norm) + 2 x intermediate (MLP) activations plus one attention-score row per head (heads x T)
-    in the compute dtype, and each prompt keeps n_layers_kept fp32 rows of d; MEMORY_FRACTION of
+    in the compute dtype, and each prompt keeps n_layers_kept fp32 rows of d (``every_position``:
+    each token keeps n_layers_kept rows of d in the compute dtype); MEMORY_FRACTION of
     the free memory (CUDA: ``mem_get_info``; CPU: psutil available) is given to that, capped by
     what still speeds the device up. Never below ``longest``, so one prompt always fits.
     """
     d = lm.d
     heads, _, inter, elem = model_widths(lm)
-    per_token = elem * (6 * d + 2 * inter + heads * longest) + 4 * d * n_layers_kept
+    per_token = elem * (6 * d + 2 * inter + heads * longest + (d * n_layers_kept if every_position else 0)) \
+        + 4 * d * n_layers_kept
     free = free_memory(lm.device)
     cap = GPU_MAX_BATCH_TOKENS if lm.device.type == "cuda" else CPU_MAX_BATCH_TOKENS
     budget = max(longest, min(cap, int(MEMORY_FRACTION * free / per_token)))
@@ -194,54 +199,80 @@ def pad_batch(seqs: list[np.ndarray], pad: int, device: torch.device) -> tuple[t
     return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
+def host_array(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as the numpy array the store takes: float32, float16, or bfloat16 as uint16 bits."""
+    return tensor.view(torch.int16).numpy().view(np.uint16) if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+
 def launch_shard(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], batch_tokens: int,
                  max_batch_size: int, bucket: bool = True, on_batch: Callable[[int, int], None] | None = None,
-                 ) -> tuple[dict[int, np.ndarray], Callable[[], None]]:
-    """Queue the forward passes of one shard; returns ({layer: (n, d) float32}, wait).
+                 dtype: str = "fp32", every_position: bool = False,
+                 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray] | None, Callable[[], None]]:
+    """Queue the forward passes of one shard; returns ({layer: (n, d)}, {layer: (tokens, d)} | None, wait).
 
-    Row i is the last-token state of ``seqs[i]`` (token ids, BOS included); batches follow
-    ``plan_batches``, and ``on_batch(prompts, tokens)`` is called as each batch is queued. States
-    gather on the model's device and reach the host in one copy per shard. On a GPU that copy is
-    asynchronous (pinned memory): the arrays are valid only after ``wait()``, so the host can
-    queue the next shard meanwhile. On the CPU ``wait`` has nothing to do.
+    Row i of the first dict is the last-token state of ``seqs[i]`` (token ids, BOS included);
+    with ``every_position`` the second holds the state at every position, prompt by prompt
+    (``seqs[0]``'s positions 0..len-1, then ``seqs[1]``'s, ...), else it is None. States are in
+    the storage ``dtype`` (``host_array``: bf16 as uint16 bits), converted on the device. Batches
+    follow ``plan_batches``, and ``on_batch(prompts, tokens)`` is called as each batch is queued.
+    States gather on the model's device and reach the host in one copy per shard. On a GPU that
+    copy is asynchronous (pinned memory): the arrays are valid only after ``wait()``, so the host
+    can queue the next shard meanwhile. On the CPU ``wait`` has nothing to do.
     """
     lengths = np.fromiter((len(s) for s in seqs), np.int64, count=len(seqs))
-    gathered = torch.empty((len(layers), len(seqs), lm.d), dtype=torch.float32, device=lm.device)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])  # row i's positions start at offsets[i]
+    storage = DTYPES[dtype]
+    gathered = torch.empty((len(layers), len(seqs), lm.d), dtype=storage, device=lm.device)
+    every = torch.empty((len(layers), int(offsets[-1]), lm.d), dtype=storage, device=lm.device) \
+        if every_position else None
     pad = pad_id(lm)
     for rows in plan_batches(lengths, batch_tokens, max_batch_size, bucket):
         ids, mask = pad_batch([seqs[i] for i in rows], pad, lm.device)
-        states = last_token_states(lm, ids, mask, layers)
-        gathered[:, torch.from_numpy(rows).to(lm.device)] = torch.stack([states[k] for k in layers]).float()
+        if every is None:
+            states = last_token_states(lm, ids, mask, layers)
+        else:
+            full = all_token_states(lm, ids, mask, layers)
+            last, batch = torch.from_numpy(lengths[rows] - 1).to(lm.device), torch.arange(len(rows), device=lm.device)
+            states = {k: full[k][batch, last] for k in layers}
+            where = torch.from_numpy(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in rows]))
+            every[:, where.to(lm.device)] = torch.stack([full[k][mask.bool()] for k in layers]).to(storage)
+        gathered[:, torch.from_numpy(rows).to(lm.device)] = torch.stack([states[k] for k in layers]).to(storage)
         if on_batch is not None:
             on_batch(len(rows), int(lengths[rows].sum()))
     if lm.device.type == "cuda":
-        host = torch.empty(gathered.shape, dtype=torch.float32, pin_memory=True)
+        host = torch.empty(gathered.shape, dtype=storage, pin_memory=True)
         host.copy_(gathered, non_blocking=True)
+        host_every = None
+        if every is not None:
+            host_every = torch.empty(every.shape, dtype=storage, pin_memory=True)
+            host_every.copy_(every, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
         wait = copied.synchronize
     else:
-        host, wait = gathered, lambda: None
-    array = host.numpy()
-    return {k: array[slot] for slot, k in enumerate(layers)}, wait
+        host, host_every, wait = gathered, every, lambda: None
+    last_rows = {k: host_array(host[slot]) for slot, k in enumerate(layers)}
+    positions = None if host_every is None else {k: host_array(host_every[slot]) for slot, k in enumerate(layers)}
+    return last_rows, positions, wait
 
 
 def forward_shard(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], batch_tokens: int,
                   max_batch_size: int, bucket: bool = True,
                   on_batch: Callable[[int, int], None] | None = None) -> dict[int, np.ndarray]:
     """{layer: (n, d) float32} last-token states of ``seqs``, row i = seqs[i] (``launch_shard``, waited for)."""
-    states, wait = launch_shard(lm, seqs, layers, batch_tokens, max_batch_size, bucket, on_batch)
+    states, _, wait = launch_shard(lm, seqs, layers, batch_tokens, max_batch_size, bucket, on_batch)
     wait()
     return states
 
 
 def forward_shard_adaptive(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], batch_tokens: int,
                            max_batch_size: int, on_batch: Callable[[int, int], None] | None = None,
-                           ) -> tuple[dict[int, np.ndarray], Callable[[], None], int]:
+                           dtype: str = "fp32", every_position: bool = False,
+                           ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray] | None, Callable[[], None], int]:
     """``launch_shard`` that halves the token budget and redoes the shard on out-of-memory.
 
-    Returns the states, their ``wait``, and the budget that worked (recorded with the shard,
-    reused afterwards).
+    Returns the last-token states, the every-position states (or None), their ``wait``, and the
+    budget that worked (recorded with the shard, reused afterwards).
     A failed attempt's progress is taken back with a negative ``on_batch(-prompts, -tokens)``.
     """
     while True:
@@ -253,7 +284,8 @@ def forward_shard_adaptive(lm: LoadedModel, seqs: list[np.ndarray], layers: list
             if on_batch is not None:
                 on_batch(prompts, tokens)
         try:
-            return (*launch_shard(lm, seqs, layers, batch_tokens, max_batch_size, on_batch=counted), batch_tokens)
+            return (*launch_shard(lm, seqs, layers, batch_tokens, max_batch_size, on_batch=counted, dtype=dtype,
+                                  every_position=every_position), batch_tokens)
         except torch.OutOfMemoryError:
             if on_batch is not None:
                 on_batch(-done[0], -done[1])
@@ -270,19 +302,54 @@ def forward_shard_adaptive(lm: LoadedModel, seqs: list[np.ndarray], layers: list
 # --------------------------------------------------------------------------- the stage
 
 
-def _commit_when_ready(writer: StoreWriter, wait: Callable[[], None], prompts, states: dict, info: dict) -> dict:
+class ShardPipeline:
+    """Commits shards on one writer thread while the caller computes the next one.
+
+    ``submit(task, *args)`` first waits for the previous shard's task (re-raising its error), so
+    at most one shard is in flight and memory stays bounded; the task runs on the writer thread
+    (typically: wait for the states to reach the host, build the prompts table, ``commit_shard``).
+    Leaving the ``with`` block waits for the last task; on an exception (Ctrl-C included) the
+    shard being written still completes, so the store stays resumable. Used by ``extract_to_store``
+    and the exhaustive continuation test.
+    """
+
+    def __init__(self, thread_name: str = "collide-store-writer"):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self._pending: Future | None = None
+
+    def submit(self, task: Callable, *args) -> None:
+        """Wait for the shard in flight, then queue ``task(*args)`` on the writer thread."""
+        if self._pending is not None:
+            self._pending.result()
+        self._pending = self._pool.submit(task, *args)
+
+    def __enter__(self) -> "ShardPipeline":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and self._pending is not None:
+                self._pending.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _commit_when_ready(writer: StoreWriter, wait: Callable[[], None], prompts, states: dict, info: dict,
+                       positions: dict | None) -> dict:
     """Writer-thread task: wait for the shard's states to reach the host, then commit the shard."""
     wait()
-    return writer.commit_shard(prompts, states, info)
+    return writer.commit_shard(prompts, states, info, positions)
 
 
 def store_header(lm: LoadedModel, layers: list[int], n_prompts: int, store_cfg: StoreConfig,
                  extract_cfg: ExtractConfig) -> dict:
-    """Facts recorded at the top of the manifest (see StoreWriter.open)."""
+    """Facts recorded at the top of the manifest (see StoreWriter.open); ``dtype`` is the storage
+    dtype (store.dtype, auto = the model's compute dtype ``model.dtype``)."""
+    dtype = lm.dtype if store_cfg.dtype == "auto" else str(store_cfg.dtype)
     return dict(
         model=dict(name=lm.name, source=lm.source, revision=lm.revision, family=lm.model.config.model_type,
                    dtype=lm.dtype, device=str(lm.device)),
-        dtype=lm.dtype, final_norm=lm.final_norm, layer_convention=layer_convention(lm.final_norm, lm.n_layers),
+        dtype=dtype, positions=str(store_cfg.positions), final_norm=lm.final_norm, layer_convention=layer_convention(lm.final_norm, lm.n_layers),
         layers=layers, d=lm.d, n_layers=lm.n_layers, n_prompts=n_prompts, keep_text=bool(store_cfg.keep_text),
         shard_rows=int(store_cfg.shard_rows), batch_tokens=int(extract_cfg.batch_tokens) or None,
         max_batch_size=int(extract_cfg.max_batch_size))
@@ -290,7 +357,10 @@ def store_header(lm: LoadedModel, layers: list[int], n_prompts: int, store_cfg: 
 
 def extract_to_store(lm: LoadedModel, prompts: Iterable[Prompt], layers: list[int], store_dir, n_prompts: int,
                      identity: dict, store_cfg: StoreConfig, extract_cfg: ExtractConfig) -> Store:
-    """Extract the last-token states of the first ``n_prompts`` distinct prompts into ``store_dir``.
+    """Extract the states of the first ``n_prompts`` distinct prompts into ``store_dir``.
+
+    Last-token states always; with ``store_cfg.positions == "all"`` the state at every position
+    too. States are stored in ``store_cfg.dtype`` (auto = the model's compute dtype).
 
     Creates the store, or resumes an ``in-progress`` one made with the same ``identity`` (a
     JSON-able dict: model and corpus configs, seed, layers, dtype, n_prompts, ...); a complete
@@ -328,34 +398,30 @@ def extract_to_store(lm: LoadedModel, prompts: Iterable[Prompt], layers: list[in
             bar.update(prompts)
             bar.set_postfix_str(f"{n_tokens[0] / max(time.perf_counter() - t_run, 1e-9):,.0f} tok/s", refresh=False)
 
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collide-store-writer")
-        pending: Future | None = None
+        every_position, dtype = writer.manifest["positions"] == "all", writer.manifest["dtype"]
         try:
-            while first_id < n_prompts:
-                wanted = min(shard_rows, n_prompts - first_id)
-                shard = list(itertools.islice(stream, wanted))
-                if not shard:
-                    break
-                seqs = [tokens for _, tokens, _ in shard]
-                if budget is None:
-                    budget = auto_batch_tokens(lm, max(len(s) for s in seqs), len(layers))
-                t0 = time.perf_counter()
-                states, wait, budget = forward_shard_adaptive(lm, seqs, layers, budget, max_batch, on_batch)
-                table = prompt_table(first_id, seqs, [p.source for p, _, _ in shard],
-                                     [p.text for p, _, _ in shard] if writer.manifest["keep_text"] else None)
-                info = dict(stream_items=stream.n_items, n_duplicates=stream.n_duplicates,
-                            tokens_sha256=hashlib.sha256(b"".join(key for _, _, key in shard)).hexdigest(),
-                            batch_tokens=budget, forward_s=round(time.perf_counter() - t0, 6))
-                if pending is not None:
-                    pending.result()  # at most one shard in flight: memory stays bounded
-                pending = pool.submit(_commit_when_ready, writer, wait, table, states, info)
-                first_id += len(shard)
-                if len(shard) < wanted:
-                    break
-            if pending is not None:
-                pending.result()
+            with ShardPipeline() as pipeline:
+                while first_id < n_prompts:
+                    wanted = min(shard_rows, n_prompts - first_id)
+                    shard = list(itertools.islice(stream, wanted))
+                    if not shard:
+                        break
+                    seqs = [tokens for _, tokens, _ in shard]
+                    if budget is None:
+                        budget = auto_batch_tokens(lm, max(len(s) for s in seqs), len(layers), every_position)
+                    t0 = time.perf_counter()
+                    states, positions, wait, budget = forward_shard_adaptive(lm, seqs, layers, budget, max_batch,
+                                                                             on_batch, dtype, every_position)
+                    table = prompt_table(first_id, seqs, [p.source for p, _, _ in shard],
+                                         [p.text for p, _, _ in shard] if writer.manifest["keep_text"] else None)
+                    info = dict(stream_items=stream.n_items, n_duplicates=stream.n_duplicates,
+                                tokens_sha256=hashlib.sha256(b"".join(key for _, _, key in shard)).hexdigest(),
+                                batch_tokens=budget, forward_s=round(time.perf_counter() - t0, 6))
+                    pipeline.submit(_commit_when_ready, writer, wait, table, states, info, positions)
+                    first_id += len(shard)
+                    if len(shard) < wanted:
+                        break
         finally:
-            pool.shutdown(wait=True)  # a shard being written completes, also on Ctrl-C
             bar.close()
         seconds = time.perf_counter() - t_start
         if first_id < n_prompts:

@@ -232,11 +232,31 @@ def last_token_states(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: 
     cached = attention_mask.shape[1] - input_ids.shape[1]  # P: prefix tokens held in a KV cache
     last = attention_mask.sum(dim=1) - 1 - cached
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return _capture(lm, input_ids, attention_mask, layers, lambda hidden: hidden[rows, last].clone(),
+                    **forward_kwargs)
+
+
+@torch.no_grad()
+def all_token_states(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     layers: list[int]) -> dict[int, torch.Tensor]:
+    """Hidden states at every position of ``input_ids`` at each of ``layers``: {layer: (batch, T, d)}.
+
+    Same inputs, layer convention and early stop as ``last_token_states`` (no KV cache); entries
+    at padded positions (``attention_mask == 0``) are meaningless. Row b's last real token is
+    bitwise the state ``last_token_states`` returns for it (both read the same tensor).
+    """
+    return _capture(lm, input_ids, attention_mask, layers, lambda hidden: hidden.clone())
+
+
+def _capture(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int],
+             select, **forward_kwargs) -> dict[int, torch.Tensor]:
+    """Run the decoder with hooks that keep ``select(hidden)`` of each selected layer's
+    (batch, T, d) hidden states, stopping after the deepest one; returns {layer: kept}."""
     deepest, L = max(layers), lm.n_layers
     captured: dict[int, torch.Tensor] = {}
 
     def keep(layer: int, hidden: torch.Tensor) -> None:
-        captured[layer] = hidden[rows, last].clone()
+        captured[layer] = select(hidden)
         if layer == deepest:
             raise _StopForward
 

@@ -2,7 +2,8 @@
 
 For every shard listed in the manifest it re-computes each file's sha256 and size, reads the
 Parquet footers for the row counts and the schemas, and checks that every layer file holds
-the same prompt ids as the prompts file, a contiguous range following the previous shard.
+the same prompt ids as the prompts file, a contiguous range following the previous shard, and
+that every positions file (``store.positions=all``) holds each prompt's positions 0..n_tokens-1.
 Prints ``OK ...`` or one line per problem, naming the file; exits 1 on any problem.
 Needs only pyarrow and numpy.
 """
@@ -17,10 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from collide.errors import CollideError
-from collide.store import PROMPTS_DIR, file_problem, layer_dir, part_name, read_manifest
-
-def _ids(path: Path) -> np.ndarray:
-    return pq.read_table(path, columns=["prompt_id"]).column("prompt_id").to_numpy()
+from collide.store.layout import STORAGE, file_problem, read_manifest, shard_files, stray_files
 
 
 def verify_store(path) -> list[str]:
@@ -31,8 +29,8 @@ def verify_store(path) -> list[str]:
     except CollideError as exc:
         return [str(exc)]
     problems: list[str] = []
-    d, layers = int(manifest["d"]), [int(k) for k in manifest["layers"]]
-    state_type = pa.list_(pa.float32(), d)
+    d, layers, positions = int(manifest["d"]), [int(k) for k in manifest["layers"]], manifest["positions"]
+    state_type = pa.list_(STORAGE[manifest["dtype"]][1], d)
     next_id = 0
     for shard in manifest["shards"]:
         rows, first = int(shard["rows"]), int(shard["first_prompt_id"])
@@ -40,8 +38,7 @@ def verify_store(path) -> list[str]:
             problems.append(f"{path / 'manifest.json'}: shard {shard['index']} starts at prompt_id {first}, "
                             f"expected {next_id}")
         next_id = first + rows
-        expected = [f"{PROMPTS_DIR}/{part_name(shard['index'])}"] + \
-                   [f"{layer_dir(k)}/{part_name(shard['index'])}" for k in layers]
+        expected = shard_files(shard["index"], layers, positions)
         if sorted(shard["files"]) != sorted(expected):
             problems.append(f"{path / 'manifest.json'}: shard {shard['index']} lists {sorted(shard['files'])}, "
                             f"expected {sorted(expected)}")
@@ -53,26 +50,33 @@ def verify_store(path) -> list[str]:
         want = np.arange(first, first + rows)
         prompts_file = path / expected[0]
         try:
-            ids = _ids(prompts_file)
+            prompts = pq.read_table(prompts_file, columns=["prompt_id", "n_tokens"])
         except (OSError, pa.ArrowException) as exc:
             problems.append(f"{prompts_file}: unreadable Parquet ({exc})")
             continue
+        ids, lengths = prompts.column("prompt_id").to_numpy(), prompts.column("n_tokens").to_numpy()
         if not np.array_equal(ids, want):
             problems.append(f"{prompts_file}: holds {len(ids)} prompt ids, expected {first}..{first + rows - 1}")
-        for rel in expected[1:]:
+        by_position = (np.repeat(ids, lengths), np.concatenate([np.arange(n) for n in lengths]) if rows else ids)
+        for i, rel in enumerate(expected[1:]):
             if bad[rel]:
                 continue
             file = path / rel
+            every_position = i >= len(layers)
             try:
                 schema = pq.read_schema(file)
-                layer_ids = _ids(file)
-            except (OSError, pa.ArrowException) as exc:
+                table = pq.read_table(file, columns=["prompt_id", "position"] if every_position else ["prompt_id"])
+            except (OSError, pa.ArrowException, KeyError) as exc:
                 problems.append(f"{file}: unreadable Parquet ({exc})")
                 continue
             if schema.field("state").type != state_type:
                 problems.append(f"{file}: state column is {schema.field('state').type}, expected {state_type}")
-            if not np.array_equal(layer_ids, ids):
-                problems.append(f"{file}: its {len(layer_ids)} prompt ids differ from those of {prompts_file}")
+            if not every_position and not np.array_equal(table.column("prompt_id").to_numpy(), ids):
+                problems.append(f"{file}: its {table.num_rows} prompt ids differ from those of {prompts_file}")
+            if every_position and not (np.array_equal(table.column("prompt_id").to_numpy(), by_position[0]) and
+                                       np.array_equal(table.column("position").to_numpy(), by_position[1])):
+                problems.append(f"{file}: its {table.num_rows} (prompt_id, position) rows are not positions "
+                                f"0..n_tokens-1 of each prompt of {prompts_file}")
     if manifest["counts"]["n_prompts"] != next_id:
         problems.append(f"{path / 'manifest.json'}: counts.n_prompts={manifest['counts']['n_prompts']} but the "
                         f"shards hold {next_id} prompts")
@@ -80,12 +84,27 @@ def verify_store(path) -> list[str]:
         if next_id != manifest["n_prompts"]:
             problems.append(f"{path / 'manifest.json'}: complete with {next_id} prompts, n_prompts="
                             f"{manifest['n_prompts']}")
-        listed = {rel for shard in manifest["shards"] for rel in shard["files"]}
-        for directory in [PROMPTS_DIR] + [layer_dir(k) for k in layers]:
-            for file in sorted((path / directory).glob("*")) if (path / directory).is_dir() else []:
-                if f"{directory}/{file.name}" not in listed:
-                    problems.append(f"{file}: not listed in the manifest (stray file)")
+        problems += [f"{file}: not listed in the manifest (stray file)" for file in stray_files(path, manifest)]
     return problems
+
+
+def run(cfg, command: str = "") -> int:
+    """``collide verify STORE [STORE ...]`` (cfg: collide.config.VerifyConfig): prints OK or the problems
+    of each store; returns the exit status, 1 if any store has a problem."""
+    status = 0
+    for store in cfg.stores:
+        problems = verify_store(store)
+        if problems:
+            status = 1
+            for problem in problems:
+                print(problem)
+            print(f"FAILED {store}: {len(problems)} problem(s)")
+        else:
+            manifest = read_manifest(store)
+            print(f"OK {store}: {len(manifest['shards'])} shards, {manifest['counts']['n_prompts']} prompts, "
+                  f"layers {manifest['layers']}, d={manifest['d']}, dtype {manifest['dtype']}, positions "
+                  f"{manifest['positions']}, {manifest['status']}")
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             manifest = read_manifest(store)
             print(f"OK {store}: {len(manifest['shards'])} shards, {manifest['counts']['n_prompts']} prompts, "
-                  f"layers {manifest['layers']}, d={manifest['d']}, {manifest['status']}")
+                  f"layers {manifest['layers']}, d={manifest['d']}, dtype {manifest['dtype']}, positions "
+                  f"{manifest['positions']}, {manifest['status']}")
     return status
 
 

@@ -260,3 +260,61 @@ def test_plan_batches_is_a_partition_within_budget(lengths, budget, max_batch, b
     else:
         assert rows.tolist() == list(range(len(lengths)))
     assert [b.tolist() for b in plan_batches(lengths, budget, max_batch, bucket)] == [b.tolist() for b in batches]
+
+
+def test_every_position_equals_unpadded_forwards_and_last_position_is_the_layer_row(tiny, tmp_path):
+    """store.positions=all: row p of a prompt = HF hidden_states[k][0, p] of the prompt alone."""
+    store = extract_to_store(tiny, synthetic(24), list(range(tiny.n_layers + 1)), tmp_path / "s", 24,
+                             identity(n_prompts=24), StoreConfig(shard_rows=10, positions="all"), QUIET)
+    assert store.positions == "all" and store.manifest["positions"] == "all" and verify_store(store.path) == []
+    tokens = store.prompts(["token_ids"]).column("token_ids").to_pylist()
+    with torch.no_grad():
+        hidden = [tiny.model(input_ids=torch.tensor([t]), output_hidden_states=True).hidden_states for t in tokens]
+    for k in store.layers:
+        last = store.layer(k)[1]
+        got = list(store.position_states(k))
+        assert [pid for pid, _ in got] == list(range(24))
+        for pid, x in got:
+            reference = hidden[pid][k][0].float().numpy()
+            assert x.dtype == np.float32 and x.shape == (len(tokens[pid]), tiny.d)
+            errors = np.linalg.norm(x - reference, axis=1) / np.linalg.norm(reference, axis=1)
+            assert errors.max() <= 1e-5, (k, pid, errors.max())
+            assert np.array_equal(x[-1].view(np.uint32), last[pid].view(np.uint32))  # bitwise
+    assert [pid for pid, _ in store.position_states(2, [17, 3, 11])] == [3, 11, 17]
+
+
+def test_positions_last_store_refuses_position_states(tiny_llama, tmp_path):
+    store = extract(tiny_llama, tmp_path / "s", 5, layers=[1])
+    assert store.positions == "last" and not (tmp_path / "s" / "positions").exists()
+    with pytest.raises(CollideError, match=r"positions=last.*need the state at every position.*"
+                                           r"`python -m collide store.positions=all \.\.\.`"):
+        next(store.position_states(1))
+
+
+def test_bf16_model_stores_bf16_losslessly_and_explicit_dtypes_round(tmp_path):
+    import pyarrow.parquet as pq
+
+    bf16 = load_model(ModelConfig(name="tiny", source="random:llama", family="llama", dtype="bf16"))
+    auto = extract_to_store(bf16, synthetic(20), [0, 2, 4], tmp_path / "auto", 20, identity(n_prompts=20),
+                            StoreConfig(shard_rows=8, positions="all"), QUIET)
+    wide = extract_to_store(bf16, synthetic(20), [0, 2, 4], tmp_path / "fp32", 20, identity(n_prompts=20),
+                            StoreConfig(shard_rows=8, positions="all", dtype="fp32"), QUIET)
+    assert (auto.dtype, auto.manifest["dtype"], auto.manifest["model"]["dtype"], wide.dtype) == \
+        ("bf16", "bf16", "bf16", "fp32")
+    field = pq.read_schema(tmp_path / "auto" / "layer=2" / "part-00000.parquet").field("state")
+    assert str(field.type.value_type) == "uint16" and field.metadata == {b"collide.dtype": b"bf16"}
+    assert verify_store(auto.path) == [] and verify_store(wide.path) == []
+    for k in auto.layers:
+        x = auto.layer(k)[1]
+        assert x.dtype == np.float32 and not (x.view(np.uint32) & 0xFFFF).any()  # bf16 values, widened
+        assert np.array_equal(x.view(np.uint32), wide.layer(k)[1].view(np.uint32))  # lossless
+        for (pa_, xa), (pb, xb) in zip(auto.position_states(k), wide.position_states(k)):
+            assert pa_ == pb and np.array_equal(xa.view(np.uint32), xb.view(np.uint32))
+    size = lambda s: sum(f["bytes"] for sh in s.manifest["shards"] for rel, f in sh["files"].items() if "layer=" in rel)
+    assert size(auto) < 0.6 * size(wide)  # half the disk, or less
+    fp32 = load_model(ModelConfig(name="tiny", source="random:llama", family="llama"))
+    full = extract(fp32, tmp_path / "full", 12, layers=[3])
+    half = extract_to_store(fp32, synthetic(12), [3], tmp_path / "half", 12, identity(n_prompts=12),
+                            StoreConfig(shard_rows=16, dtype="fp16"), QUIET)
+    assert half.dtype == "fp16" and verify_store(half.path) == []
+    assert np.array_equal(half.layer(3)[1], full.layer(3)[1].astype(np.float16).astype(np.float32))

@@ -51,7 +51,7 @@ def run_extraction(store_dir) -> None:
 def kill_at(spec: str) -> None:
     """Arrange for this process to SIGKILL itself at ``spec`` = "<point>:<n>" (n-th occurrence)."""
     import collide.extract as extract_mod
-    import collide.store as store_mod
+    import collide.store.writer as store_mod
 
     point, n = spec.split(":")
     count = itertools.count(1)  # next() is atomic: file writes run in several threads
@@ -84,7 +84,7 @@ def kill_at(spec: str) -> None:
 
         def write(path, fill):
             if nth():
-                tmp = path.with_name(path.name + store_mod.TMP_SUFFIX)
+                tmp = path.with_name(path.name + ".tmp")
                 fill(tmp)
                 os.truncate(tmp, tmp.stat().st_size // 2)
                 die()

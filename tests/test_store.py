@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import collide.store as store_mod
+import collide.store.writer as store_mod
 from collide.errors import CollideError
 from collide.store import StoreWriter, open_store, prompt_table
 from collide.verify import verify_store
