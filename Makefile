@@ -41,9 +41,17 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
-# Nightly benchmarks: ratios vs baselines in the same run, history in benchmarks/results/.
+# Benchmarks on asv (benchmarks/README.md): the suite on this environment (no rebuild), its results
+# recorded for HEAD under benchmarks/results/asv/<BENCH_MACHINE>/, then the gate: a cost ratio more
+# than 10% above the previous recorded commit's fails. BENCH_SIZE=full is the nightly size.
+BENCH_SIZE ?= quick
+BENCH_MACHINE ?= $(shell hostname)-$(BENCH_SIZE)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py $(ARGS)
+	$(BIN)/asv machine --yes --machine $(BENCH_MACHINE) >/dev/null
+	COLLIDE_BENCH_SIZE=$(BENCH_SIZE) $(BIN)/asv run --python=same --set-commit-hash=$$(git rev-parse HEAD) \
+	  --machine $(BENCH_MACHINE) --show-stderr $(ARGS)
+	$(BIN)/python benchmarks/gate.py --machine $(BENCH_MACHINE)
+
 
 # Paper-scale run on a GPU machine with hub access (see benchmarks/README.md).
 # MODELS=gpt2,gemma3-1b,llama3 sweeps several; ARGS go to python -m collide.
@@ -52,7 +60,7 @@ nightly-gpu: $(STAMP)
 	$(BIN)/python -m collide -m model=$(or $(MODELS),llama3) corpus=mix n_prompts=100000 \
 	  hydra.sweep.dir=$(NIGHTLY_DIR) $(ARGS)
 	$(BIN)/collide compare $(NIGHTLY_DIR) out=$(NIGHTLY_DIR)/comparison
-	$(BIN)/python benchmarks/run.py --full
+	$(MAKE) bench BENCH_SIZE=full
 
 clean:
 	rm -rf $(VENV) runs outputs multirun .pytest_cache

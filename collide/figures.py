@@ -1,6 +1,6 @@
 """Figures of collide reports (PNG, headless).
 
-Every function draws from plain dicts (a report.json, a comparison, a benchmark history, an
+Every function draws from plain dicts (a report.json, a comparison, an
 exhaustive.json), so a figure can be redrawn later from the JSON alone. Matplotlib's object API
 is used without pyplot: no global state, no GUI backend, nothing left open.
 
@@ -22,7 +22,6 @@ from matplotlib.ticker import MaxNLocator
 DPI = 100  # PNG pixels = figure inches x DPI
 REPORT_SIZE = (8.0, 4.5)  # inches: 800 x 450 px
 COMPARE_SIZE = (10.0, 5.5)  # inches: 1000 x 550 px
-HISTORY_PANEL = (10.0, 2.8)  # inches per benchmark module (one panel each)
 MAX_TICKS = 16  # at most this many x ticks, whatever the depth (31+ layers stay readable)
 
 
@@ -182,50 +181,6 @@ def comparison_figure(runs: list[dict], path: Path, depth_axis: str = "relative"
                  fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    return _save(fig, path)
-
-
-def history_figure(entries: list[dict], path: Path, title: str) -> Path:
-    """Benchmark ratios over time: one panel per benchmark module, one line per ratio.
-
-    The y axis starts at 0, or is logarithmic when a panel's ratios span more than a decade.
-
-    ``entries`` are history records of one machine, oldest first (see benchmarks/run.py). Targets
-    are dotted lines in the ratio's colour; runs whose gate failed get a red cross on the x axis.
-    """
-    benches = sorted({e["bench"] for e in entries})
-    fig = _new_figure((HISTORY_PANEL[0], HISTORY_PANEL[1] * max(len(benches), 1) + 0.6))
-    axes = fig.subplots(max(len(benches), 1), 1, squeeze=False)[:, 0]
-    for ax, bench in zip(axes, benches):
-        runs = [e for e in entries if e["bench"] == bench]
-        names = sorted({n for e in runs for n in e.get("ratios", {})})
-        for i, name in enumerate(names):
-            pts = [(k, e["ratios"][name]) for k, e in enumerate(runs) if name in e.get("ratios", {})]
-            color = f"C{i % 10}"
-            ax.plot([k for k, _ in pts], [r["value"] for _, r in pts], "-o", ms=3, color=color,
-                    label=f"{name} ({pts[-1][1]['better']} is better)")
-            if pts[-1][1].get("target") is not None:
-                ax.axhline(pts[-1][1]["target"], color=color, ls=":", lw=1)
-        failed = [k for k, e in enumerate(runs) if e["gate"] == "fail"]
-        if failed:
-            ax.plot(failed, [0] * len(failed), "x", color="C3", ms=8, transform=ax.get_xaxis_transform(),
-                    clip_on=False, label="gate failed")
-        values = [e["ratios"][n]["value"] for e in runs for n in e.get("ratios", {})]
-        values = [v for v in values if v > 0]
-        if values and max(values) > 10 * min(values):
-            ax.set_yscale("log")
-            ax.set_ylabel("ratio (log)")
-        else:  # from 0, so that a 10% drop looks like one
-            ax.set_ylim(0, max(values + [1.0]) * 1.15)
-            ax.set_ylabel("ratio")
-        ax.set_title(f"bench_{bench}", fontsize=9, loc="left")
-        ticks = list(range(0, len(runs), -(-len(runs) // (MAX_TICKS // 2))))  # at most 8 labelled runs
-        ax.set_xticks(ticks, [f"{runs[t]['date'][:10]}\n{(runs[t]['commit'] or '?')[:7]}" for t in ticks], fontsize=7)
-        ax.set_xlim(-0.5, max(len(runs) - 0.5, 0.5))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    axes[-1].set_xlabel("benchmark run (date, commit)")
-    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
