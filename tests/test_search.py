@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
+import collide.search.blocks as blocks
 import collide.search.symmetric as symmetric
 from collide.errors import CollideError
 from collide.search import min_pairwise, pick_backend
@@ -55,12 +56,12 @@ def assert_matches_brute(res, x, threshold):
         assert pd == pytest.approx(best, rel=1e-12, abs=1e-300)  # a pair attaining the minimum (ties allowed)
         if len(at) == 1:
             assert res.pair == next(iter(at))
-    got = {(i, j): dist for i, j, dist in res.collisions}
+    got = {(i, j): dist for i, j, dist in res.collisions.tolist()}
     assert set(got) == set(coll)
     for key, dist in got.items():
         assert dist == pytest.approx(coll[key], rel=1e-12, abs=1e-300)
     assert res.n_collisions == len(coll)
-    assert [c[2] for c in res.collisions] == sorted(c[2] for c in res.collisions)
+    assert [c[2] for c in res.collisions.tolist()] == sorted(c[2] for c in res.collisions.tolist())
     valid = np.isfinite(np.asarray(x, np.float64)).all(1)
     assert res.n_pairs == valid.sum() * (valid.sum() - 1) // 2
     assert res.invalid_rows == np.flatnonzero(~valid).tolist()
@@ -97,8 +98,8 @@ def test_planted_near_duplicates_exactly_flagged_where_fp32_is_off(engine):
     res = min_pairwise(x, 1e-6, engine, block_rows=512)
     assert res.certified and res.uncertified_reason is None
     assert res.backend == engine and res.precision == "fp32"
-    assert {(i, j) for i, j, _ in res.collisions} == {(10, 1500), (700, 1999)}
-    for i, j, dist in res.collisions:
+    assert {(i, j) for i, j, _ in res.collisions.tolist()} == {(10, 1500), (700, 1999)}
+    for i, j, dist in res.collisions.tolist():
         direct = math.sqrt(float(((x[i].astype(np.float64) - x[j].astype(np.float64)) ** 2).sum()))
         assert dist == pytest.approx(direct, rel=1e-12) and dist == pytest.approx(planted[(i, j)], rel=1e-12)
     assert res.pair == (10, 1500) and res.distance == pytest.approx(planted[(10, 1500)], rel=1e-12)
@@ -131,8 +132,8 @@ def test_bound_holds_against_fp32_gemm_on_hard_rows():
     """|s^ - D| <= E for every pair of rows built to make fp32 cancellation bad."""
     x = torch.from_numpy(massive_rows(300, 64, seed=3))
     mu = x.double().mean(0)
-    left, norm2 = symmetric.augment(x, mu)
-    s = left @ symmetric.right_operand(left, 64).T
+    left, norm2 = blocks.augment(x, mu)
+    s = left @ blocks.right_operand(left, 64).T
     exact = torch.cdist(x.double(), x.double()) ** 2
     norms = norm2.sqrt()
     bound = screening_constant(64) * (norms[:, None] + norms[None, :]) ** 2
@@ -194,8 +195,8 @@ def test_group_of_300_identical_rows_lists_every_pair(engine):
     assert res.certified and res.distance == 0.0
     assert res.n_collisions == 44850 == len(res.collisions)
     s = np.sort(same)
-    assert {(i, j) for i, j, _ in res.collisions} == {(int(a), int(b)) for k, a in enumerate(s) for b in s[k + 1:]}
-    assert all(dist == 0.0 for _, _, dist in res.collisions)
+    assert {(i, j) for i, j, _ in res.collisions.tolist()} == {(int(a), int(b)) for k, a in enumerate(s) for b in s[k + 1:]}
+    assert all(dist == 0.0 for _, _, dist in res.collisions.tolist())
     assert res.pair == (int(s[0]), int(s[1]))  # smallest pair among the ties
     assert (res.nn_distance[same] == 0.0).all() and (res.nn_distance[np.setdiff1d(np.arange(1000), same)] > 0).all()
 
@@ -219,7 +220,7 @@ def test_tiny_inputs(engine, n):
     res = min_pairwise(x, 1e-6, engine)
     assert res.certified and res.n_pairs == n * (n - 1) // 2
     if n < 2:
-        assert res.distance == math.inf and res.pair is None and res.collisions == []
+        assert res.distance == math.inf and res.pair is None and res.collisions.tolist() == []
         assert (res.nn_distance == np.inf).all() and len(res.nn_distance) == n
     else:
         assert res.pair == (0, 1) and res.distance == pytest.approx(math.sqrt(27.0), rel=1e-15)
@@ -230,7 +231,7 @@ def test_d_equal_one(engine):
     x = np.array([[5.0], [1.0], [3.5], [1.0 + 2 ** -20], [9.0]], np.float32)
     res = min_pairwise(x, 1e-3, engine, block_rows=2)
     assert res.pair == (1, 3) and res.distance == 2 ** -20
-    assert res.collisions == [(1, 3, 2 ** -20)]
+    assert res.collisions.tolist() == [(1, 3, 2 ** -20)]
 
 
 def test_tiny_budget_gives_an_honest_uncertified_result():
@@ -268,7 +269,7 @@ def test_engines_agree_on_llm_like_rows():
     b = min_pairwise(x, 1e-6, "faiss", block_rows=400)
     assert a.certified and b.certified
     assert (a.distance, a.pair, a.collisions) == (b.distance, b.pair, b.collisions)
-    assert a.collisions == [(17, 1200, 0.0), (800, 801, float(np.float32(3e-7)))]
+    assert a.collisions.tolist() == [(17, 1200, 0.0), (800, 801, float(np.float32(3e-7)))]
 
 
 def test_tensor_input_float64_and_threads():
@@ -277,7 +278,7 @@ def test_tensor_input_float64_and_threads():
     x[100] = x[20] + 1e-9
     res = min_pairwise(torch.from_numpy(x), 1e-6, "torch", block_rows=32, threads=1)
     assert_matches_brute(res, x, 1e-6)
-    assert res.collisions[0][:2] == (20, 100)
+    assert res.collisions.tolist()[0][:2] == (20, 100)
 
 
 def test_progress_bar_counts_every_pair(capsys):
@@ -294,7 +295,7 @@ def test_bad_arguments_are_one_line_errors():
         min_pairwise(x, backend="annoy")
     with pytest.raises(CollideError, match="tf32x3 runs on CUDA"):
         min_pairwise(x, precision="tf32x3", device="cpu")
-    with pytest.raises(CollideError, match="floating-point"):
+    with pytest.raises(CollideError, match="fp16, bf16, fp32 or fp64"):
         min_pairwise(np.zeros((4, 2), np.int64))
     with pytest.raises(CollideError, match=r"2-D \(n, d\)"):
         min_pairwise(np.zeros(4, np.float32))

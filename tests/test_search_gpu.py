@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import collide.search.blocks as blocks
 import collide.search.symmetric as symmetric
 from collide.search import min_pairwise
 from collide.search.api import numerics
@@ -41,10 +42,10 @@ def brute(x: np.ndarray, threshold: float):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_bound_holds_on_the_gpu_gemm(precision):
     x = torch.from_numpy(massive_rows(3000, 256, 1)).cuda()
-    left, norm2 = symmetric.augment(x, x.double().mean(0))
+    left, norm2 = blocks.augment(x, x.double().mean(0))
     state = symmetric.PairSearch(3000, 256, x.device, 1e-6, precision)
     with numerics(x.device, precision, 0):
-        s = state._gemm(left, symmetric.right_operand(left, 256)).double()
+        s = state._gemm(left, blocks.right_operand(left, 256)).double()
     exact = torch.cdist(x.double(), x.double(), compute_mode="donot_use_mm_for_euclid_dist") ** 2
     norms = norm2.sqrt()
     ratio = ((s - exact).abs() / (screening_constant(256, precision) * (norms[:, None] + norms[None, :]) ** 2)).max()
@@ -59,8 +60,8 @@ def test_planted_pairs_and_random_problems_are_exact(precision):
         x[a, 100], x[b, 100] = 0.0, np.float32(delta)
     res = min_pairwise(torch.from_numpy(x).cuda(), 1e-6, "torch", precision=precision, block_rows=512)
     assert res.certified and res.pair == (10, 1500)
-    assert [(i, j) for i, j, _ in res.collisions] == [(10, 1500), (700, 1999)]
-    assert res.collisions[1][2] == pytest.approx(float(np.float32(5e-7)), rel=1e-12)
+    assert [(i, j) for i, j, _ in res.collisions.tolist()] == [(10, 1500), (700, 1999)]
+    assert res.collisions.distance[1] == pytest.approx(float(np.float32(5e-7)), rel=1e-12)
     rng = np.random.default_rng(7)
     for _ in range(8):
         n, d = int(rng.integers(2, 300)), int(rng.choice([1, 7, 64]))
@@ -72,7 +73,7 @@ def test_planted_pairs_and_random_problems_are_exact(precision):
         best, coll = brute(x, t)
         assert res.certified
         assert res.distance == pytest.approx(best, rel=1e-12, abs=1e-300)
-        assert {(i, j) for i, j, _ in res.collisions} == coll
+        assert {(i, j) for i, j, _ in res.collisions.tolist()} == coll
 
 
 def test_gpu_precisions_and_cpu_agree_on_wide_rows():
@@ -84,7 +85,7 @@ def test_gpu_precisions_and_cpu_agree_on_wide_rows():
     got = [min_pairwise(x, 1e-6, precision=p, block_rows=4096) for p in PRECISIONS]
     got.append(min_pairwise(x.cpu(), 1e-6, device="cpu", block_rows=4096))
     assert all(r.certified for r in got)
-    assert len({(r.distance, r.pair, tuple(r.collisions)) for r in got}) == 1
+    assert len({(r.distance, r.pair, tuple(r.collisions.tolist())) for r in got}) == 1
     assert got[0].pair == (3, 11999) and math.isclose(got[0].distance, float(np.float32(1e-7)), rel_tol=1e-12)
 
 

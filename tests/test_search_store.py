@@ -88,7 +88,7 @@ def test_out_of_core_equals_in_memory_bit_for_bit():
     assert r.certified and mem.certified
     assert (r.distance, r.pair, r.collisions, r.invalid_rows) == (mem.distance, mem.pair, mem.collisions,
                                                                   mem.invalid_rows)
-    assert r.collisions == [(7, 200, 0.0), (15, 99, 0.0), (15, 140, 0.0), (15, 180, 0.0), (99, 140, 0.0),
+    assert r.collisions.tolist() == [(7, 200, 0.0), (15, 99, 0.0), (15, 140, 0.0), (15, 180, 0.0), (99, 140, 0.0),
                             (99, 180, 0.0), (140, 180, 0.0)]
     assert r.invalid_rows == [9, 201]
     assert np.array_equal(np.isnan(r.nn_distance), np.isnan(mem.nn_distance))
@@ -120,10 +120,10 @@ def test_cli_searches_every_layer_and_writes_json(store, tmp_path, capsys):
     summary = json.loads(out.read_text())
     assert [e["layer"] for e in summary["layers"]] == [0, 2]
     for e in summary["layers"]:
-        assert e["certified"] and e["n"] == 77 and e["n_pairs"] == 75 * 74 // 2
+        assert e["certified"] and e["n_vectors"] == 77 and e["n_pairs"] == 75 * 74 // 2
         assert e["closest_pair"] == [4, 61] and e["min_distance"] == 0.0
         assert e["n_collisions"] == 2 and e["collisions"] == [{"a": 4, "b": 61, "distance": 0.0}]
-        assert e["invalid_prompt_ids"] == [12, 50]
+        assert e["invalid_rows"] == [12, 50]
         listed = pq.read_table(e["collisions_file"])  # max_listed=1 caps the JSON, never the Parquet list
         assert e["collisions_file"] == str(tmp_path / "s-collisions" / f"layer={e['layer']}.parquet")
         assert listed.column("a").to_pylist() == [4, 33] and listed.column("b").to_pylist() == [61, 70]

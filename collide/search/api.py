@@ -13,86 +13,24 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
 from collide.errors import CollideError
+from collide.search.blocks import Block, finite_rows, make_block, sum_rows
 from collide.search.bounds import PRECISIONS
-from collide.search.symmetric import Block, PairSearch, finite_rows, make_block, search_blocks, sum_rows
+from collide.search.results import LayerResult, PairwiseResult, Pairs
+from collide.search.symmetric import PairSearch, search_blocks
 
 if TYPE_CHECKING:
-    import pyarrow
-
     from collide.config import SearchConfig
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "faiss")
 DEVICE_FRACTION = 0.6  # share of free GPU memory a store layer may take to be held on the device
-
-
-@dataclass
-class PairwiseResult:
-    """The certified answer for one (n, d) matrix. Row indices are the matrix's rows."""
-
-    distance: float  # exact min L2 (NOT squared) over pairs of valid rows, fp64; math.inf if < 2 valid rows
-    pair: tuple[int, int] | None  # row indices (i, j), i < j, attaining it (smallest (i, j) among ties)
-    certified: bool  # True iff no unseen pair can beat `distance` under the rigorous screening bound
-    # EVERY pair (i, j, L2 distance), i < j, with distance < threshold, sorted by (distance, i, j)
-    collisions: list[tuple[int, int, float]]
-    n_collisions: int  # len(collisions)
-    # (n,) float64: each row's exact L2 distance to the nearest other row among those re-ranked for
-    # it, which include its screened nearest neighbour; nan for invalid rows, inf if there is no other row
-    nn_distance: np.ndarray
-    n_pairs: int  # C(n_valid, 2): pairs covered
-    invalid_rows: list[int]  # rows with NaN/Inf, excluded from the search (never compared as numbers)
-    threshold: float  # collision threshold (L2, not squared)
-    backend: str  # "torch" or "faiss" (what actually ran)
-    precision: str  # screening arithmetic: "fp32" or "tf32x3"
-    n_candidates: int  # pairs re-ranked exactly in fp64 because they passed the screening bound
-    uncertified_reason: str | None  # why certified is False (e.g. candidate budget exhausted)
-    seconds: float  # wall time of the search
-
-
-@dataclass
-class LayerResult:
-    """The search result of one layer of a store, with the prompt id of each row."""
-
-    layer: int  # HF hidden_states index (0 = embeddings)
-    prompt_ids: np.ndarray  # (n,) int64, row -> prompt_id
-    result: PairwiseResult  # the search, in row indices
-
-    def closest_pair_ids(self) -> tuple[int, int] | None:
-        """Prompt ids of the pair attaining the minimum distance (None with fewer than 2 valid rows)."""
-        if self.result.pair is None:
-            return None
-        i, j = self.result.pair
-        return int(self.prompt_ids[i]), int(self.prompt_ids[j])
-
-    def collision_table(self) -> "pyarrow.Table":
-        """Every collision as prompt ids: columns a, b (int64, a's row before b's) and distance (float64, L2)."""
-        import pyarrow as pa
-
-        c = self.result.collisions
-        rows_a = np.fromiter((i for i, _, _ in c), np.int64, len(c))
-        rows_b = np.fromiter((j for _, j, _ in c), np.int64, len(c))
-        return pa.table({"a": pa.array(self.prompt_ids[rows_a], pa.int64()),
-                         "b": pa.array(self.prompt_ids[rows_b], pa.int64()),
-                         "distance": pa.array(np.fromiter((x for _, _, x in c), np.float64, len(c)), pa.float64())})
-
-    def write_collisions(self, path: str | Path) -> None:
-        """Write ``collision_table()`` (every collision, even none) to the Parquet file ``path``,
-        through a temporary name and a rename, so that a reader never sees half a file."""
-        import pyarrow.parquet as pq
-
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(self.collision_table(), tmp)
-        tmp.replace(path)
 
 
 def pick_backend(backend: str, device) -> str:
@@ -187,24 +125,47 @@ def numerics(dev: torch.device, precision: str, threads: int):
         torch.set_num_threads(saved[2])
 
 
+def _numpy_rows(x: np.ndarray) -> np.ndarray:
+    """x as a native-byte-order fp32 or fp64 array, exactly; any other dtype is refused."""
+    dt = x.dtype
+    if dt.kind == "f" and dt.itemsize in (2, 4, 8):  # fp16/fp32/fp64 in either byte order: all exact in fp64
+        native = dt.newbyteorder("=")
+        return np.ascontiguousarray(x, dtype=np.float32 if native.itemsize == 2 else native)
+    if dt.name == "bfloat16":  # ml_dtypes' bf16: exact in fp32
+        return np.ascontiguousarray(x.astype(np.float32))
+    raise CollideError(f"min_pairwise takes fp16, bf16, fp32 or fp64 rows, got dtype {dt}; cast them to float64 "
+                       "yourself (long double and complex values would be rounded or dropped, not searched exactly)"
+                       + ("; bf16 bit patterns held as uint16 go in as torch.from_numpy(x).view(torch.bfloat16)"
+                          if dt == np.uint16 else ""))
+
+
 def as_tensor(x) -> torch.Tensor:
-    """x as a 2-D float32/float64 torch tensor, zero-copy where possible (numpy arrays stay shared)."""
+    """x as a 2-D float32/float64 torch tensor holding exactly the values given.
+
+    Takes fp16, bf16, fp32 and fp64 (numpy arrays in either byte order, or torch tensors; bf16 as a
+    torch.bfloat16 tensor, numpy having no bf16); fp16/bf16 are widened to fp32, exactly. Refuses
+    every other dtype (long double, complex, object, integers) with a CollideError. Zero-copy
+    where possible (native fp32/fp64 numpy arrays stay shared).
+    """
     if isinstance(x, np.ndarray):
-        if x.ndim == 2 and x.dtype.kind == "f":
-            x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype in (np.float32, np.float64) else np.float32)
+        x = _numpy_rows(x)
         with warnings.catch_warnings():  # read-only arrays (e.g. Arrow buffers) are never written to
             warnings.simplefilter("ignore", UserWarning)
-            t = torch.from_numpy(x) if x.dtype.kind == "f" else None
+            t = torch.from_numpy(x)
     elif isinstance(x, torch.Tensor):
-        t = x.detach() if x.is_floating_point() else None
+        if not x.is_floating_point():
+            raise CollideError(f"min_pairwise takes fp16, bf16, fp32 or fp64 rows, got {x.dtype}; cast them to "
+                               "torch.float64 yourself (complex values would be dropped)")
+        t = x.detach()
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.to(torch.float32)  # fp16/bf16 (and fp8) values are exact in fp32
     else:
         raise CollideError(f"min_pairwise needs an (n, d) numpy array or torch tensor, got {type(x).__name__}")
-    if t is None:
-        raise CollideError(f"min_pairwise needs floating-point rows, got dtype {x.dtype}; cast to float32")
     if t.ndim != 2:
         raise CollideError(f"min_pairwise needs a 2-D (n, d) matrix, got shape {tuple(t.shape)}")
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.to(torch.float32)  # fp16/bf16 are exact in fp32
+    if t.shape[1] == 0:
+        raise CollideError(f"min_pairwise got zero-width rows, shape {tuple(t.shape)}: every row needs at least "
+                           "one column")
     return t.contiguous()
 
 
@@ -225,22 +186,22 @@ def _result(state: PairSearch, n: int, valid_rows: np.ndarray, invalid_rows: np.
     m = len(valid_rows)
     ci, cj, cd = state.collisions()
     nn = np.full(n, np.nan)
-    nn[valid_rows] = np.sqrt(state.nn_exact.cpu().numpy())
+    nn[valid_rows] = state.nn_distances()
     reason = state.reason
     if reason is not None and state.n_skipped:
         reason += f" ({state.n_skipped} candidates were not re-ranked)"
     res = PairwiseResult(
-        distance=math.sqrt(state.tau) if state.pair is not None else math.inf,
+        distance=math.sqrt(state.tau) if state.pair is not None else math.inf,  # IEEE sqrt, correctly rounded
         pair=state.pair,
         certified=reason is None,
-        collisions=list(zip(ci.tolist(), cj.tolist(), cd.tolist())),
+        collisions=Pairs(ci, cj, cd),
         n_collisions=len(ci),
         nn_distance=nn,
         n_pairs=m * (m - 1) // 2,
         invalid_rows=invalid_rows.tolist(),
         threshold=state.threshold,
         backend=backend,
-        precision=state.precision,
+        precision=str(state.precision),
         n_candidates=state.n_candidates,
         uncertified_reason=reason,
         seconds=time.perf_counter() - tic,
@@ -259,17 +220,22 @@ def _result(state: PairSearch, n: int, valid_rows: np.ndarray, invalid_rows: np.
 
 def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="auto", block_rows: int = 4096,
                  precision: str = "fp32", k: int = 8, max_k: int = 1024, max_candidates: int = 50_000_000,
-                 threads: int = 0, progress: bool = False) -> PairwiseResult:
-    """Certified exact minimum pairwise L2 distance of the rows of x (n, d), and every collision.
+                 threads: int = 0, progress: bool = False, nearest: bool = True) -> PairwiseResult:
+    """Certified exact minimum pairwise L2 distance of the rows of x (n, d), every collision, and
+    (``nearest``) every row's exact nearest-neighbour distance.
 
-    x: numpy array or torch tensor (CPU or CUDA), float32 or float64 (fp16/bf16 are widened).
-    threshold: L2 (not squared) under which a pair is a collision. backend: "auto" (see
-    pick_backend), "torch" (symmetric block GEMM engine) or "faiss" (k-NN screening, in memory).
-    device: for the torch engine ("auto": the tensor's CUDA device, else cuda if present, else
-    cpu). block_rows: rows per block (memory O(block_rows * d + block_rows^2)). precision:
-    screening arithmetic, "fp32" or "tf32x3" (CUDA only). k, max_k: initial and widest k-NN of the
-    faiss engine. max_candidates: exact re-ranks allowed before the result is reported
-    uncertified. threads: CPU threads (0 = all). progress: tqdm bar of pairs done (torch engine).
+    x: numpy array (any byte order) or torch tensor (CPU or CUDA) of fp16, bf16 (torch only), fp32
+    or fp64 values, taken exactly (see as_tensor; other dtypes and d = 0 are refused).
+    threshold: L2 (not squared) under which a pair is a collision: any finite value >= 0.
+    backend: "auto" (see pick_backend), "torch" (symmetric block GEMM engine) or "faiss" (k-NN
+    screening, in memory). device: for the torch engine ("auto": the tensor's CUDA device, else
+    cuda if present, else cpu). block_rows: rows per block (memory O(block_rows * d +
+    block_rows^2)). precision: screening arithmetic, "fp32" or "tf32x3" (CUDA only; its bound rests
+    on an undocumented property of tensor-core accumulation, see bounds.py). k, max_k: initial and
+    widest k-NN of the faiss engine. max_candidates: exact re-ranks allowed before the result is
+    reported uncertified. threads: CPU threads (0 = all). progress: tqdm bar of pairs done (torch
+    engine). nearest: certify each row's nearest-neighbour distance (False: minimum and collisions
+    only, nn_distance all nan; a little faster).
     """
     tic = time.perf_counter()
     chosen = pick_backend(backend, device)
@@ -284,7 +250,7 @@ def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="a
             x_np = xt.cpu().numpy()
             state, valid_rows, invalid_rows = faiss_search(x_np, threshold, dev, block_rows=block_rows, k=k,
                                                            max_k=max_k, max_candidates=max_candidates,
-                                                           threads=threads)
+                                                           threads=threads, nearest=nearest)
             return _result(state, x_np.shape[0], valid_rows, invalid_rows, "faiss", tic)
         xt = xt.to(dev)
         n, d = xt.shape
@@ -296,9 +262,8 @@ def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="a
         mu = sum_rows(xv, block_rows) / max(m, 1)
         blocks = [make_block(xv[s:s + block_rows], valid_rows[s:s + block_rows], s, mu)
                   for s in range(0, m, block_rows)]
-        state = PairSearch(m, d, dev, threshold, precision, max_candidates, block_rows, progress, eager=False)
+        state = PairSearch(m, d, dev, threshold, precision, max_candidates, block_rows, progress, nearest)
         search_blocks(lambda stop: iter(blocks[:stop]), state)
-        state.settle_nearest(xv)
     return _result(state, n, valid_rows.cpu().numpy(), invalid_rows, "torch", tic)
 
 
@@ -341,13 +306,14 @@ def _scan_store(store, layer: int, block_rows: int, dev: torch.device):
 def search_store(store, layer: int, threshold: float, cfg: "SearchConfig") -> LayerResult:
     """Certified search of one layer of a store (collide.store.open_store), rows -> prompt ids.
 
-    The torch engine streams blocks of ``cfg.block_rows`` rows (store.iter_blocks), so the layer
-    never sits whole in host memory: a first pass takes the prompt ids, the NaN/Inf rows and the
-    fp64 mean; then for each block J the blocks before it are read again (memory ~2 blocks plus a
-    block_rows^2 tile). On CUDA, when the valid rows fit in DEVICE_FRACTION of the free GPU memory,
-    they are copied block by block onto the device once and searched there (no re-reads).
-    The faiss backend is in-memory only: it loads the layer whole (use the torch engine, the
-    "auto" choice, for layers larger than memory).
+    The store hands out fp32 blocks (states stored as bf16/fp16 are widened exactly by its reader);
+    any dtype min_pairwise takes is taken. The torch engine streams blocks of ``cfg.block_rows``
+    rows (store.iter_blocks), so the layer never sits whole in host memory: a first pass takes the
+    prompt ids, the NaN/Inf rows and the fp64 mean; then for each block J the blocks before it are
+    read again (memory ~2 blocks plus a block_rows^2 tile). On CUDA, when the valid rows fit in
+    DEVICE_FRACTION of the free GPU memory, they are copied block by block onto the device once and
+    searched there (no re-reads). The faiss backend is in-memory only: it loads the layer whole
+    (use the torch engine, the "auto" choice, for layers larger than memory).
     """
     tic = time.perf_counter()
     chosen = pick_backend(cfg.backend, cfg.device)
@@ -355,14 +321,17 @@ def search_store(store, layer: int, threshold: float, cfg: "SearchConfig") -> La
         ids, states = store.layer(layer)
         res = min_pairwise(states, threshold, "faiss", device=cfg.device, block_rows=cfg.block_rows,
                            precision=cfg.precision, k=cfg.k, max_k=cfg.max_k, max_candidates=cfg.max_candidates,
-                           threads=cfg.threads, progress=cfg.progress)
+                           threads=cfg.threads, progress=cfg.progress, nearest=cfg.nearest)
         return LayerResult(layer=layer, prompt_ids=np.asarray(ids, np.int64), result=res)
     dev = resolve_device(cfg.device)
     _check(threshold, cfg.block_rows, cfg.precision, cfg.k, cfg.max_k, cfg.max_candidates, dev)
+    if store.d == 0:
+        raise CollideError(f"layer {layer} of the store has zero-width states: every row needs at least one column")
     with _search_context(dev, cfg.precision, cfg.threads):
         prompt_ids, valid_rows, invalid_rows, mu = _scan_store(store, layer, cfg.block_rows, dev)
         m, d = len(valid_rows), store.d
-        state = PairSearch(m, d, dev, threshold, cfg.precision, cfg.max_candidates, cfg.block_rows, cfg.progress)
+        state = PairSearch(m, d, dev, threshold, cfg.precision, cfg.max_candidates, cfg.block_rows, cfg.progress,
+                           cfg.nearest)
         if dev.type == "cuda" and m * d * 4 * 2 < DEVICE_FRACTION * torch.cuda.mem_get_info(dev)[0]:
             blocks = list(_store_blocks(store, layer, cfg.block_rows, dev, mu, None))  # resident: read once
             search_blocks(lambda stop: iter(blocks[:stop]), state)

@@ -8,9 +8,10 @@
    nearest are searched; the self match is excluded **by index**, not by position (duplicates of
    a row in fp32 can come first).
 3. Every returned neighbour is re-ranked exactly in fp64. Row i is complete when its largest
-   returned screened distance D_k(i) satisfies D_k(i) - E_i > max(tau, threshold^2) (1 + 2
-   rerank_rel), E_i = bound at (||a_i||, max ||a||): every unseen j then has s^ >= D_k(i), so its
-   exact squared distance exceeds both tau and threshold^2. FAISS computes ||x||^2 + ||y||^2 -
+   returned screened distance D_k(i) satisfies D_k(i) - E_i > max(nn_i, threshold^2) (1 + 2
+   rerank_rel), nn_i = row i's best exact squared distance (tau instead without ``nearest``),
+   E_i = bound at (||a_i||, max ||a||): every unseen j then has s^ >= D_k(i), so its exact squared
+   distance exceeds nn_i >= tau and threshold^2: row i's nearest neighbour is exact. FAISS computes ||x||^2 + ||y||^2 -
    2<x, y> with fp32 norms and an fp32 GEMM (or a direct fp32 sum of squared differences for few
    queries), errors within the fp32 bound of bounds.py; results are squared distances.
 4. Incomplete rows are searched again with k doubled, up to max_k, then screened directly against
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 
 from collide.search.bounds import pair_bound
-from collide.search.symmetric import Block, PairSearch, augment, right_operand, sum_rows
+from collide.search.blocks import Block, augment, right_operand, sum_rows
+from collide.search.symmetric import PairSearch
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def _index(a: np.ndarray, dev: torch.device):
 
 
 def faiss_search(x: np.ndarray, threshold: float, dev: torch.device, *, block_rows: int, k: int, max_k: int,
-                 max_candidates: int, threads: int) -> tuple[PairSearch, np.ndarray, np.ndarray]:
+                 max_candidates: int, threads: int, nearest: bool = True) -> tuple[PairSearch, np.ndarray, np.ndarray]:
     """Certified search of the rows of x (n, d) with FAISS screening.
 
     Returns the finished PairSearch (engine index = valid-row index, caller rows = rows of x), the
@@ -72,7 +74,7 @@ def faiss_search(x: np.ndarray, threshold: float, dev: torch.device, *, block_ro
     valid_rows, invalid_rows = np.flatnonzero(valid), np.flatnonzero(~valid)
     xv = x if len(invalid_rows) == 0 else x[valid_rows]
     m = len(xv)
-    state = PairSearch(m, d, torch.device("cpu"), threshold, "fp32", max_candidates, block_rows)
+    state = PairSearch(m, d, torch.device("cpu"), threshold, "fp32", max_candidates, block_rows, nearest=nearest)
     if m < 2:
         return state, valid_rows, invalid_rows
     saved_threads = faiss.omp_get_max_threads()
@@ -116,7 +118,9 @@ def _knn_rounds(state: PairSearch, rep: Block, norms: np.ndarray, dev: torch.dev
         if kq == r:  # every row was returned: nothing unseen
             return pending[:0]
         bound = pair_bound(state.c, state.eta, norms[pending], rep.norm_max)  # E_i, elementwise
-        done = dist[:, -1].astype(np.float64) - bound > max(state.tau, state.t2) * state.slack
+        # complete: no unseen neighbour can beat (or tie) the row's exact nn, tau or the collision gate
+        best = state.nn_exact[rep.index[pending]].numpy() if state.nearest else state.tau
+        done = dist[:, -1].astype(np.float64) - bound > np.maximum(best, max(state.tau, state.t2)) * state.slack
         log.debug("faiss: k=%d, %d of %d rows complete", kk, int(done.sum()), pending.size)
         pending = pending[~done]
         if kk >= max_k:
@@ -151,7 +155,7 @@ def _expand(state: PairSearch, groups: list[np.ndarray], valid_rows: np.ndarray)
         first = torch.from_numpy(g[:1])
         state.offer(torch.from_numpy(valid_rows[g[:1]]), torch.from_numpy(valid_rows[g[1:2]]), first, first,
                     torch.zeros(1, dtype=torch.float64))
-    if state.t2 == 0.0:
+    if state.threshold == 0.0:
         return
     extra_i, extra_j, extra_d = [], [], []
     for g in groups:  # within a group: every pair, distance 0 (the pair offered above is already listed)
@@ -176,4 +180,4 @@ def _expand(state: PairSearch, groups: list[np.ndarray], valid_rows: np.ndarray)
         state.reason = state.reason or (f"{len(i)} duplicate collision pairs exceed search.max_candidates="
                                         f"{state.max_candidates}: the list is truncated; raise search.max_candidates")
         i, j, dist = i[:state.max_candidates], j[:state.max_candidates], dist[:state.max_candidates]
-    state.coll.append((torch.from_numpy(i), torch.from_numpy(j), torch.from_numpy(dist)))
+    state.coll.append((i, j, dist))

@@ -1,25 +1,35 @@
-"""The symmetric block engine ("torch" backend): certified exact minimum pairwise L2 distance.
+"""The symmetric block engine ("torch" backend): certified exact minimum pairwise L2 distance,
+collisions and each row's nearest-neighbour distance.
 
-Needs only numpy and torch. The rows to search are cut into blocks; every block pair (I, J) with
-I <= J is screened by ONE fp32 GEMM of augmented rows that yields squared distances directly
-(see bounds.py), so each unordered pair is computed once: half the work of a k-NN self-search.
-Per tile of S:
+Needs only numpy and torch. The rows to search are cut into blocks (blocks.py); every block pair
+(I, J) with I <= J is screened by ONE fp32 GEMM of augmented rows that yields squared distances
+directly (see bounds.py), so each unordered pair is computed once: half the work of a k-NN
+self-search. Per tile of S (tiles.py reduces it):
 
-1. row and column minima update each row's screened nearest neighbour (re-ranked in fp64 when
-   it improves, while both blocks are in memory: this works out of core);
+1. row and column minima update each row's screened nearest neighbour, re-ranked in fp64 when
+   it improves (both blocks are in memory: this works out of core), so that every row seen has
+   a finite exact nearest-neighbour distance nn_i (squared) before step 3;
 2. the tile's screened minimum pair is re-ranked exactly, lowering tau (best exact squared
-   distance so far);
-3. every pair with s^ <= max(tau, threshold^2) (1 + 2 rerank_rel) + E_blk is re-ranked exactly in
-   fp64 at once: pairs with exact L2 < threshold are collisions.
+   distance so far, tau <= nn_i for every row);
+3. every pair (i, j) with s^ <= max(nn_i, threshold^2) (1 + 2 rerank_rel) + E_blk, or the same
+   with nn_j, is re-ranked exactly in fp64 at once: pairs with exact L2 < threshold are
+   collisions, and nn_i, nn_j, tau take the exact values. Without ``nearest`` the bound is
+   max(tau, threshold^2) for every row (minimum and collisions only; nn is not tracked).
 
-**Exactness (a property of the construction).** A pair that step 3 leaves out has
-s^ > tau_then + E >= tau_final + E, so its exact squared distance exceeds tau_final: the
-reported minimum is the true one and every pair attaining it was re-ranked (ties are broken by
-the smallest (i, j), whatever the block order). A pair closer than the threshold has
-s^ < threshold^2 + E and is always re-ranked: the collision list is complete and exact, however
-many neighbours a row has under the threshold (e.g. layer-0 states, bitwise equal for prompts that
-end in the same token). The only exception is an exhausted candidate budget, which is reported
-as uncertified, never hidden.
+**Exactness (a property of the construction).** nn_i only decreases, so a pair (i, j) that step
+3 leaves out has s^ > nn_i,then (1 + 2 rerank_rel) + E >= nn_i,final (1 + 2 rerank_rel) + E: its
+exact squared distance, and its fp64 value, exceed nn_i,final, and likewise for j. So every
+row's reported nearest-neighbour distance is the fp64 minimum over ALL other rows, and since
+tau = min_i nn_i, the reported minimum is the true one and every pair attaining it was
+re-ranked (ties are broken by the smallest (i, j), whatever the block order). A pair closer than
+the threshold has s^ < threshold^2 + E and is always re-ranked: the collision list is complete
+and exact, however many neighbours a row has under the threshold (e.g. layer-0 states, bitwise
+equal for prompts that end in the same token). The only exception is an exhausted candidate
+budget, which is reported as uncertified, never hidden.
+
+Distances: re-ranks give exact fp64 squared distances; every reported L2 distance (minimum,
+collisions, nn) is their correctly rounded square root (math.sqrt / numpy.sqrt, on the host),
+and the collision rule ``distance < threshold`` is applied to that same value.
 
 Loop order: for each block J (held on the device, with its right operand built once), stream the
 blocks I < J, then the diagonal tile (J, J) cut into row panels so that only its upper triangle
@@ -31,160 +41,30 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from collide.search.blocks import Block, exact_sq, right_operand, tf32_split
 from collide.search.bounds import pair_bound, rerank_rel, screening_constant, underflow_term
+from collide.search.tiles import as_threshold, reduce_tile, select
 
 log = logging.getLogger(__name__)
 
-PAD = 8  # the augmented width d + 2 is padded with zero columns to a multiple of this (GEMM speed)
 CPU_PANEL = 1024  # row panel of a diagonal tile on CPU: a quarter of a 4096-row block wastes 20% of the GEMM
 # on the lower triangle instead of 33% at 2048 (n=5000, d=576: 0.15 s vs 0.19 s; n=20000: the same)
 GPU_PANEL = 2048  # row panel of a diagonal tile on CUDA (the H100 figures in benchmarks/ use it)
-COL_CHUNK = 32  # rows per step of the CPU tile reduction (a chunk stays in cache)
-RERANK_ELEMENTS = 1 << 22  # fp64 elements per chunk of exact re-ranks (bounds their memory)
 
 
-@dataclass
-class Block:
-    """A block of rows to search, resident on the engine device."""
+def collision_gate(threshold: float) -> float:
+    """A squared-distance gate g > threshold^2 (real arithmetic), positive for every threshold > 0.
 
-    index: torch.Tensor  # (b,) int64: engine index of each row (0..m-1 over all searched rows)
-    rows: torch.Tensor  # (b,) int64: each row's index in the caller's numbering (input row, store row)
-    x: torch.Tensor  # (b, d) the rows as given (fp32 or fp64): exact fp64 re-ranks read these
-    left: torch.Tensor  # (b, K) fp32 left GEMM operand [a, fl32(||a||^2), 1, 0 pad], a = fl32(x - mu)
-    norm_max: float  # largest ||a|| in the block (fp64, not squared): the block's error bound uses it
-
-
-def finite_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
-    """(n,) bool: rows of x without NaN/Inf, checked block by block (no (n, d) mask in memory)."""
-    if x.device.type == "cpu":  # numpy: torch's CPU kernels are slower here
-        xn = x.numpy()
-        return torch.from_numpy(np.concatenate([np.isfinite(xn[s:s + block_rows]).all(1)
-                                                for s in range(0, len(xn), block_rows)] or [np.zeros(0, bool)]))
-    return torch.cat([torch.isfinite(x[s:s + block_rows]).all(1) for s in range(0, x.shape[0], block_rows)]
-                     or [torch.zeros(0, dtype=torch.bool, device=x.device)])
-
-
-def sum_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
-    """fp64 sum of the rows of x (m, d), block by block (no fp64 copy of x)."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    for s in range(0, x.shape[0], block_rows):
-        if x.device.type == "cpu":
-            total += torch.from_numpy(x[s:s + block_rows].numpy().sum(0, dtype=np.float64))
-        else:
-            total += x[s:s + block_rows].to(torch.float64).sum(0)
-    return total
-
-
-def augmented_width(d: int) -> int:
-    """K: columns of the augmented operands (d + 2, padded with zeros to a multiple of PAD)."""
-    return -(-(d + 2) // PAD) * PAD
-
-
-def augment(x: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left operand [a, fl32(||a||^2), 1, 0...] of rows x (b, d) centered on mu (fp64), and ||a||^2 (fp64).
-
-    a = fl32(fl64(x) - mu); its squared norms are summed in fp64 from the fp32 values, then rounded
-    for the operand. Raises OverflowError if squared distances could overflow fp32.
+    sqrt is correctly rounded and monotone, so sqrt(d2) < threshold implies d2 < threshold^2 < g:
+    only values under g need a square root. ``nextafter`` keeps g positive when threshold^2
+    underflows (threshold < 1.5e-162), so identical rows stay collisions for every positive threshold.
     """
-    b, d = x.shape
-    left = torch.zeros(b, augmented_width(d), dtype=torch.float32, device=x.device)
-    norm2 = torch.empty(b, dtype=torch.float64, device=x.device)
-    step = max(1, RERANK_ELEMENTS // max(d, 1))
-    for s in range(0, b, step):
-        if x.device.type == "cpu":  # numpy: several times faster than torch's CPU kernels here
-            a = np.subtract(x[s:s + step].numpy(), mu.numpy(), dtype=np.float64).astype(np.float32)
-            left.numpy()[s:s + step, :d] = a
-            norm2.numpy()[s:s + step] = np.einsum("ij,ij->i", a, a, dtype=np.float64)
-        else:
-            a = (x[s:s + step].to(torch.float64) - mu).to(torch.float32)
-            left[s:s + step, :d] = a
-            norm2[s:s + step] = a.to(torch.float64).square().sum(1)
-    left[:, d] = norm2.to(torch.float32)
-    left[:, d + 1] = 1.0
-    top = float(norm2.max()) if b else 0.0
-    if not math.isfinite(top) or 4.0 * top > 1e37:
-        raise OverflowError(f"centered rows have squared norms up to {top:.3g}: squared distances overflow fp32")
-    return left, norm2
-
-
-def make_block(x: torch.Tensor, rows: torch.Tensor, start: int, mu: torch.Tensor) -> Block:
-    """Block of rows x (on the engine device) with caller rows ``rows``, engine indices start..start+b-1."""
-    left, norm2 = augment(x, mu)
-    index = torch.arange(start, start + x.shape[0], device=x.device)
-    return Block(index=index, rows=rows, x=x, left=left, norm_max=math.sqrt(float(norm2.max())))
-
-
-def right_operand(left: torch.Tensor, d: int) -> torch.Tensor:
-    """Right operand [-2a, 1, fl32(||a||^2), 0...] of a block, from its left operand (exact: a power-of-2 scale)."""
-    right = torch.zeros_like(left)
-    right[:, :d] = left[:, :d] * -2.0
-    right[:, d] = 1.0
-    right[:, d + 1] = left[:, d]
-    return right
-
-
-def tf32_split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo): hi = t with its 13 low mantissa bits cleared (exact TF32), lo = t - hi (exact in fp32)."""
-    hi = (t.view(torch.int32) & -8192).view(torch.float32)
-    return hi, t - hi
-
-
-def exact_sq(xa: torch.Tensor, ia: torch.Tensor, xb: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
-    """Exact-as-fp64 squared L2 distances sum_k (xa[ia_r, k] - xb[ib_r, k])^2, fp64 (len(ia),).
-
-    Deterministic per pair: the same two rows give the same bits whatever batch they are part of.
-    On CPU numpy does it (its row sums do not depend on the number of rows, and it is several
-    times faster than torch's CPU kernels here); on CUDA every chunk is padded to the same number
-    of rows, since the reduction kernel's split can depend on the number of outputs.
-    """
-    step = max(1, RERANK_ELEMENTS // max(xa.shape[1], 1))
-    if xa.device.type == "cpu":
-        an, bn, ia_n, ib_n = xa.numpy(), xb.numpy(), ia.numpy(), ib.numpy()
-        out = np.empty(len(ia_n))
-        for s in range(0, len(ia_n), step):
-            diff = np.subtract(an[ia_n[s:s + step]], bn[ib_n[s:s + step]], dtype=np.float64)
-            diff *= diff
-            out[s:s + step] = diff.sum(1)
-        return torch.from_numpy(out)
-    out = torch.empty(len(ia), dtype=torch.float64, device=xa.device)
-    for s in range(0, len(ia), step):
-        pa, pb = ia[s:s + step], ib[s:s + step]
-        k = len(pa)
-        if k < step:  # pad with row 0: same kernel configuration for every chunk
-            pa = torch.cat([pa, pa.new_zeros(step - k)])
-            pb = torch.cat([pb, pb.new_zeros(step - k)])
-        out[s:s + k] = (xa[pa].to(torch.float64) - xb[pb].to(torch.float64)).square().sum(1)[:k]
-    return out
-
-
-def _reduce_cpu(s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(row min, row argmin, column min, column argmin) of a tile s (P, Q); first index among ties.
-
-    One pass over s in chunks of COL_CHUNK rows that stay in cache: numpy's argmin(axis=0) walks
-    columns with a stride and is ~10x slower. A chunk's column argmin is only computed for the
-    columns whose minimum it improves.
-    """
-    ri = np.empty(s.shape[0], np.int64)
-    cv = ci = None
-    for r0 in range(0, s.shape[0], COL_CHUNK):
-        chunk = s[r0:r0 + COL_CHUNK]
-        ri[r0:r0 + COL_CHUNK] = chunk.argmin(1)
-        if cv is None:
-            cv, ci = chunk.min(0), chunk.argmin(0)
-            continue
-        v = chunk.min(0)
-        better = np.flatnonzero(v < cv)
-        if better.size:
-            ci[better] = chunk[:, better].argmin(0) + r0
-            cv[better] = v[better]
-    rv = np.take_along_axis(s, ri[:, None], 1)[:, 0]
-    return rv, ri, cv, ci
+    return math.nextafter(threshold * threshold, math.inf)
 
 
 class PairSearch:
@@ -192,27 +72,25 @@ class PairSearch:
 
     Row numbering: engine index e in 0..m-1 for the arrays here; pairs and collisions are reported
     in the caller's numbering (Block.rows), (i, j) with i < j. tau and the nn arrays hold squared
-    distances (fp64), collisions hold L2 distances.
+    distances (fp64), collisions hold L2 distances (correctly rounded square roots).
     """
 
     def __init__(self, m: int, d: int, device: torch.device, threshold: float, precision: str = "fp32",
                  max_candidates: int = 50_000_000, block_rows: int = 4096, progress: bool = False,
-                 eager: bool = True):
+                 nearest: bool = True):
         self.d, self.device, self.threshold = d, device, float(threshold)
-        self.t2 = self.threshold * self.threshold  # collision threshold, squared
+        self.t2 = collision_gate(self.threshold)  # squared gate of the collision rule (> threshold^2)
         self.precision = precision  # screening arithmetic: fp32 | tf32x3
         self.c, self.eta = screening_constant(d, precision), underflow_term(d)  # bound constants
         self.slack = 1.0 + 2.0 * rerank_rel(d)  # inflation of exact thresholds for the fp64 re-rank error
         self.max_candidates = int(max_candidates)  # budget of exact re-ranks
+        self.nearest = nearest  # certify every row's exact nearest-neighbour distance (else nn is not tracked)
         self.tau = math.inf  # best exact squared distance so far
         self.pair: tuple[int, int] | None = None  # its pair, caller numbering, i < j
-        self.nn_screen = torch.full((m,), math.inf, dtype=torch.float32, device=device)  # best s^ per row
+        # per row: an upper bound of its nearest-neighbour squared distance, min over tiles of (s^ + E)
+        self.nn_ub = torch.full((m,), math.inf, dtype=torch.float64, device=device)
         self.nn_exact = torch.full((m,), math.inf, dtype=torch.float64, device=device)  # best exact d^2 per row
-        self.nn_partner = torch.full((m,), -1, dtype=torch.int64, device=device)  # engine index of screened nn
-        # True: re-rank a row's screened nearest neighbour whenever it improves (both blocks are in
-        # memory: needed out of core); False: once at the end (settle_nearest), for in-memory data
-        self.eager = eager
-        self.coll: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (i, j, d) collision batches
+        self.coll: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (i, j, L2) collision batches, host
         self.n_candidates = 0  # pairs re-ranked exactly because they passed the screening bound
         self.n_skipped = 0  # candidates left un-re-ranked once the budget was spent
         self.reason: str | None = None  # why the result is not certified
@@ -244,13 +122,6 @@ class PairSearch:
             torch.mm(left, right.T, out=s)
         self.gemm_s += time.perf_counter() - tic
         return s
-
-    def _reduce(self, s: torch.Tensor):
-        """Row minima + argmins (over columns) and column minima + argmins (over rows) of a tile."""
-        if self.device.type == "cpu":
-            rv, ri, cv, ci = _reduce_cpu(s.numpy())
-            return (torch.from_numpy(rv), torch.from_numpy(ri)), (torch.from_numpy(cv), torch.from_numpy(ci))
-        return torch.min(s, 1), torch.min(s, 0)
 
     def screen(self, bi: Block, bj: Block, right_j: torch.Tensor, kind: str) -> None:
         """Screen all pairs of rows (i in bi, j in bj), bi's rows before bj's.
@@ -284,36 +155,27 @@ class PairSearch:
             n_pairs = p * q
         else:
             n_pairs = p * q
-        (rv, ri), (cv, ci) = self._reduce(s)
+        (rv, ri), (cv, ci), cmins = reduce_tile(s)
         rows_i = torch.arange(r0, r1, device=self.device)
-        cols_j = torch.arange(c0, c0 + q, device=self.device)
-        self._nearest(bi, rows_i, bj, ri.to(self.device) + c0, rv.to(self.device))
-        self._nearest(bj, cols_j, bi, ci.to(self.device) + r0, cv.to(self.device))
-
         k = int(torch.argmin(rv))
         smin = float(rv[k])
         if math.isfinite(smin):
             self._rerank(bi, rows_i[k:k + 1], bj, ri[k:k + 1].to(self.device) + c0, kind)
-            thr = max(self.tau, self.t2) * self.slack + e
-            if smin <= thr:
-                self._candidates(s, rv, thr, bi, r0, bj, c0, kind)
+            if self.nearest:  # per row: a bound of its own nn (>= tau), or the collision gate
+                tr = self._nn_threshold(bi.index[r0:r1], rv, e)
+                tc = self._nn_threshold(bj.index[c0:c0 + q], cv, e)
+                self._candidates(s, rv, cv, cmins, tr.to(rv.device), tc.to(cv.device), bi, r0, bj, c0, kind)
+            else:
+                thr = max(self.tau, self.t2) * self.slack + e
+                if smin <= thr:
+                    tr = as_threshold(torch.full((p,), thr, dtype=torch.float64, device=rv.device))
+                    self._candidates(s, rv, cv, cmins, tr, None, bi, r0, bj, c0, kind)
         if self.bar is not None:
             self.bar.update(n_pairs)
 
-    def _candidates(self, s, rv, thr: float, bi: Block, r0: int, bj: Block, c0: int, kind: str) -> None:
-        """Re-rank every pair of the tile with s^ <= thr (within the budget)."""
-        if self.device.type == "cpu":
-            sel = np.flatnonzero(rv.numpy() <= thr)
-            sub = s.numpy()[sel]
-            rr, cc = np.nonzero(sub <= thr)
-            vals = torch.from_numpy(sub[rr, cc])
-            rr, cc = torch.from_numpy(sel[rr]), torch.from_numpy(cc)
-        else:
-            sel = torch.nonzero(rv <= thr)[:, 0]
-            sub = s[sel]
-            rr, cc = torch.nonzero(sub <= thr, as_tuple=True)
-            vals = sub[rr, cc]
-            rr = sel[rr]
+    def _candidates(self, s, rv, cv, cmins, tr, tc, bi: Block, r0: int, bj: Block, c0: int, kind: str) -> None:
+        """Re-rank every pair of the tile with s^ <= tr[row] or s^ <= tc[col] (within the budget)."""
+        rr, cc, vals = select(s, rv, cv, cmins, tr, tc)
         keep = self.within_budget(vals)
         if keep is not None:
             rr, cc = rr[keep], cc[keep]
@@ -328,31 +190,18 @@ class PairSearch:
             return None
         if self.reason is None:
             self.reason = (f"candidate budget exhausted: search.max_candidates={self.max_candidates} exact "
-                           f"re-ranks were not enough for the pairs within the screening bound of the minimum "
-                           f"or of the threshold; raise search.max_candidates")
+                           f"re-ranks were not enough for the pairs within the screening bound of the minimum, "
+                           f"of a row's nearest neighbour or of the threshold; raise search.max_candidates")
         self.n_skipped += vals.numel() - room
         return torch.topk(vals, room, largest=False).indices
 
-    def _nearest(self, blk: Block, local: torch.Tensor, other: Block, other_local: torch.Tensor,
-                 sv: torch.Tensor) -> None:
-        """Rows of blk whose screened nearest neighbour improved: keep it, re-rank it exactly."""
-        eng = blk.index[local]
-        better = torch.nonzero(sv < self.nn_screen[eng])[:, 0]
-        if better.numel() == 0:
-            return
-        self.nn_screen[eng[better]] = sv[better]
-        self.nn_partner[eng[better]] = other.index[other_local[better]]
-        if self.eager:
-            d2 = exact_sq(blk.x, local[better], other.x, other_local[better])
-            self.nn_exact.scatter_reduce_(0, eng[better], d2, "amin")
-            self.nn_exact.scatter_reduce_(0, other.index[other_local[better]], d2, "amin")
-
-    def settle_nearest(self, x: torch.Tensor) -> None:
-        """Re-rank every row's screened nearest neighbour exactly (lazy mode; x: all rows, engine order)."""
-        rows = torch.nonzero(self.nn_partner >= 0)[:, 0]
-        d2 = exact_sq(x, rows, x, self.nn_partner[rows])
-        self.nn_exact.scatter_reduce_(0, rows, d2, "amin")
-        self.nn_exact.scatter_reduce_(0, self.nn_partner[rows], d2, "amin")
+    def _nn_threshold(self, eng: torch.Tensor, sv: torch.Tensor, e: float) -> torch.Tensor:
+        """fp32 screening thresholds of the rows ``eng`` whose tile minima are sv: first lower each
+        row's bound nn_ub by sv + e (>= the exact distance of that pair, hence of its nearest
+        neighbour), then max(min(nn_exact, nn_ub), threshold gate) (1 + 2 rerank_rel) + e."""
+        self.nn_ub[eng] = torch.minimum(self.nn_ub[eng], sv.to(self.nn_ub.device, torch.float64) + e)
+        bound = torch.minimum(self.nn_exact[eng], self.nn_ub[eng]).clamp(min=self.t2)
+        return as_threshold(bound * self.slack + e)
 
     def _rerank(self, bi: Block, li: torch.Tensor, bj: Block, lj: torch.Tensor, kind: str) -> None:
         """Exact fp64 distances of pairs (bi row li, bj row lj): update tau, the pair, collisions, nn."""
@@ -378,23 +227,32 @@ class PairSearch:
             pair = min(zip(ri[at].tolist(), rj[at].tolist()))
             if best < self.tau or self.pair is None or pair < self.pair:
                 self.tau, self.pair = best, pair
-        if self.t2 > 0.0 and float(d2.min()) < self.t2 * self.slack:
-            dist = d2.sqrt()
-            hit = torch.nonzero(dist < self.threshold)[:, 0]
-            if hit.numel():
-                self.coll.append((ri[hit].cpu(), rj[hit].cpu(), dist[hit].cpu()))
+        if self.threshold > 0.0 and best < self.t2:
+            near = torch.nonzero(d2 < self.t2)[:, 0]
+            dist = np.sqrt(d2[near].cpu().numpy())  # correctly rounded (IEEE sqrt), on the host
+            hit = np.flatnonzero(dist < self.threshold)
+            if hit.size:
+                sel = near[torch.from_numpy(hit).to(near.device)]
+                self.coll.append((ri[sel].cpu().numpy(), rj[sel].cpu().numpy(), dist[hit]))
 
     # ------------------------------------------------------------------ results
     def collisions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Unique collision pairs (i, j, L2) sorted by (distance, i, j), caller numbering."""
         if not self.coll:
             return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64)
-        i, j, dist = (torch.cat(parts).numpy() for parts in zip(*self.coll))
+        i, j, dist = (np.concatenate(parts) for parts in zip(*self.coll))
         order = np.lexsort((j, i, dist))
         i, j, dist = i[order], j[order], dist[order]
         keep = np.ones(len(i), bool)
-        keep[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])  # the faiss engine may see a pair twice
-        return i[keep], j[keep], dist[keep]
+        keep[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])  # a pair can be re-ranked more than once
+        return i[keep].astype(np.int64), j[keep].astype(np.int64), dist[keep]
+
+    def nn_distances(self) -> np.ndarray:
+        """(m,) each row's exact nearest-neighbour L2 distance (correctly rounded sqrt), engine order;
+        inf for a row with no other row, nan for every row when ``nearest`` is off."""
+        if not self.nearest:
+            return np.full(self.nn_exact.shape[0], np.nan)
+        return np.sqrt(self.nn_exact.cpu().numpy())
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,0 +1,131 @@
+"""The rows of a search as blocks: validity, fp64 mean, the augmented GEMM operands, exact fp64 re-ranks.
+
+Needs only numpy and torch. Conventions: rows are given as fp32 or fp64 (narrower floats are
+widened exactly by the caller); a = fl32(fl64(x) - mu) are the centered rows the screening GEMM
+sees; squared norms and exact distances are fp64 and squared (see bounds.py for the error bound).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PAD = 8  # the augmented width d + 2 is padded with zero columns to a multiple of this (GEMM speed)
+RERANK_ELEMENTS = 1 << 22  # fp64 elements per chunk of exact re-ranks (bounds their memory)
+
+
+@dataclass
+class Block:
+    """A block of rows to search, resident on the engine device."""
+
+    index: torch.Tensor  # (b,) int64: engine index of each row (0..m-1 over all searched rows)
+    rows: torch.Tensor  # (b,) int64: each row's index in the caller's numbering (input row, store row)
+    x: torch.Tensor  # (b, d) the rows as given (fp32 or fp64): exact fp64 re-ranks read these
+    left: torch.Tensor  # (b, K) fp32 left GEMM operand [a, fl32(||a||^2), 1, 0 pad], a = fl32(x - mu)
+    norm_max: float  # largest ||a|| in the block (fp64, not squared): the block's error bound uses it
+
+
+def finite_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """(n,) bool: rows of x without NaN/Inf, checked block by block (no (n, d) mask in memory)."""
+    if x.device.type == "cpu":  # numpy: torch's CPU kernels are slower here
+        xn = x.numpy()
+        return torch.from_numpy(np.concatenate([np.isfinite(xn[s:s + block_rows]).all(1)
+                                                for s in range(0, len(xn), block_rows)] or [np.zeros(0, bool)]))
+    return torch.cat([torch.isfinite(x[s:s + block_rows]).all(1) for s in range(0, x.shape[0], block_rows)]
+                     or [torch.zeros(0, dtype=torch.bool, device=x.device)])
+
+
+def sum_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """fp64 sum of the rows of x (m, d), block by block (no fp64 copy of x)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], block_rows):
+        if x.device.type == "cpu":
+            total += torch.from_numpy(x[s:s + block_rows].numpy().sum(0, dtype=np.float64))
+        else:
+            total += x[s:s + block_rows].to(torch.float64).sum(0)
+    return total
+
+
+def augmented_width(d: int) -> int:
+    """K: columns of the augmented operands (d + 2, padded with zeros to a multiple of PAD)."""
+    return -(-(d + 2) // PAD) * PAD
+
+
+def augment(x: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left operand [a, fl32(||a||^2), 1, 0...] of rows x (b, d) centered on mu (fp64), and ||a||^2 (fp64).
+
+    a = fl32(fl64(x) - mu); its squared norms are summed in fp64 from the fp32 values, then rounded
+    for the operand. Raises OverflowError if squared distances could overflow fp32.
+    """
+    b, d = x.shape
+    left = torch.zeros(b, augmented_width(d), dtype=torch.float32, device=x.device)
+    norm2 = torch.empty(b, dtype=torch.float64, device=x.device)
+    step = max(1, RERANK_ELEMENTS // max(d, 1))
+    for s in range(0, b, step):
+        if x.device.type == "cpu":  # numpy: several times faster than torch's CPU kernels here
+            a = np.subtract(x[s:s + step].numpy(), mu.numpy(), dtype=np.float64).astype(np.float32)
+            left.numpy()[s:s + step, :d] = a
+            norm2.numpy()[s:s + step] = np.einsum("ij,ij->i", a, a, dtype=np.float64)
+        else:
+            a = (x[s:s + step].to(torch.float64) - mu).to(torch.float32)
+            left[s:s + step, :d] = a
+            norm2[s:s + step] = a.to(torch.float64).square().sum(1)
+    left[:, d] = norm2.to(torch.float32)
+    left[:, d + 1] = 1.0
+    top = float(norm2.max()) if b else 0.0
+    if not math.isfinite(top) or 4.0 * top > 1e37:
+        raise OverflowError(f"centered rows have squared norms up to {top:.3g}: squared distances overflow fp32")
+    return left, norm2
+
+
+def make_block(x: torch.Tensor, rows: torch.Tensor, start: int, mu: torch.Tensor) -> Block:
+    """Block of rows x (on the engine device) with caller rows ``rows``, engine indices start..start+b-1."""
+    left, norm2 = augment(x, mu)
+    index = torch.arange(start, start + x.shape[0], device=x.device)
+    return Block(index=index, rows=rows, x=x, left=left, norm_max=math.sqrt(float(norm2.max())))
+
+
+def right_operand(left: torch.Tensor, d: int) -> torch.Tensor:
+    """Right operand [-2a, 1, fl32(||a||^2), 0...] of a block, from its left operand (exact: a power-of-2 scale)."""
+    right = torch.zeros_like(left)
+    right[:, :d] = left[:, :d] * -2.0
+    right[:, d] = 1.0
+    right[:, d + 1] = left[:, d]
+    return right
+
+
+def tf32_split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo): hi = t with its 13 low mantissa bits cleared (exact TF32), lo = t - hi (exact in fp32)."""
+    hi = (t.view(torch.int32) & -8192).view(torch.float32)
+    return hi, t - hi
+
+
+def exact_sq(xa: torch.Tensor, ia: torch.Tensor, xb: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
+    """Exact-as-fp64 squared L2 distances sum_k (xa[ia_r, k] - xb[ib_r, k])^2, fp64 (len(ia),).
+
+    Deterministic per pair: the same two rows give the same bits whatever batch they are part of.
+    On CPU numpy does it (its row sums do not depend on the number of rows, and it is several
+    times faster than torch's CPU kernels here); on CUDA every chunk is padded to the same number
+    of rows, since the reduction kernel's split can depend on the number of outputs.
+    """
+    step = max(1, RERANK_ELEMENTS // max(xa.shape[1], 1))
+    if xa.device.type == "cpu":
+        an, bn, ia_n, ib_n = xa.numpy(), xb.numpy(), ia.numpy(), ib.numpy()
+        out = np.empty(len(ia_n))
+        for s in range(0, len(ia_n), step):
+            diff = np.subtract(an[ia_n[s:s + step]], bn[ib_n[s:s + step]], dtype=np.float64)
+            diff *= diff
+            out[s:s + step] = diff.sum(1)
+        return torch.from_numpy(out)
+    out = torch.empty(len(ia), dtype=torch.float64, device=xa.device)
+    for s in range(0, len(ia), step):
+        pa, pb = ia[s:s + step], ib[s:s + step]
+        k = len(pa)
+        if k < step:  # pad with row 0: same kernel configuration for every chunk
+            pa = torch.cat([pa, pa.new_zeros(step - k)])
+            pb = torch.cat([pb, pb.new_zeros(step - k)])
+        out[s:s + k] = (xa[pa].to(torch.float64) - xb[pb].to(torch.float64)).square().sum(1)[:k]
+    return out
