@@ -35,7 +35,7 @@ def test_seeded_problem_has_the_recorded_certified_minimum():
     assert res.pair == (127, 768)
     # fp64 exact distance (scipy pdist in fp64 gives 279.1404698263589: same to 1e-15)
     assert res.distance == pytest.approx(279.1404698263586, rel=1e-12)
-    assert res.collisions == []
+    assert res.collisions.tolist() == []
 
 
 def test_planted_collisions_are_found_and_nothing_else():
@@ -45,8 +45,8 @@ def test_planted_collisions_are_found_and_nothing_else():
     res = min_pairwise(x, 1e-6)
     assert res.certified
     expected = sorted((a, b, dist) for (a, b), dist in planted.items() if dist < 1e-6)
-    assert [(a, b) for a, b, _ in res.collisions] == [(a, b) for a, b, _ in expected]
-    assert [dist for *_, dist in res.collisions] == [dist for *_, dist in expected]  # exact: one float32 apart
+    assert [(a, b) for a, b, _ in res.collisions.tolist()] == [(a, b) for a, b, _ in expected]
+    assert [dist for *_, dist in res.collisions.tolist()] == [dist for *_, dist in expected]  # exact: one float32 apart
     assert (res.distance, res.pair) == (float(np.float32(1e-7)), (11, 1499))
 
 

@@ -175,7 +175,7 @@ def gpu_search(n: int, d: int = 4096) -> dict:
     out["exact"] = {"certified": bool(a32.certified and t32.certified),
                     "precisions_agree": (a32.distance, a32.pair, a32.collisions) == (t32.distance, t32.pair,
                                                                                      t32.collisions),
-                    "planted_found": [c[:2] for c in a32.collisions] == [(3, n - 1)]}
+                    "planted_found": [c[:2] for c in a32.collisions.tolist()] == [(3, n - 1)]}
     del x
     torch.cuda.empty_cache()
     return out
