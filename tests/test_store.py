@@ -24,35 +24,50 @@ ROOT = Path(__file__).resolve().parents[1]
 D = 8
 
 
-def header(layers=(0, 3), keep_text=True, n_prompts=25, shard_rows=10) -> dict:
-    return dict(model=dict(name="fake"), dtype="fp32", final_norm="post", layer_convention="test", layers=list(layers),
-                d=D, n_layers=3, n_prompts=n_prompts, keep_text=keep_text, shard_rows=shard_rows, batch_tokens=64,
-                max_batch_size=4)
+def header(layers=(0, 3), keep_text=True, n_prompts=25, shard_rows=10, dtype="fp32", positions="last") -> dict:
+    return dict(model=dict(name="fake"), dtype=dtype, positions=positions, final_norm="post", layer_convention="test",
+                layers=list(layers), d=D, n_layers=3, n_prompts=n_prompts, keep_text=keep_text, shard_rows=shard_rows,
+                batch_tokens=64, max_batch_size=4)
 
 
-def shard_data(first: int, rows: int, layers=(0, 3), keep_text=True, seed=0):
+def shard_data(first: int, rows: int, layers=(0, 3), keep_text=True, seed=0, positions=False):
+    """(prompts table, {layer: (rows, d)} last-token states[, {layer: (tokens, d)} every position]):
+    with ``positions`` the last position of each prompt is its last-token state, as extraction writes."""
     rng = np.random.default_rng(seed + first)
     tokens = [rng.integers(0, 300, size=rng.integers(1, 9)).tolist() for _ in range(rows)]
     table = prompt_table(first, tokens, [f"doc:{first + i}" for i in range(rows)],
                          [f"text {first + i}" for i in range(rows)] if keep_text else None)
     states = {k: rng.standard_normal((rows, D)).astype(np.float32) * 10.0 ** k for k in layers}
-    return table, states
+    if not positions:
+        return table, states
+    ends = np.cumsum([len(t) for t in tokens]) - 1
+    every = {k: rng.standard_normal((ends[-1] + 1, D)).astype(np.float32) * 10.0 ** k for k in layers}
+    for k in layers:
+        every[k][ends] = states[k]
+    return table, states, every
 
 
-def write_store(path, sizes=(10, 10, 5), layers=(0, 3), keep_text=True, identity=None, finish=True):
-    """A store of shards of the given sizes; returns the states written, {layer: (n, d)}."""
-    writer = StoreWriter.open(path, identity or {"seed": 1}, header(layers, keep_text, sum(sizes)))
-    written = {k: [] for k in layers}
+def write_store(path, sizes=(10, 10, 5), layers=(0, 3), keep_text=True, identity=None, finish=True, dtype="fp32",
+                positions="last"):
+    """A store of shards of the given sizes; returns the states written, {layer: (n, d)}, and with
+    positions="all" also {layer: [float32 (n_tokens, d) per prompt]}."""
+    writer = StoreWriter.open(path, identity or {"seed": 1}, header(layers, keep_text, sum(sizes), dtype=dtype,
+                                                                    positions=positions))
+    written, every = {k: [] for k in layers}, {k: [] for k in layers}
     first = 0
     for rows in sizes:
-        table, states = shard_data(first, rows, layers, keep_text)
-        writer.commit_shard(table, states, {"n_duplicates": first // 10})
+        table, states, *more = shard_data(first, rows, layers, keep_text, positions=positions == "all")
+        writer.commit_shard(table, states, {"n_duplicates": first // 10}, *more)
+        lengths = table.column("n_tokens").to_numpy()
         for k in layers:
             written[k].append(states[k])
+            if more:
+                every[k] += np.split(more[0][k], np.cumsum(lengths)[:-1])
         first += rows
     if finish:
         writer.finish()
-    return {k: np.concatenate(v) for k, v in written.items()}
+    written = {k: np.concatenate(v) for k, v in written.items()}
+    return (written, every) if positions == "all" else written
 
 
 def test_layer_round_trip_is_exact_float32(tmp_path):

@@ -224,6 +224,27 @@ class Store:
                 x = self._decode(states.slice(a, b - a))
                 yield pid, x if x.flags.writeable else x.copy()
 
+    # ----------------------------------------------------------------- ecosystem readers
+
+    def dataset(self, k: int):
+        """Layer k as a ``pyarrow.dataset.Dataset`` (prompt_id, state as stored; see ``collide.store.ecosystem``)."""
+        from collide.store.ecosystem import layer_dataset
+
+        return layer_dataset(self, k)
+
+    def hf_dataset(self, k: int):
+        """Layer k as a memory-mapped Hugging Face ``datasets.Dataset``: prompt_id, token_ids[, text], state
+        (float32). The first call writes memory-mappable copies under STORE/arrow/ (see ``collide.store.ecosystem``)."""
+        from collide.store.ecosystem import hf_dataset
+
+        return hf_dataset(self, k)
+
+    def torch_dataset(self, k: int):
+        """Layer k as a ``torch.utils.data.Dataset`` of {"prompt_id", "state", "token_ids"} (``hf_dataset``'s files)."""
+        from collide.store.torch_dataset import LayerDataset
+
+        return LayerDataset(self, k)
+
     # ----------------------------------------------------------------- prompts
 
     def prompts(self, columns: Sequence[str] | None = None) -> pa.Table:
