@@ -208,7 +208,7 @@ def run(cfg: CollideConfig, run_dir: Path, command: str) -> dict:
     run_info = {"model": model_info, "corpus": asdict(cfg.corpus), "n_prompts": store.n_rows,
                 # duplicates met before the first N distinct prompts: known only for the store's own N
                 "n_duplicates": counts["n_duplicates"] if store.n_rows == counts["n_prompts"] else None,
-                "threshold": cfg.threshold, "layers": layers, "timings": timings, "store": str(store.path),
+                "threshold": cfg.threshold, "layers": layers, "timings": timings, "store": str(store.path.resolve()),
                 "command": command}
     report = write_report(run_dir, json.loads(json.dumps(run_info)), results, store, cfg.report)
     print_summary(report)
