@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 N_PROMPTS, SHARD_ROWS, LAYERS = 110, 24, [0, 2, 4]  # 5 shards, the last one partial
 KILLS = ["commit:1", "commit:2", "forward:9", "write:7", "manifest:3"]
@@ -35,7 +36,7 @@ def prompts(n: int = 140):
         yield Prompt(token_ids=ids, source=f"synthetic:{i}:0", text=f"prompt {i}")
 
 
-def run_extraction(store_dir) -> None:
+def run_extraction(store_dir, positions: str = "last") -> None:
     from collide.config import ExtractConfig, ModelConfig, StoreConfig
     from collide.extract import extract_to_store
     from collide.models import load_model
@@ -44,7 +45,7 @@ def run_extraction(store_dir) -> None:
     identity = {"model": {"name": cfg.name, "source": cfg.source, "seed": cfg.seed}, "corpus": "synthetic:7",
                 "layers": LAYERS, "n_prompts": N_PROMPTS}
     extract_to_store(load_model(cfg), prompts(), LAYERS, store_dir, N_PROMPTS, identity,
-                     StoreConfig(shard_rows=SHARD_ROWS), ExtractConfig(batch_tokens=200, max_batch_size=16,
+                     StoreConfig(shard_rows=SHARD_ROWS, positions=positions), ExtractConfig(batch_tokens=200, max_batch_size=16,
                                                                        progress=False))
 
 
@@ -101,16 +102,18 @@ def kill_at(spec: str) -> None:
 
 
 def worker(argv: list[str]) -> None:
-    """``kill SPEC STORE``: extract until killed; ``run STORE...``: extract (or resume) each store."""
+    """``kill SPEC STORE``: extract until killed; ``run STORE...``: extract (or resume) each store.
+    A store directory whose name ends in "-all" is made with store.positions=all."""
     import torch
 
     torch.set_num_threads(1)  # the same arithmetic in every process
+    positions = lambda store_dir: "all" if store_dir.endswith("-all") else "last"
     if argv[0] == "kill":
         kill_at(argv[1])
-        run_extraction(argv[2])
+        run_extraction(argv[2], positions(argv[2]))
         raise SystemExit(f"{argv[1]} never happened")
     for store_dir in argv[1:]:
-        run_extraction(store_dir)
+        run_extraction(store_dir, positions(store_dir))
 
 
 def spawn(*args: str) -> subprocess.Popen:
@@ -135,6 +138,9 @@ def same_store(a: Path, b: Path) -> None:
         ids_b, xb = sb.layer(k)
         assert np.array_equal(ids_a, ids_b)
         assert np.array_equal(xa.view(np.uint32), xb.view(np.uint32))
+        if sa.positions == "all":
+            for (pa_, ya), (pb, yb) in zip(sa.position_states(k), sb.position_states(k), strict=True):
+                assert pa_ == pb and np.array_equal(ya.view(np.uint32), yb.view(np.uint32))
 
 
 def test_sigkill_at_several_points_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -166,6 +172,32 @@ def test_sigkill_at_several_points_then_resume_equals_an_uninterrupted_run(tmp_p
         same_store(path, baseline)
         assert not list(path.rglob("*.tmp"))
     assert open_store(baseline).n_rows == N_PROMPTS
+
+
+@pytest.mark.slow
+def test_every_position_store_resumes_after_sigkill_with_identical_checksums(tmp_path):
+    """store.positions=all: 7 files a shard (prompts, 3 layers, 3 positions); kills after shard 1's
+    commit and half-way through shard 1's 3rd file, then a resume equals an uninterrupted run."""
+    from collide.store import read_manifest
+    from collide.verify import verify_store
+
+    stores = {spec: tmp_path / (spec.replace(":", "-") + "-all") for spec in ("commit:1", "write:10")}
+    killed = {spec: spawn("kill", spec, str(path)) for spec, path in stores.items()}
+    for spec, proc in killed.items():
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == -signal.SIGKILL, f"{spec}: exit {proc.returncode}\n{output}"
+    assert [len(read_manifest(path)["shards"]) for path in stores.values()] == [1, 1]
+    assert list(stores["write:10"].glob("positions/*/part-00001.parquet.tmp")) or \
+        list(stores["write:10"].glob("*/part-00001.parquet.tmp"))  # half a file
+    baseline = tmp_path / "uninterrupted-all"
+    proc = spawn("run", str(baseline), *map(str, stores.values()))
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output
+    assert read_manifest(baseline)["positions"] == "all"
+    for spec, path in stores.items():
+        assert verify_store(path) == [], spec
+        same_store(path, baseline)  # the files' sha256 included
+        assert not list(path.rglob("*.tmp"))
 
 
 def test_ctrl_c_leaves_a_resumable_store(tmp_path, monkeypatch):
