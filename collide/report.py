@@ -18,7 +18,6 @@ the same token share it), so the verdict does not count it against injectivity.
 
 from __future__ import annotations
 
-import heapq
 import importlib.metadata
 import json
 import logging
@@ -36,11 +35,11 @@ import collide
 from collide import figures
 from collide.config import ReportConfig
 from collide.figures import fmt_distance
+from collide.search.results import nn_percentiles  # noqa: F401 (the report's percentiles, re-exported)
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1.0"  # major.minor: a reader of major M reads every M.x report
-PERCENTILES = {"min": 0, "p1": 1, "p5": 5, "p25": 25, "p50": 50, "p75": 75, "p95": 95, "max": 100}
 MD_COLLISIONS = 10  # colliding pairs per layer shown with their text in report.md
 MD_TEXT_CHARS = 400  # prompt texts longer than this are cut in report.md
 FIGURES = {"min_distance": "figures/min_distance.png", "nn_boxplot": "figures/nn_boxplot.png"}
@@ -104,45 +103,12 @@ def git_commit(path: Path | None = None, ignore: tuple[str, ...] = ()) -> tuple[
 # --------------------------------------------------------------------------- report.json
 
 
-def _finite_or_none(x) -> float | None:
-    return float(x) if x is not None and np.isfinite(x) else None
-
-
-def nn_percentiles(nn_distance: np.ndarray) -> dict | None:
-    """Percentiles (PERCENTILES) of the finite per-row nearest-neighbour L2 distances; None if there are none."""
-    nn = np.asarray(nn_distance, dtype=np.float64)
-    nn = nn[np.isfinite(nn)]
-    if nn.size == 0:
-        return None
-    return {name: float(np.percentile(nn, q)) for name, q in PERCENTILES.items()}
-
-
 def layer_entry(layer_result, max_listed: int) -> dict:
-    """The report.json entry of one layer. Pairs, collisions and invalid rows are given as prompt ids."""
-    r, ids = layer_result.result, np.asarray(layer_result.prompt_ids)
-    # the closest pairs first; nsmallest keeps this O(n) on layer 0, where collisions can number millions
-    listed = heapq.nsmallest(max_listed, ((float(dist), *sorted((int(ids[i]), int(ids[j]))))
-                                          for i, j, dist in r.collisions))
-    closest = layer_result.closest_pair_ids()
-    return {
-        "layer": int(layer_result.layer),
-        "is_embedding_layer": int(layer_result.layer) == 0,
-        "n_vectors": int(len(ids)),
-        "n_pairs": int(r.n_pairs),
-        "min_distance": _finite_or_none(r.distance),
-        "certified": bool(r.certified),
-        "uncertified_reason": r.uncertified_reason,
-        "closest_pair": [int(p) for p in closest] if closest is not None else None,
-        "n_collisions": int(r.n_collisions),
-        "collisions": [{"a": a, "b": b, "distance": d} for d, a, b in listed],
-        "collisions_file": f"collisions/layer={int(layer_result.layer)}.parquet",
-        "nn_distance": nn_percentiles(r.nn_distance),
-        "invalid_rows": [int(ids[i]) for i in r.invalid_rows],
-        "n_candidates": int(r.n_candidates),
-        "backend": r.backend,
-        "precision": r.precision,
-        "seconds": float(r.seconds),
-    }
+    """The report.json entry of one layer: LayerResult.to_dict (pairs, collisions and invalid rows as
+    prompt ids, nn_distance as percentiles) plus the report's own keys."""
+    layer = int(layer_result.layer)
+    return {"layer": layer, "is_embedding_layer": layer == 0, **layer_result.to_dict(max_listed),
+            "collisions_file": f"collisions/layer={layer}.parquet"}
 
 
 def _layer_list(layers: list[int]) -> str:
