@@ -1,4 +1,4 @@
-"""Model stage: load a causal LM and read last-token hidden states at chosen layers.
+"""Model stage: load a causal LM and read hidden states (last token, or every position) at chosen layers.
 
 Layer convention (recorded in every manifest and report):
 
@@ -9,8 +9,8 @@ Layer convention (recorded in every manifest and report):
   entry) or before it, on the raw residual stream, when ``final_norm="pre"`` (the paper's code).
 
 States are captured by forward hooks on the decoder blocks, so only the selected layers are
-kept (one ``(batch, d)`` row per layer), and the forward pass stops after the deepest
-selected layer.
+kept (``last_token_states``: one ``(batch, d)`` row per layer; ``all_token_states``: the
+``(batch, T, d)`` states), and the forward pass stops after the deepest selected layer.
 """
 
 from __future__ import annotations

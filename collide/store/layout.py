@@ -33,8 +33,9 @@ POSITIONS = ("last", "all")
 # Parquet options: states are written plain (no compression, no dictionary) so that reading them
 # is a decode of contiguous values; the prompts table is small and compresses well with zstd.
 # bf16 bit patterns are uint16, which Parquet stores as INT32: byte-stream-split puts their two
-# zero high bytes in streams of their own that lz4 removes (1.7 bytes per value on normal data,
-# read as fast as plain float32; measured on 4096 x 1024 states, pyarrow 26).
+# zero high bytes in streams of their own that lz4 removes: 1.69 bytes per value on normal data
+# (fp32: 4.01, fp16: 2.01); Store.layer of 16384 x 1024 states reads in 0.67 s (fp32: 0.40 s,
+# fp16: 0.51 s), measured with pyarrow 26 on 2 shared CPU cores.
 PROMPT_OPTIONS = dict(compression="zstd")
 BATCHING_KEYS = ("shard_rows", "batch_tokens", "max_batch_size")
 
@@ -103,11 +104,21 @@ def encode_states(states: np.ndarray, dtype: str) -> np.ndarray:
     return np.where(np.isnan(x), ((u >> 16) | np.uint32(0x40)).astype(np.uint16), rounded)
 
 
-def decode_states(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values of ``dtype`` -> float32, exactly (every bf16 and fp16 value is a float32)."""
+def decode_states(values: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values of ``dtype`` -> float32, exactly (every bf16 and fp16 value is a float32).
+
+    ``out``: a float32 array of the same shape to decode into (no temporary); without it, fp32
+    values are returned as they are (no copy) and the others in a new array.
+    """
+    if out is None:
+        if dtype == "fp32":
+            return values.astype(np.float32, copy=False)
+        out = np.empty(values.shape, np.float32)
     if dtype == "bf16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
-    return values.astype(np.float32, copy=False)
+        np.left_shift(values, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        out[...] = values
+    return out
 
 
 def state_array(states: np.ndarray, dtype: str = "fp32") -> pa.FixedSizeListArray:

@@ -118,9 +118,10 @@ class Store:
         self._check_layer(k)
         return self._checked(shard, f"{layer_dir(k)}/{part_name(shard['index'])}")
 
-    def _decode(self, chunk: pa.FixedSizeListArray) -> np.ndarray:
-        """fixed_size_list chunk -> (rows, d) float32 (a read-only view of the Arrow buffer for fp32)."""
-        return decode_states(chunk.flatten().to_numpy().reshape(-1, self.d), self.dtype)
+    def _decode(self, chunk: pa.FixedSizeListArray, out: np.ndarray | None = None) -> np.ndarray:
+        """fixed_size_list chunk -> (rows, d) float32, into ``out`` if given (else, for fp32, a
+        read-only view of the Arrow buffer)."""
+        return decode_states(chunk.flatten().to_numpy().reshape(-1, self.d), self.dtype, out)
 
     # ----------------------------------------------------------------- last-token states
 
@@ -145,7 +146,7 @@ class Store:
             for id_chunk, state_chunk in zip(table.column("prompt_id").chunks, table.column("state").chunks):
                 n = len(id_chunk)
                 ids[row:row + n] = id_chunk.to_numpy()
-                states[row:row + n] = self._decode(state_chunk)
+                self._decode(state_chunk, states[row:row + n])
                 row += n
         if row != self.n_rows:
             raise CollideError(f"layer {k} of {self.path} has {row} rows, the manifest says {self.n_rows}; "

@@ -26,7 +26,7 @@ from collide.atomic import atomic_write, atomic_write_json, os_error_message
 from collide.errors import CollideError
 from collide.store.layout import (BATCHING_KEYS, FORMAT, FORMAT_VERSION, MANIFEST, POSITIONS, PROMPT_OPTIONS,
                                   PROMPTS_DIR, STORAGE, decode_states, encode_states, identity_diff, layer_dir,
-                                  now_iso, part_name, positions_dir, prompt_table, read_manifest, state_field, state_options,
+                                  now_iso, part_name, positions_dir, read_manifest, state_field, state_options,
                                   store_dirs, stray_files)
 from collide.store.reader import Store
 
