@@ -19,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from collide.atomic import atomic_write
+
 DPI = 100  # PNG pixels = figure inches x DPI
 REPORT_SIZE = (8.0, 4.5)  # inches: 800 x 450 px
 COMPARE_SIZE = (10.0, 5.5)  # inches: 1000 x 550 px
@@ -38,9 +40,11 @@ def _new_figure(size: tuple[float, float]) -> Figure:
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` to ``path`` atomically, in the format its suffix names (.png)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the pixel size stays exactly size x DPI
+    # no bbox_inches="tight": the pixel size stays exactly size x DPI
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".")))
     return path
 
 
@@ -227,4 +231,53 @@ def exhaustive_figure(result: dict, path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="best")
     ax.grid(True, which="major", alpha=0.3)
+    return _save(fig, path)
+
+
+def probe_figure(result: dict, path: Path) -> Path:
+    """Future-token probe accuracy per layer (collide.probe's probe.json): top-1 and top-5 panels,
+    one line per lookahead tau; the bigram baseline of each tau dashed and the most frequent token
+    dotted, in the tau's colour."""
+    fig = _new_figure((10.0, 4.5))
+    axes = fig.subplots(1, 2, sharey=True)
+    baselines = {b["tau"]: b for b in result["baselines"]}
+    for ax, metric in zip(axes, ("top1", "top5")):
+        for i, tau in enumerate(result["taus"]):
+            color = f"C{i % 10}"
+            pts = sorted((e["layer"], e[metric]) for e in result["results"] if e["tau"] == tau)
+            ax.plot(*zip(*pts), "o-", ms=3, color=color, label=f"probe, tau={tau}")
+            ax.axhline(baselines[tau]["bigram"][metric], color=color, ls="--", lw=0.9)
+            ax.axhline(baselines[tau]["most_frequent"][metric], color=color, ls=":", lw=0.9)
+        ax.plot([], [], "k--", lw=0.9, label="bigram from the token at t")
+        ax.plot([], [], "k:", lw=0.9, label="most frequent token")
+        ax.set_xlabel("layer (0 = embeddings)")
+        ax.set_title(f"{metric[:3]}-{metric[3:]} accuracy of the token at t+tau", fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=MAX_TICKS))
+        ax.set_ylim(0, 1)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("accuracy on held-out prompts")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.suptitle(f"{result['model']}: linear probes from the state at t, {result['n_prompts']:,} prompts "
+                 f"({result['split']['test']} held out)", fontsize=10)
+    return _save(fig, path)
+
+
+def precache_figure(result: dict, path: Path) -> Path:
+    """R^2 of linear probes from the state at n to sin(10 x_{n-i}) per lag i (collide.precache's
+    precache.json): one colour per layer, solid = vanilla training, dashed = myopic."""
+    fig = _new_figure(REPORT_SIZE)
+    ax = fig.add_subplot()
+    styles = {"vanilla": "-", "myopic": "--"}
+    for model in result["models"]:
+        for probe in model["probes"]:
+            ax.plot(range(len(probe["r2"])), probe["r2"], styles.get(model["mode"], "-."), marker="o", ms=3,
+                    color=f"C{probe['layer'] % 10}", label=f"{model['mode']}, layer {probe['layer']}")
+    ax.axvline(result["config"]["window"] - 0.5, color="0.5", lw=0.8, ls=":", label="end of the target's window")
+    ax.set_xlabel("lag i: the probe reads sin(10 x_{n-i}) from the state at n")
+    ax.set_ylabel("R^2 on held-out sequences")
+    ax.set_ylim(min(-0.05, *(min(p["r2"]) for m in result["models"] for p in m["probes"])), 1.0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=MAX_TICKS))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.set_title("pre-caching: what the state at n keeps of past sin(10 x) (0 = the input embedding)", fontsize=10)
     return _save(fig, path)

@@ -1,0 +1,291 @@
+"""``collide precache``: the synthetic pre-caching experiment of "Do Language Models Plan Ahead for
+Future Tokens?" (Wu, Morris and Levine, arXiv 2404.00859), vanilla against myopic training.
+
+Task, over sequences of ``seq_len`` positions n = 0, 1, ...: x_n ~ N(0, 1), z_n ~ Bernoulli(p), the
+input at n is (x_n, z_n) and the target is
+
+    y_n = z_n * sum_{j = n-window+1}^{n} sin(10 x_j) + (1 - z_n) * x_n      (j >= 0 only)
+
+so a position with z_n = 1 needs sin(10 x_j) of the ``window - 1`` previous positions: a model
+that computes sin(10 x_j) at position j, where it is useless when z_j = 0, is pre-caching it.
+
+Model: a GPT-2 block stack (pre-LayerNorm, causal multi-head attention, a 4d ReLU MLP, learned
+positions) with a linear input (x_n, z_n) -> d and a linear output d -> y_n, trained with the mean
+squared error over every position. **Myopic** training computes the keys and values of past
+positions from stop-gradient copies of their hidden states (the current position's own key and
+value keep their gradient), so the loss at n sends no gradient into any earlier position's
+computation; the weights still learn from every position's own loss.
+
+Reported per mode: the test MSE beside two baselines on the same held-out sequences, the trivial
+one (predict the mean of y) and the best predictor from the current input alone,
+E[y_n | x_n, z_n] = z_n sin(10 x_n) + (1 - z_n) x_n; and, for each layer (0 = the input embedding,
+k = output of block k), the R^2 of a linear probe (least squares with an intercept) from the state
+at n to sin(10 x_{n-i}) for i = 0..max_lag, fitted on half the held-out sequences and scored on the
+other half, over positions n >= max_lag.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from collide.config import PrecacheConfig
+from collide.errors import CollideError
+
+log = logging.getLogger("collide.precache")
+
+SCHEMA = "collide-precache/1"
+MODES = ("vanilla", "myopic")
+FREQ = 10.0  # the task's sin(FREQ * x)
+WARMUP = 0.05  # share of the steps with a linear learning-rate warm-up (then cosine decay to 0)
+LOG_EVERY = 100  # steps between two points of the recorded training-loss curve
+PROBE_RIDGE = 1e-6  # ridge of the R^2 probes, times the mean eigenvalue of their Gram matrix (numerical only)
+
+
+def make_batch(n: int, cfg: PrecacheConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """n sequences: inputs (n, seq_len, 2) = (x, z), target y (n, seq_len), x, z and sin(10 x) (n, seq_len)."""
+    x = torch.randn(n, cfg.seq_len, generator=generator)
+    z = (torch.rand(n, cfg.seq_len, generator=generator) < cfg.p).float()
+    s = torch.sin(FREQ * x)
+    c = s.cumsum(1)
+    window_sum = c.clone()
+    window_sum[:, cfg.window:] -= c[:, :-cfg.window]
+    y = z * window_sum + (1 - z) * x
+    return {"inputs": torch.stack([x, z], -1), "y": y, "x": x, "z": z, "sin": s}
+
+
+class Block(nn.Module):
+    """A pre-LayerNorm GPT-2 block with ReLU; ``myopic`` attends to stop-gradient copies of the past."""
+
+    def __init__(self, d: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Linear(4 * d, d))
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, d = t.shape
+        return t.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)  # (b, heads, n, d_head)
+
+    def attention(self, h: torch.Tensor, myopic: bool) -> torch.Tensor:
+        q, k, v = map(self._heads, self.qkv(self.ln1(h)).chunk(3, dim=-1))
+        if myopic:  # the past's keys and values, from hidden states that pass no gradient back
+            _, k_past, v_past = map(self._heads, self.qkv(self.ln1(h.detach())).chunk(3, dim=-1))
+        else:
+            k_past, v_past = k, v
+        n = h.shape[1]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        eye = torch.eye(n, dtype=torch.bool)
+        scores = (q @ k_past.transpose(-1, -2)) * scale  # scores[i, j] = q_i . k_j, j from the past copy
+        scores = torch.where(eye, ((q * k).sum(-1) * scale).unsqueeze(-1), scores)  # j = i: the live key
+        scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        weights = scores.softmax(-1)
+        out = weights.masked_fill(eye, 0.0) @ v_past + weights.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * v
+        b, _, _, dh = out.shape
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.n_heads * dh))
+
+    def forward(self, h: torch.Tensor, myopic: bool) -> torch.Tensor:
+        h = h + self.attention(h, myopic)
+        return h + self.mlp(self.ln2(h))
+
+
+class TinyGPT(nn.Module):
+    """(x_n, z_n) -> y_n through ``n_layers`` GPT-2 blocks; ``forward`` also returns every layer's states."""
+
+    def __init__(self, cfg: PrecacheConfig, myopic: bool):
+        super().__init__()
+        if cfg.d_model % cfg.n_heads:
+            raise CollideError(f"d_model={cfg.d_model} is not a multiple of n_heads={cfg.n_heads}; e.g. d_model=128 "
+                               "n_heads=2")
+        self.myopic = myopic
+        self.embed = nn.Linear(2, cfg.d_model)
+        self.position = nn.Parameter(torch.randn(cfg.seq_len, cfg.d_model) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_heads) for _ in range(cfg.n_layers))
+        self.ln_f, self.head = nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, 1)
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(predictions (b, n), [states (b, n, d) of layer 0 = embedding, 1..n_layers = block outputs])."""
+        h = self.embed(inputs) + self.position[: inputs.shape[1]]
+        states = [h]
+        for block in self.blocks:
+            h = block(h, self.myopic)
+            states.append(h)
+        return self.head(self.ln_f(h)).squeeze(-1), states
+
+
+def train(cfg: PrecacheConfig, mode: str) -> tuple[TinyGPT, list[dict]]:
+    """One model trained on fresh batches (seeded) with AdamW; returns it and its loss curve."""
+    torch.manual_seed(cfg.seed)
+    model = TinyGPT(cfg, myopic=mode == "myopic")
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    warmup = max(1, int(WARMUP * cfg.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(
+        math.pi * min(1.0, (s - warmup) / max(1, cfg.steps - warmup))))))
+    curve, running = [], []
+    for step in range(cfg.steps):
+        batch = make_batch(cfg.batch_size, cfg, generator)
+        loss = ((model(batch["inputs"])[0] - batch["y"]) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        running.append(loss.item())
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.steps:
+            curve.append({"step": step + 1, "train_mse": sum(running) / len(running)})
+            running = []
+    return model, curve
+
+
+def r2_probes(states: torch.Tensor, sin: torch.Tensor, max_lag: int) -> list[float]:
+    """R^2 of sin(10 x_{n-i}), i = 0..max_lag, from states (b, n, d) at positions n >= max_lag.
+
+    Least squares with an intercept (and a negligible ridge) fitted on the first half of the
+    sequences, scored on the second half; R^2 = 1 - SSE / SST around the scored half's own mean.
+    """
+    b, n, d = states.shape
+    half = b // 2
+    x = states[:, max_lag:].double()
+    mean = x[:half].reshape(-1, d).mean(0)
+    x = x - mean
+    fit, score = x[:half].reshape(-1, d), x[half:].reshape(-1, d)
+    gram = fit.T @ fit
+    gram += PROBE_RIDGE * gram.diagonal().mean() * torch.eye(d, dtype=gram.dtype)
+    out = []
+    for lag in range(max_lag + 1):
+        target = sin[:, max_lag - lag: n - lag].double()
+        t_fit, t_score = target[:half].reshape(-1), target[half:].reshape(-1)
+        w = torch.linalg.solve(gram, fit.T @ (t_fit - t_fit.mean()))
+        residual = t_score - (score @ w + t_fit.mean())
+        out.append(float(1 - residual.pow(2).sum() / (t_score - t_score.mean()).pow(2).sum()))
+    return out
+
+
+def evaluate(model: TinyGPT, batch: dict[str, torch.Tensor], max_lag: int) -> dict:
+    """Test MSE against the baselines, and the R^2 probes of every layer, on held-out sequences."""
+    with torch.no_grad():
+        prediction, states = model(batch["inputs"])
+    y, x, z, s = batch["y"], batch["x"], batch["z"], batch["sin"]
+    mse = float(((prediction - y) ** 2).mean())
+    trivial = float(((y - y.mean()) ** 2).mean())
+    current_only = float(((z * s + (1 - z) * x - y) ** 2).mean())
+    return {"test_mse": mse, "trivial_mse": trivial, "current_input_mse": current_only,
+            "normalised_loss": mse / trivial,
+            "probes": [{"layer": k, "r2": r2_probes(h, s, max_lag)} for k, h in enumerate(states)]}
+
+
+def check(cfg: PrecacheConfig) -> None:
+    """One-line errors for values the experiment cannot run with."""
+    bad = [m for m in cfg.modes if m not in MODES]
+    if bad or not cfg.modes:
+        raise CollideError(f"modes={cfg.modes}: choose among {list(MODES)}, e.g. modes=[vanilla,myopic]")
+    if not 0 < cfg.p < 1:
+        raise CollideError(f"p={cfg.p}: the Bernoulli probability must be in (0, 1), e.g. p=0.5")
+    if not 1 <= cfg.window <= cfg.seq_len or not 0 <= cfg.max_lag < cfg.seq_len - 1:
+        raise CollideError(f"window={cfg.window}, max_lag={cfg.max_lag}, seq_len={cfg.seq_len}: need 1 <= window <= "
+                           "seq_len and max_lag < seq_len - 1, e.g. window=10 max_lag=20 seq_len=64")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.eval_sequences < 4:
+        raise CollideError(f"steps={cfg.steps}, batch_size={cfg.batch_size}, eval_sequences={cfg.eval_sequences}: "
+                           "need steps >= 1, batch_size >= 1 and eval_sequences >= 4")
+
+
+def markdown(result: dict) -> str:
+    """precache.md: losses against the baselines and the R^2 table of every mode and layer."""
+    c = result["config"]
+    lines = ["# Pre-caching on the synthetic task (arXiv 2404.00859)", "",
+             f"{c['n_layers']}-layer GPT-2 (d={c['d_model']}, {c['n_heads']} heads, ReLU), {c['steps']} steps of "
+             f"{c['batch_size']} fresh sequences of {c['seq_len']}, p={c['p']}, window={c['window']}, seed "
+             f"{c['seed']}; evaluated on {c['eval_sequences']} held-out sequences.", "",
+             "| mode | test MSE | trivial MSE (mean of y) | current-input-only MSE | test / trivial | seconds |",
+             "|---|---|---|---|---|---|"]
+    for m in result["models"]:
+        lines.append(f"| {m['mode']} | {m['test_mse']:.4f} | {m['trivial_mse']:.4f} | {m['current_input_mse']:.4f} | "
+                     f"{m['normalised_loss']:.3f} | {m['seconds']:.0f} |")
+    lags = range(c["max_lag"] + 1)
+    lines += ["", "R^2 of a linear probe from the state at n to sin(10 x_{n-i}) (held-out sequences; layer 0 = "
+              "the input embedding):", "", "| mode | layer | " + " | ".join(f"i={i}" for i in lags) + " |",
+              "|---|---|" + "---|" * len(lags)]
+    for m in result["models"]:
+        for p in m["probes"]:
+            lines.append(f"| {m['mode']} | {p['layer']} | " + " | ".join(f"{r:.2f}" for r in p["r2"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: PrecacheConfig) -> dict:
+    """Train every mode, evaluate and probe it; write precache.json, precache.md and the figure.
+
+    ``cfg.threads`` applies for the call only (torch's thread count is restored after it).
+    """
+    check(cfg)
+    threads = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: PrecacheConfig) -> dict:
+    from collide.figures import precache_figure
+
+    t0 = time.perf_counter()
+    held_out = make_batch(cfg.eval_sequences, cfg, torch.Generator().manual_seed(cfg.seed + 2))
+    result = {"schema": SCHEMA, "config": json.loads(json.dumps(asdict(cfg))), "models": []}
+    for mode in cfg.modes:
+        t1 = time.perf_counter()
+        model, curve = train(cfg, mode)
+        entry = {"mode": mode, **evaluate(model, held_out, cfg.max_lag), "curve": curve,
+                 "seconds": time.perf_counter() - t1}
+        result["models"].append(entry)
+        log.info("%s: test MSE %.4f (trivial %.4f, current input only %.4f), best R^2 at layer 1: %.2f (%.0f s)",
+                 mode, entry["test_mse"], entry["trivial_mse"], entry["current_input_mse"],
+                 max(entry["probes"][min(1, cfg.n_layers)]["r2"]), entry["seconds"])
+    result["seconds"] = time.perf_counter() - t0
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "precache.json").write_text(json.dumps(result, indent=1))
+    (out / "precache.md").write_text(markdown(result))
+    if cfg.figures:
+        precache_figure(result, out / "figures" / "precache_r2.png")
+    log.info("wrote %s (%.0f s)", out / "precache.json", result["seconds"])
+    return result
+
+
+def parse_args(argv: list[str]) -> PrecacheConfig:
+    """key=value overrides merged into the typed PrecacheConfig (no positional argument)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    stray = [a for a in argv if "=" not in a]
+    if stray:
+        raise CollideError(f"unexpected argument(s) {stray}; usage: collide precache [out=DIR] [steps=N] [modes=[...]]")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrecacheConfig), OmegaConf.from_dotlist(argv)))
+    except OmegaConfBaseException as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CollideError(f"bad override in {argv}: {first}; keys: {list(PrecacheConfig.__dataclass_fields__)}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        run(parse_args(sys.argv[1:] if argv is None else argv))
+    except CollideError as exc:
+        print(f"collide: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
