@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from collide import figures
+from collide.atomic import atomic_write_json, atomic_write_text
+from collide.config import DepthAxis
 from collide.errors import CollideError
 from collide.figures import fmt_distance
 
@@ -188,22 +190,22 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def compare(paths: list[Path], out: Path, depth_axis: str = "relative") -> dict:
-    """Compare the runs under ``paths``; write comparison.{md,json,png} into ``out``; return the summary."""
-    if depth_axis not in ("relative", "absolute"):
-        raise CollideError(f"depth_axis={depth_axis!r}: use relative (layer / L) or absolute (layer index)")
+def compare(paths: list[Path], out: Path, depth_axis: DepthAxis = DepthAxis.relative) -> dict:
+    """Compare the runs under ``paths``; write comparison.{md,json,png} into ``out``; return the summary.
+
+    ``depth_axis`` is validated where the config is composed (``CompareConfig``)."""
     runs = [load_run(p) for p in expand_run_dirs(paths)]
     if not any(r.report for r in runs):
         raise CollideError(f"no report.json under {', '.join(map(str, paths))}; pass finished run directories")
     differing = flag_problems(runs)
     label_runs(runs)
-    summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "depth_axis": depth_axis,
+    summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "depth_axis": str(depth_axis),
                "differing": differing, "runs": [run_summary(r) for r in runs]}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures.comparison_figure([r for r in summary["runs"] if r["complete"]], out / "comparison.png", depth_axis)
-    (out / "comparison.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
-    (out / "comparison.md").write_text(render_markdown(summary))
+    atomic_write_json(out / "comparison.json", summary)
+    atomic_write_text(out / "comparison.md", render_markdown(summary))
     return summary
 
 

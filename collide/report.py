@@ -1,12 +1,17 @@
-"""Report stage: one run's per-layer collision report, and the cross-run comparison CLI.
+"""Report stage: one run's per-layer collision report, and the sections later commands add to it.
 
 ``write_report`` writes into the run directory:
 
 * ``report.json``: the versioned record (schema: ``collide/report_schema.json``, documented in
   ``docs/report-schema.md``);
-* ``report.md``: the verdict in plain words, a table of the layers, the closest prompts as text;
+* ``report.md``: the verdict in plain words, a table of the layers, the closest prompts as text
+  (``collide.report_markdown``);
 * ``collisions/layer=K.parquet``: every colliding pair of layer K (columns a, b, distance);
 * ``figures/min_distance.png`` and ``figures/nn_boxplot.png``.
+
+``add_section`` lets a later command (``collide.exhaustive``) add a section to a finished run's
+report: a ``report.json`` key, a figure and a marked block of ``report.md``; a rewrite of the
+report (the run's command again) keeps them. Every file is written atomically (``collide.atomic``).
 
 Conventions: distances are L2, not squared, between the fp32 states as stored. Layer k follows
 ``collide.models``: 0 = the embedding output, k = the output of block k, L = the last (after or
@@ -29,24 +34,20 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 import collide
 from collide import figures
+from collide.atomic import atomic_write_json, atomic_write_text
 from collide.config import ReportConfig
+from collide.errors import CollideError
 from collide.figures import fmt_distance
-from collide.search.results import nn_percentiles  # noqa: F401 (the report's percentiles, re-exported)
+from collide.report_markdown import MD_COLLISIONS, STATUS_TITLES, layer_list, plural, render_markdown
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1.0"  # major.minor: a reader of major M reads every M.x report
-MD_COLLISIONS = 10  # colliding pairs per layer shown with their text in report.md
-MD_TEXT_CHARS = 400  # prompt texts longer than this are cut in report.md
 FIGURES = {"min_distance": "figures/min_distance.png", "nn_boxplot": "figures/nn_boxplot.png"}
-# Sections that later commands add to a run's report (collide.exhaustive): a rewrite of the report
-# (the same command run again) keeps them, their figures and their marked blocks of report.md.
-EXTENSION_KEYS = ("exhaustive", "exhaustive_margin")
-EXTENSION_BLOCK = re.compile(r"<!-- (collide\.\w+:\w+):begin -->\n.*?<!-- \1:end -->\n", re.S)
+# A section's block of report.md: <!-- collide.COMMAND:NAME:begin --> ... <!-- collide.COMMAND:NAME:end -->
+SECTION_BLOCK = re.compile(r"<!-- collide\.(\w+):(\w+):begin -->\n.*?<!-- collide\.\1:\2:end -->\n", re.S)
 LAYER_CONVENTION = ("layer 0 = embedding output (input of block 1); layer k = output of block k; "
                     "layer L = last block, read after the final norm (post) or before it (pre)")
 
@@ -111,22 +112,6 @@ def layer_entry(layer_result, max_listed: int) -> dict:
             "collisions_file": f"collisions/layer={layer}.parquet"}
 
 
-def _layer_list(layers: list[int]) -> str:
-    """[1, 2, 3, 5] -> '1-3, 5'."""
-    runs: list[list[int]] = []
-    for k in sorted(layers):
-        if runs and k == runs[-1][-1] + 1:
-            runs[-1].append(k)
-        else:
-            runs.append([k])
-    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
-
-
-def _plural(n: int, noun: str, count: bool = True) -> str:
-    word = noun if n == 1 else noun + "s"
-    return f"{n:,} {word}" if count else word
-
-
 def verdict(layers: list[dict], threshold: float) -> dict:
     """The run's verdict on injectivity; layer 0 (embeddings) is reported but never counted.
 
@@ -146,8 +131,8 @@ def verdict(layers: list[dict], threshold: float) -> dict:
                                                 "injectivity. Select layers 1..L.")
     elif colliding:
         status = "collisions"
-        text = (f"{_plural(n_collisions, 'colliding pair')} (L2 < {fmt_distance(threshold)}) at "
-                f"{_plural(len(colliding), 'layer', count=False)} {_layer_list([e['layer'] for e in colliding])}: "
+        text = (f"{plural(n_collisions, 'colliding pair')} (L2 < {fmt_distance(threshold)}) at "
+                f"{plural(len(colliding), 'layer', count=False)} {layer_list([e['layer'] for e in colliding])}: "
                 "distinct prompts map to the same state (see the colliding pairs below).")
     else:
         per_layer = {e["n_pairs"] for e in ctx}
@@ -156,10 +141,10 @@ def verdict(layers: list[dict], threshold: float) -> dict:
         if uncertified or invalid:
             status = "inconclusive"
             if uncertified:
-                text += (f", but {_plural(len(uncertified), 'layer', count=False)} {_layer_list(uncertified)} "
+                text += (f", but {plural(len(uncertified), 'layer', count=False)} {layer_list(uncertified)} "
                          f"{'is' if len(uncertified) == 1 else 'are'} not certified: the true minimum may be lower")
             if invalid:
-                text += (f"; {_plural(len(invalid), 'layer', count=False)} {_layer_list(invalid)} "
+                text += (f"; {plural(len(invalid), 'layer', count=False)} {layer_list(invalid)} "
                          f"{'has' if len(invalid) == 1 else 'have'} prompts with NaN/Inf states, "
                          "left out of the search")
             text += "."
@@ -167,7 +152,7 @@ def verdict(layers: list[dict], threshold: float) -> dict:
             status, text = "no_collisions", text + "."
     if emb:
         e = emb[0]
-        text += (f" Layer 0 (embeddings): {_plural(e['n_collisions'], 'colliding pair')}, expected (prompts that "
+        text += (f" Layer 0 (embeddings): {plural(e['n_collisions'], 'colliding pair')}, expected (prompts that "
                  "end in the same token share this state by construction) and not counted against injectivity."
                  if e["n_collisions"] else " Layer 0 (embeddings): no collisions.")
     mins = [(e["min_distance"], e["layer"]) for e in ctx if e["min_distance"] is not None]
@@ -200,7 +185,8 @@ def build_report(run_info: dict, results: list, max_listed: int, store=None) -> 
         "model": model,
         "corpus": dict(run_info["corpus"]),
         "n_prompts": int(run_info["n_prompts"]),
-        "n_duplicates": int(run_info["n_duplicates"]),
+        # null when the run took the first N prompts of a larger store: its count covers the store's own N
+        "n_duplicates": None if run_info["n_duplicates"] is None else int(run_info["n_duplicates"]),
         "threshold": float(run_info["threshold"]),
         "dtype": model["dtype"],
         "layer_convention": {"final_norm": model["final_norm"], "n_layers": int(model["n_layers"]),
@@ -218,103 +204,6 @@ def build_report(run_info: dict, results: list, max_listed: int, store=None) -> 
         "prompt_texts": {str(k): v for k, v in sorted(texts.items())},
         "figures": [],
     }
-
-
-# --------------------------------------------------------------------------- report.md
-
-
-def _text_block(text: str) -> str:
-    """A fenced block that survives backticks and newlines in the prompt."""
-    cut = text if len(text) <= MD_TEXT_CHARS else text[:MD_TEXT_CHARS] + " [...]"
-    fence = "```"
-    while fence in cut:
-        fence += "`"
-    return f"{fence}text\n{cut}\n{fence}"
-
-
-def _prompt(report: dict, pid: int) -> str:
-    text = report["prompt_texts"].get(str(pid))
-    return f"prompt {pid}:\n\n{_text_block(text)}" if text is not None else f"prompt {pid} (text not stored)"
-
-
-STATUS_TITLES = {"no_collisions": "injective on this sample", "collisions": "collisions found",
-                 "inconclusive": "inconclusive", "no_contextual_layers": "nothing to decide"}
-
-
-def render_markdown(report: dict) -> str:
-    """report.md, a pure function of the report dict."""
-    m, c, hw, v = report["model"], report["corpus"], report["hardware"], report["verdict"]
-    L = report["layer_convention"]["n_layers"]
-    commit = (report["git_commit"] or "unknown")[:12] + (" (uncommitted changes)" if report["git_dirty"] else "")
-    out = [f"# collide report: {m['name']} on {c['name']}", "",
-           f"**Verdict: {STATUS_TITLES[v['status']]}.** {v['text'][0].upper() + v['text'][1:]}", ""]
-    if v["min_distance"] is not None:
-        out += [f"Smallest distance at a contextual layer: {fmt_distance(v['min_distance'], 6)} at layer "
-                f"{v['min_distance_layer']}.", ""]
-    corpus_desc = ", ".join(f"{k}={c[k]}" for k in ("kind", "path", "seed", "min_tokens", "max_tokens")
-                            if c.get(k) is not None)
-    out += ["## Run", "", "| | |", "|---|---|",
-            f"| model | {m['name']} (`{m['source']}`{' @ ' + m['revision'] if m.get('revision') else ''}), "
-            f"family {m['family']}, L = {L} blocks, d = {m['d']} |",
-            f"| dtype | {report['dtype']} (states stored as fp32) |",
-            f"| layers | 0 = embeddings, k = output of block k, {L} = last block "
-            f"{'after' if m['final_norm'] == 'post' else 'before'} the final norm (`final_norm={m['final_norm']}`) |",
-            f"| corpus | {c['name']} ({corpus_desc}) |",
-            f"| prompts | {report['n_prompts']:,} distinct token sequences "
-            f"({_plural(report['n_duplicates'], 'duplicate')} dropped) |",
-            f"| threshold | L2 < {fmt_distance(report['threshold'])} (not squared) |",
-            f"| hardware | {hw['cpu']}, {hw['cores']} cores, {hw['ram_gib']} GiB RAM, GPU: {hw['gpu'] or 'none'} |",
-            f"| software | collide {report['collide_version']}, commit {commit}, torch {hw['torch']}, "
-            f"faiss {hw['faiss'] or 'not installed'} |",
-            f"| command | `{report['command']}` |",
-            f"| store | `{report['store']}` |", "",
-            "## Timings", "", "| stage | seconds |", "|---|---:|"]
-    out += [f"| {stage} | {s:.1f} |" for stage, s in report["timings"].items()]
-    out += ["", "## Per-layer results", "",
-            "Distances are L2 (not squared). NN = each prompt's distance to its nearest other prompt.", "",
-            "| layer | vectors | pairs | min distance | certified | closest pair | collisions "
-            "| NN 5% | NN median | NN 95% | NN max | invalid rows |",
-            "|---:|---:|---:|---:|:---:|---|---:|---:|---:|---:|---:|---:|"]
-    for e in report["layers"]:
-        nn = e["nn_distance"] or {}
-        name = f"{e['layer']} (embeddings)" if e["is_embedding_layer"] else str(e["layer"])
-        cert = "yes" if e["certified"] else f"**no** ({e['uncertified_reason'] or 'budget'})"
-        pair = "{} / {}".format(*e["closest_pair"]) if e["closest_pair"] else "-"
-        out.append(f"| {name} | {e['n_vectors']:,} | {e['n_pairs']:,} | {fmt_distance(e['min_distance'], 6)} | {cert} | {pair} "
-                   f"| {e['n_collisions']:,} | {fmt_distance(nn.get('p5'))} | {fmt_distance(nn.get('p50'))} | {fmt_distance(nn.get('p95'))} "
-                   f"| {fmt_distance(nn.get('max'))} | {len(e['invalid_rows'])} |")
-    if report["figures"]:
-        out += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]
-    collided = [e for e in report["layers"] if e["n_collisions"] and not e["is_embedding_layer"]]
-    if collided:
-        out += ["", "## Colliding pairs", "",
-                f"Pairs of distinct prompts under L2 {fmt_distance(report['threshold'])}. The full lists are in "
-                "`collisions/layer=K.parquet`."]
-        for e in collided:
-            out += ["", f"### Layer {e['layer']}: {_plural(e['n_collisions'], 'pair')}"]
-            for col in e["collisions"][:MD_COLLISIONS]:
-                out += ["", f"Distance {fmt_distance(col['distance'], 6)}:", "", _prompt(report, col["a"]), "",
-                        _prompt(report, col["b"])]
-    out += _closest_pairs_section(report)
-    return "\n".join(out) + "\n"
-
-
-def _closest_pairs_section(report: dict) -> list[str]:
-    """The closest pair of each layer as text, grouped by pair (many layers share their closest pair)."""
-    groups: dict[tuple[int, int], list[dict]] = {}
-    for e in report["layers"]:
-        if e["closest_pair"]:
-            groups.setdefault(tuple(e["closest_pair"]), []).append(e)
-    if not groups:
-        return []
-    out = ["", "## Closest pairs", "", "What nearly collided: the closest pair of prompts at each layer."]
-    for (a, b), entries in groups.items():
-        dists = ", ".join(f"{fmt_distance(e['min_distance'], 4)} at layer {e['layer']}" for e in entries[:6])
-        more = f" and {len(entries) - 6} more layers" if len(entries) > 6 else ""
-        out += ["", f"### Layer{'s' if len(entries) > 1 else ''} {_layer_list([e['layer'] for e in entries])}: "
-                f"prompts {a} and {b}", "", f"L2 distance {dists}{more}.", "", _prompt(report, a), "",
-                _prompt(report, b)]
-    return out
 
 
 # --------------------------------------------------------------------------- writing
@@ -335,22 +224,11 @@ def write_figures(report: dict, run_dir: Path) -> list[str]:
     return list(FIGURES.values())
 
 
-def earlier_extensions(run_dir: Path) -> tuple[dict, list[str], list[str]]:
-    """What later commands added to the run's current report, to keep when it is rewritten:
-    (report.json sections {key: value}, their figures, their marked report.md blocks); all empty
-    when there is no earlier report."""
-    try:
-        earlier = json.loads((run_dir / "report.json").read_text())
-        md = (run_dir / "report.md").read_text()
-    except (OSError, ValueError):
-        return {}, [], []
-    sections = {key: earlier[key] for key in EXTENSION_KEYS if key in earlier}
-    extra_figures = [f for f in earlier.get("figures", []) if f not in FIGURES.values()] if sections else []
-    return sections, extra_figures, [m.group(0) for m in EXTENSION_BLOCK.finditer(md)]
-
-
 def write_report(run_dir: Path, run_info: dict, results: list, store, cfg: ReportConfig) -> dict:
     """Write report.json, report.md, collisions/ and figures/ into ``run_dir``; return the report dict.
+
+    Sections that ``add_section`` put into an earlier report of ``run_dir`` are kept, with their
+    figures and report.md blocks.
 
     ``run_info`` comes from the pipeline (model, corpus, n_prompts, n_duplicates, threshold, layers,
     timings, store, command); ``results`` are the per-layer search results (collide.search.LayerResult);
@@ -365,14 +243,91 @@ def write_report(run_dir: Path, run_info: dict, results: list, store, cfg: Repor
     if cfg.figures:
         report["figures"] = write_figures(report, run_dir)
     report["timings"]["report"] = time.perf_counter() - start
-    sections, extra_figures, blocks = earlier_extensions(run_dir)
+    sections, extra_figures, blocks = earlier_sections(run_dir)
     report.update(sections)
     report["figures"] += [f for f in extra_figures if f not in report["figures"]]
-    (run_dir / "report.md").write_text(render_markdown(report) + "".join(f"\n{b}" for b in blocks))
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(run_dir / "report.md", render_markdown(report) + "".join(f"\n{b}" for b in blocks))
+    atomic_write_json(run_dir / "report.json", report)
     log.info("report: %s (%s) in %.1f s", run_dir / "report.md", report["verdict"]["status"],
              report["timings"]["report"])
     return report
+
+
+# --------------------------------------------------------------------------- sections added later
+
+
+def read_report(run_dir: Path) -> dict | None:
+    """RUN_DIR/report.json as a dict, None when there is none; CollideError when it cannot be read."""
+    file = Path(run_dir) / "report.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CollideError(f"cannot read {file} ({exc}); rerun the run's own `python -m collide` command "
+                           "to rewrite it (a complete store is only searched again)") from None
+
+
+def section_markers(key: str) -> tuple[str, str]:
+    """The (begin, end) markers of section ``key`` in report.md.
+
+    A key is ``COMMAND`` or ``COMMAND_NAME`` (the command that adds it, e.g. "exhaustive",
+    "exhaustive_margin"); its markers are ``<!-- collide.COMMAND:NAME:begin -->`` and ``...:end -->``,
+    with NAME = COMMAND for a key without "_".
+    """
+    command, _, name = key.partition("_")
+    tag = f"collide.{command}:{name or command}"
+    return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+
+
+def _section_key(command: str, name: str) -> str:
+    """The report.json key of the block marked ``collide.COMMAND:NAME`` (inverse of ``section_markers``)."""
+    return command if name == command else f"{command}_{name}"
+
+
+def earlier_sections(run_dir: Path) -> tuple[dict, list[str], list[str]]:
+    """The sections of the run's current report, to keep when it is rewritten: (report.json
+    sections {key: value}, the figures the report does not draw itself, the marked report.md
+    blocks); all empty when there is no readable earlier report."""
+    try:
+        earlier = json.loads((run_dir / "report.json").read_text())
+        md = (run_dir / "report.md").read_text()
+    except (OSError, ValueError):
+        return {}, [], []
+    blocks = list(SECTION_BLOCK.finditer(md))
+    keys = [_section_key(*m.groups()) for m in blocks]
+    sections = {key: earlier[key] for key in keys if key in earlier}
+    extra_figures = [f for f in earlier.get("figures", []) if f not in FIGURES.values()] if sections else []
+    return sections, extra_figures, [m.group(0) for m in blocks]
+
+
+def add_section(run_dir: Path, key: str, summary: dict, markdown: str, figure: str | None = None) -> None:
+    """Add (or replace) section ``key`` of a finished run's report.
+
+    ``summary`` becomes ``report.json[key]``, ``figure`` (a path relative to RUN_DIR) joins
+    ``report.json["figures"]``, and ``markdown`` replaces the block of report.md between the
+    section's markers (``section_markers``), or is appended. Both files are rewritten atomically.
+    ``key`` must not be one of the report's own keys (docs/report-schema.md). Changes nothing,
+    with a warning, when the run has no report.json.
+    """
+    run_dir = Path(run_dir)
+    report = read_report(run_dir)
+    if report is None:
+        log.warning("%s has no report.json; its %r section is not added", run_dir, key)
+        return
+    report[key] = summary
+    if figure is not None and figure not in report.setdefault("figures", []):
+        report["figures"].append(figure)
+    atomic_write_json(run_dir / "report.json", report)
+    begin, end = section_markers(key)
+    md_file = run_dir / "report.md"
+    md = md_file.read_text() if md_file.is_file() else ""
+    block = f"{begin}\n{markdown}{end}\n"
+    if begin in md and end in md:
+        md = md[:md.index(begin)] + block + md[md.index(end) + len(end) + 1:]
+    else:
+        md = md.rstrip("\n") + "\n\n" + block
+    atomic_write_text(md_file, md)
 
 
 # --------------------------------------------------------------------------- console
@@ -400,7 +355,9 @@ def print_summary(report: dict, console=None) -> None:
                   highlight=False)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m collide.report RUN_DIR ...`: the old name of `collide compare`
+    import sys
+
     from collide.compare import main
 
-    main()
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """Small stand-ins for the search results and the store that collide.report consumes.
 
 The per-layer results are computed by an fp64 brute force (exact for these sizes), with the
-fields of collide.search.PairwiseResult / LayerResult, so that report tests do not depend on the
-search engine and can plant exactly the collisions they check.
+fields of collide.search.PairwiseResult, wrapped in the real LayerResult, so that report tests do
+not depend on the search engine and can plant exactly the collisions they check.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 
-from collide.search import LayerResult
+from collide.search.results import LayerResult, Pairs
 
 
 @dataclass
@@ -20,7 +19,7 @@ class FakePairwise:
     distance: float  # exact min L2 over valid pairs (inf if none)
     pair: tuple[int, int] | None  # rows (i, j), i < j, attaining it
     certified: bool  # the minimum is proven exact
-    collisions: list[tuple[int, int, float]]  # every (i, j, L2) with L2 < threshold, rows
+    collisions: Pairs  # every pair of rows (i, j) with L2 < threshold, sorted by (distance, i, j)
     n_collisions: int  # len(collisions)
     nn_distance: np.ndarray  # (n,) per-row nearest-neighbour L2; nan for invalid rows
     n_pairs: int  # valid pairs compared
@@ -31,24 +30,6 @@ class FakePairwise:
     n_candidates: int = 0  # fp64 re-ranks
     uncertified_reason: str | None = None  # why certified is False
     seconds: float = 0.01  # search time
-
-
-@dataclass
-class FakeLayer:
-    layer: int  # layer index (0 = embeddings)
-    prompt_ids: np.ndarray  # (n,) prompt id of each row
-    result: FakePairwise  # search result in row indices
-
-    def closest_pair_ids(self):
-        return None if self.result.pair is None else tuple(int(self.prompt_ids[i]) for i in self.result.pair)
-
-    def collision_table(self) -> pa.Table:
-        c = self.result.collisions
-        return pa.table({"a": pa.array([int(self.prompt_ids[i]) for i, _, _ in c], pa.int64()),
-                         "b": pa.array([int(self.prompt_ids[j]) for _, j, _ in c], pa.int64()),
-                         "distance": pa.array([dd for _, _, dd in c], pa.float64())})
-
-    write_collisions = LayerResult.write_collisions  # the real writer, over this table
 
 
 @dataclass
@@ -71,7 +52,9 @@ def brute_force(x: np.ndarray, threshold: float) -> FakePairwise:
     iu, ju = np.triu_indices(len(rows), 1)
     pairs = dist[iu, ju]
     best = int(np.argmin(pairs)) if len(pairs) else None
-    coll = [(int(rows[i]), int(rows[j]), float(dd)) for i, j, dd in zip(iu, ju, pairs) if dd < threshold]
+    hit = np.flatnonzero(pairs < threshold)
+    hit = hit[np.lexsort((ju[hit], iu[hit], pairs[hit]))]  # by (distance, i, j), as the search sorts them
+    coll = Pairs(rows[iu[hit]].astype(np.int64), rows[ju[hit]].astype(np.int64), pairs[hit].astype(np.float64))
     return FakePairwise(distance=float(pairs[best]) if best is not None else float("inf"),
                         pair=(int(rows[iu[best]]), int(rows[ju[best]])) if best is not None else None,
                         certified=True, collisions=coll, n_collisions=len(coll), nn_distance=nn,
@@ -99,7 +82,7 @@ def fake_run(n_layers: int = 4, n: int = 30, d: int = 8, collide_at: tuple[int, 
         res = brute_force(x, threshold)
         if layer in uncertified:
             res.certified, res.uncertified_reason = False, "max_candidates reached"
-        results.append(FakeLayer(layer=layer, prompt_ids=ids, result=res))
+        results.append(LayerResult(layer=layer, prompt_ids=ids, result=res))
     run_info = {
         "model": {"name": model, "source": "random:llama", "revision": None, "family": "llama", "dtype": dtype,
                   "final_norm": final_norm, "n_layers": n_layers, "d": d},

@@ -16,10 +16,11 @@ import pytest
 import torch
 from scipy.spatial.distance import pdist
 
-from collide.config import ModelConfig
+from collide.config import ExhaustiveConfig, ModelConfig
 from collide.continuations import continuation_states, full_forward_states, input_groups
 from collide.errors import CollideError
-from collide.exhaustive import ExhaustiveConfig, main, parse_args, run
+from collide.exhaustive import run
+from collide.exhaustive.__main__ import main, parse_args
 from collide.extract import BF16_RTOL
 from collide.models import load_model
 from collide.search import min_pairwise
@@ -119,12 +120,18 @@ TINY_RUN = ["model=tiny-random", "corpus=stdlib-docs", "n_prompts=40", "extract.
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, compose):
+def tiny_overrides(tmp_path_factory):
+    """TINY_RUN with its store under a temporary store.root."""
+    return TINY_RUN + [f"store.root={tmp_path_factory.mktemp('stores')}"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, compose, tiny_overrides):
     """A finished `python -m collide` run of the tiny random Llama on 40 stdlib-docs prompts."""
     from collide.__main__ import run as run_collide
 
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
-    run_collide(compose(TINY_RUN), run_dir, "python -m collide model=tiny-random n_prompts=40")
+    run_collide(compose(tiny_overrides), run_dir, "python -m collide model=tiny-random n_prompts=40")
     return run_dir
 
 
@@ -134,15 +141,15 @@ def run_copy(tiny_run, tmp_path):
     return tmp_path / "run"
 
 
-def config(**overrides) -> ExhaustiveConfig:
-    cfg = ExhaustiveConfig(progress=False, **overrides)
+def config(run_dir, **overrides) -> ExhaustiveConfig:
+    cfg = ExhaustiveConfig(run_dir=str(run_dir), progress=False, **overrides)
     cfg.search.progress = False
     return cfg
 
 
 def test_pair_counts_are_exact_and_match_a_brute_force(run_copy):
-    cfg = config(n_prompts=3, vocab=50, layers=[2, 4], across_sets=True, batch_size=8, shard_rows=20)
-    result = run(run_copy, cfg)
+    cfg = config(run_copy, n_prompts=3, vocab=50, layers=[2, 4], across_sets=True, batch_size=8, shard_rows=20)
+    result = run(cfg)
     assert result["n_sets"] == 3 and len({s["base_prompt_id"] for s in result["sets"]}) == 3
     for entry in result["per_layer"]:
         assert entry["n_pairs"] == 3 * (50 * 49 // 2) == result["n_pairs_per_layer"]
@@ -157,7 +164,7 @@ def test_pair_counts_are_exact_and_match_a_brute_force(run_copy):
     # set 1, layer 4: the certified minimum equals fp64 brute force over full forwards of prefix+token
     lm = load_model(ModelConfig(**store.manifest["identity"]["model"]))
     base = result["sets"][1]["base_prompt_id"]
-    prefix = open_store(run_copy / "store").prompts(["token_ids"]).column("token_ids")[base].as_py()
+    prefix = open_store(json.loads((run_copy / "store.json").read_text())["path"]).prompts(["token_ids"]).column("token_ids")[base].as_py()
     tokens = np.array(table.column("appended_token").to_pylist()[50:100])
     assert table.column("token_ids")[50].as_py() == prefix + [int(tokens[0])]
     _, ref = collect(full_forward_states(lm, prefix, tokens, [4], batch_size=25))
@@ -174,7 +181,7 @@ def test_planted_duplicate_found_through_the_command(run_copy, monkeypatch):
         return lm
 
     monkeypatch.setattr(exhaustive, "load_model", load_planted)
-    result = run(run_copy, config(n_prompts=2, layers="all", batch_size=32))
+    result = run(config(run_copy, n_prompts=2, layers="all", batch_size=32))
     for entry in result["per_layer"]:
         assert entry["min_distance"] == 0.0 and entry["certified"], entry["layer"]
         assert entry["n_collisions"] == 2  # one per set: tokens 101 and 202 after each base prompt
@@ -190,10 +197,10 @@ def test_planted_duplicate_found_through_the_command(run_copy, monkeypatch):
     assert "collide at every layer by construction" in (run_copy / "report.md").read_text()
 
 
-def test_selection_report_and_rerun(run_copy, compose):
+def test_selection_report_and_rerun(run_copy, compose, tiny_overrides):
     import jsonschema
 
-    first = run(run_copy, config(n_prompts=4, vocab=30, batch_size=16))
+    first = run(config(run_copy, n_prompts=4, vocab=30, batch_size=16))
     # base prompts: the endpoints of the closest pairs of the run at its deepest layer
     run_report = json.loads((run_copy / "report.json").read_text())
     closest = run_report["layers"][-1]["closest_pair"]
@@ -212,7 +219,7 @@ def test_selection_report_and_rerun(run_copy, compose):
     png = (run_copy / "exhaustive" / "exhaustive.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
-    second = run(run_copy, config(n_prompts=4, vocab=30, batch_size=16))  # finished: reuses every set
+    second = run(config(run_copy, n_prompts=4, vocab=30, batch_size=16))  # finished: reuses every set
     assert second["per_layer"] == first["per_layer"]
     assert second["timings"]["extract_s"] == first["timings"]["extract_s"]
     assert (run_copy / "report.md").read_text().count("## Exhaustive continuation test") == 1
@@ -220,7 +227,7 @@ def test_selection_report_and_rerun(run_copy, compose):
     from collide.__main__ import run as run_collide  # the run's own command again rewrites its report
 
     before = json.loads((run_copy / "report.json").read_text())
-    run_collide(compose(TINY_RUN), run_copy, "python -m collide model=tiny-random n_prompts=40")
+    run_collide(compose(tiny_overrides), run_copy, "python -m collide model=tiny-random n_prompts=40")
     rewritten = json.loads((run_copy / "report.json").read_text())
     jsonschema.Draft202012Validator(SCHEMA).validate(rewritten)
     assert rewritten["exhaustive"] == before["exhaustive"] and "exhaustive/exhaustive.png" in rewritten["figures"]
@@ -229,7 +236,7 @@ def test_selection_report_and_rerun(run_copy, compose):
 
 
 def test_margin_mode(run_copy):
-    result = run(run_copy, config(mode="margin", n_prompts=3, n_tokens=40, batch_size=16))
+    result = run(config(run_copy, mode="margin", n_prompts=3, n_tokens=40, batch_size=16))
     assert result["layers"] == [0, 1, 2, 3, 4] and [s["base_prompt_id"] for s in result["sets"]] == [0, 1, 2]
     for slot, entry in enumerate(result["per_layer"]):
         mins = [s["layers"][slot]["min_distance"] for s in result["sets"]]
@@ -249,11 +256,12 @@ def test_typo_and_bad_values_are_one_line_errors(run_copy):
         parse_args([str(run_copy), "n_prompts=many"])
     with pytest.raises(CollideError, match="vocab=0"):
         parse_args([str(run_copy), "vocab=0"])
-    assert parse_args([str(run_copy), "prompt_ids=[3,1]", "search.block_rows=64"])[1].prompt_ids == [3, 1]
+    assert parse_args([str(run_copy), "prompt_ids=[3,1]", "search.block_rows=64"]).prompt_ids == [3, 1]
+    assert parse_args([str(run_copy), "layers=1:3"]).layers == "1:3"  # a range, not the base-60 int 63
     with pytest.raises(CollideError, match=r"prompt_ids \[99\]"):
-        run(run_copy, config(prompt_ids=[99]))
+        run(config(run_copy, prompt_ids=[99]))
     with pytest.raises(CollideError, match="layers=9"):
-        run(run_copy, config(layers=9))
+        run(config(run_copy, layers=9))
     proc = subprocess.run([sys.executable, "-m", "collide.exhaustive", str(run_copy), "n_promts=3"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
@@ -261,7 +269,7 @@ def test_typo_and_bad_values_are_one_line_errors(run_copy):
     assert main([str(run_copy / "missing")]) == 2
     (run_copy / "report.json").write_text('{"store": "store", "thresh')  # cut short
     with pytest.raises(CollideError, match=r"report.json .*rerun the run's own `python -m collide`") as err:
-        run(run_copy, config(n_prompts=2, vocab=10))
+        run(config(run_copy, n_prompts=2, vocab=10))
     assert "\n" not in str(err.value)
 
 

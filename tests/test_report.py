@@ -11,10 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from matplotlib.image import imread
-from report_fakes import FakeLayer, FakeStore, brute_force, fake_run
+from report_fakes import FakeStore, brute_force, fake_run
 
 from collide.config import ReportConfig
-from collide.report import nn_percentiles, print_summary, render_markdown, write_report
+from collide.report import print_summary, render_markdown, write_report
+from collide.search.results import LayerResult, nn_percentiles
 
 SCHEMA = json.loads((files("collide") / "report_schema.json").read_text())
 N = 30  # prompts of the fake runs; layer 0 groups them by i mod 5: 5 groups of 6 identical states
@@ -94,7 +95,7 @@ def test_invalid_rows_are_reported_as_prompt_ids_and_make_the_verdict_inconclusi
     run_info, results, store = fake_run(n=N)
     x = np.random.default_rng(1).normal(size=(N, 8))
     x[4, 2] = np.nan
-    results[1] = FakeLayer(1, results[1].prompt_ids, brute_force(x, 1e-6))
+    results[1] = LayerResult(1, results[1].prompt_ids, brute_force(x, 1e-6))
     report = write_report(tmp_path, run_info, results, store, ReportConfig(figures=False))
     assert report["layers"][1]["invalid_rows"] == [104]
     assert report["layers"][1]["n_pairs"] == (N - 1) * (N - 2) // 2
@@ -149,7 +150,7 @@ def test_print_summary_shows_each_layer_and_the_verdict(tmp_path):
 
 
 def test_report_of_the_real_search_on_planted_near_duplicates(tmp_path):
-    from collide.search import LayerResult, min_pairwise
+    from collide.search import min_pairwise
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(200, 64)) * 100

@@ -1,0 +1,160 @@
+"""The exhaustive continuation test: every vocabulary token appended to the closest prompts.
+
+``collide exhaustive RUN_DIR [key=value ...]`` or ``python -m collide.exhaustive RUN_DIR [key=value ...]``
+(keys: ``collide.config.ExhaustiveConfig``; ``--help``).
+
+Mode ``exhaustive`` (the paper's second experiment):
+
+1. Base prompts: the ``n_prompts`` prompts of the run's store whose last-token states are closest
+   at ``layer_for_selection`` (rows ordered by their nearest-neighbour distance, i.e. the endpoints
+   of the closest pairs first), or an explicit ``prompt_ids=[...]``.
+2. Set s = base prompt s + every token t of the token list (``vocab=all``: every row of the input
+   embedding; ``vocab=N``: a seeded sample of N ids, the same for every set). The last-token
+   state of prefix+t at each selected layer is computed by ``collide.continuations`` (prefix
+   once, batched single-token steps against its KV cache) and written into
+   ``RUN_DIR/exhaustive/store`` in the store format, one set after the other: set s holds
+   prompt ids ``s * n .. (s + 1) * n - 1``, and its prompts table records ``set_index``,
+   ``base_prompt_id``, ``appended_token`` and ``appended_text``.
+3. The certified search (``collide.search``) runs within each set, streaming the set's shards
+   (C(n, 2) pairs per set and layer), and with ``across_sets=true`` over all sets together.
+4. ``RUN_DIR/exhaustive/exhaustive.{json,md,png}``; the run's ``report.json`` gains an
+   ``"exhaustive"`` object and ``report.md`` an "Exhaustive continuation test" section.
+
+Mode ``margin`` (the paper's appendix): for each of ``n_prompts`` prompts (the first ones of the
+run's store, or ``prompt_ids``), ``n_tokens`` seeded single-token continuations; the minimum
+pairwise distance among them per layer, and its mean over prompts (``margin.{json,md,png}``,
+``report.json["exhaustive_margin"]``). Nothing is stored but the results.
+
+Resume: a killed run resumes at its last committed shard (the store, written shard by shard and
+never across a set boundary) and reuses the search results of every finished set
+(``RUN_DIR/exhaustive/sets/``). Rerunning the same command on a finished run only rewrites the
+reports. Distances are L2, not squared; layer k is HF ``hidden_states[k]`` (see collide.models).
+
+Modules: ``inputs`` (what the test reads from the run), ``sets`` (a prompt set's search and its
+results file), ``modes`` (the two modes); the Markdown is ``collide.report_markdown``'s and the
+run's report is extended through ``collide.report.add_section``; ``__main__`` is the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from pathlib import Path
+
+from collide import figures
+from collide.atomic import atomic_write_json, atomic_write_text
+from collide.config import ExhaustiveConfig
+from collide.errors import CollideError
+from collide.exhaustive.inputs import OUT_DIR, base_prompts, open_run, select_closest, validate
+from collide.exhaustive.modes import run_exhaustive, run_margin
+from collide.figures import fmt_distance
+from collide.models import load_model, parse_layers
+from collide.report import add_section
+from collide.report_markdown import layers_in_words, render_exhaustive, render_margin
+
+log = logging.getLogger("collide.exhaustive")
+
+REPORT_KEYS = {"exhaustive": "exhaustive", "margin": "exhaustive_margin"}  # the run's report.json key per mode
+
+
+def run(cfg: ExhaustiveConfig, command: str = "") -> dict:
+    """The whole test on the finished run ``cfg.run_dir``; writes RUN_DIR/exhaustive/ and adds a
+    section to the run's report; returns exhaustive.json's (or margin.json's) dict.
+
+    ``command`` is recorded in the result (the command line that ran it)."""
+    t_start = time.perf_counter()
+    validate(cfg)
+    inputs = open_run(Path(cfg.run_dir), cfg)
+    store, timings = inputs.store, {}
+    spec = cfg.layers if cfg.layers is not None else (store.manifest["n_layers"] if cfg.mode == "exhaustive" else "all")
+    layers = parse_layers(spec, int(store.manifest["n_layers"]))
+    tic = time.perf_counter()
+    if cfg.prompt_ids:
+        ids, selection = [int(i) for i in cfg.prompt_ids], {"method": "explicit"}
+    elif cfg.mode == "exhaustive":
+        layer = cfg.layer_for_selection if cfg.layer_for_selection is not None else max(store.layers)
+        ids, selection = select_closest(store, layer, cfg.n_prompts, inputs.threshold, cfg.search)
+    else:
+        if cfg.n_prompts > store.n_rows:
+            raise CollideError(f"n_prompts={cfg.n_prompts} but the run's store holds {store.n_rows} prompts; "
+                               f"set n_prompts<={store.n_rows}")
+        ids, selection = list(range(cfg.n_prompts)), {"method": "first"}
+    selection["prompt_ids"] = ids
+    prompts = base_prompts(store, ids)  # bad ids fail before the model loads
+    timings["select_s"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    lm = load_model(inputs.model_cfg)
+    timings["load_model_s"] = time.perf_counter() - tic
+    if lm.d != store.d or lm.n_layers != int(store.manifest["n_layers"]):
+        raise CollideError(f"the model loaded from the run's config has d={lm.d}, L={lm.n_layers}, the run's store "
+                           f"d={store.d}, L={store.manifest['n_layers']}; the model.* overrides must keep the model")
+    log.info("model %s loaded in %.1f s on %s; %s test of %d prompts at %s", lm.name, timings["load_model_s"],
+             lm.device, cfg.mode, len(ids), layers_in_words(layers))
+    if cfg.mode == "exhaustive":
+        result = run_exhaustive(inputs, lm, layers, prompts, selection, cfg, timings)
+    else:
+        result = run_margin(inputs, lm, layers, prompts, selection, cfg, timings)
+    out_dir = inputs.out_dir
+    name = cfg.mode
+    m = inputs.model_cfg
+    result.update(created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), command=command,
+                  run_dir=str(inputs.run_dir), device=str(lm.device),
+                  model={"name": m.name, "source": m.source, "family": m.family, "dtype": m.dtype,
+                         "final_norm": m.final_norm, "n_layers": lm.n_layers, "d": lm.d,
+                         "vocab_size": int(lm.model.get_input_embeddings().weight.shape[0])},
+                  timings=timings)
+    total = sum(s["n_continuations"] for s in result["sets"])
+    searched = sum(e["n_pairs"] for e in result["per_layer"])
+    result["throughput"] = {"continuations_per_s": total / max(timings["extract_s"], 1e-9),
+                            "pairs_per_s": searched / max(timings["search_s"], 1e-9)}
+    tic = time.perf_counter()
+    title = (f"{m.name}: {result['n_sets']} prompts x {result['sets'][0]['n_continuations']:,} continuations, "
+             f"{cfg.mode}, {m.dtype}")
+    figures.exhaustive_figure(result, out_dir / f"{name}.png", title)
+    timings["report_s"] = time.perf_counter() - tic
+    timings["wall_s"] = time.perf_counter() - t_start
+    render = partial(render_exhaustive, json_file=f"{OUT_DIR}/{name}.json") if name == "exhaustive" else render_margin
+    atomic_write_text(out_dir / f"{name}.md", f"# collide {name} test: {m.name}\n\n"
+                      + render(result, f"{name}.png", True))
+    atomic_write_json(out_dir / f"{name}.json", result)
+    summary = {k: v for k, v in result.items() if k != "sets"}
+    summary["files"] = {"json": f"{OUT_DIR}/{name}.json", "markdown": f"{OUT_DIR}/{name}.md",
+                        "figure": f"{OUT_DIR}/{name}.png"}
+    add_section(inputs.run_dir, REPORT_KEYS[cfg.mode], summary, render(result, f"{OUT_DIR}/{name}.png", False),
+                f"{OUT_DIR}/{name}.png")
+    log.info("%s test written to %s in %.1f s (extraction %.1f s, search %.1f s)", name, out_dir / f"{name}.json",
+             timings["wall_s"], timings["extract_s"], timings["search_s"])
+    return result
+
+
+def run_command(cfg: ExhaustiveConfig, command: str = "") -> dict:
+    """``collide exhaustive RUN_DIR ...``: ``run`` and a table of its per-layer results on the console."""
+    result = run(cfg, command)
+    print_summary(result)
+    return result
+
+
+def print_summary(result: dict) -> None:
+    """A rich table of the per-layer results, for the end of the command."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['mode']} test: {result['model']['name']}, {result['n_sets']} prompts")
+    if result["mode"] == "exhaustive":
+        for col in ("layer", "pairs", "min distance", "certified", "collisions", "identical inputs"):
+            table.add_column(col, justify="right")
+        for e in result["per_layer"]:
+            d = e["distinct_inputs"]
+            table.add_row(str(e["layer"]), f"{e['n_pairs']:,}", fmt_distance(d["min_distance"], 6),
+                          "yes" if d["certified"] else "NO", f"{d['n_collisions']:,}",
+                          f"{e['n_collisions_identical_inputs']:,}")
+    else:
+        paper = any(e["paper_gpt2_small"] is not None for e in result["per_layer"])
+        for col in ("layer", "mean min distance", "smallest", "certified") + (("paper GPT-2 Small",) if paper else ()):
+            table.add_column(col, justify="right")
+        for e in result["per_layer"]:
+            table.add_row(str(e["layer"]), fmt_distance(e["mean_min_distance"], 4), fmt_distance(e["min_min_distance"], 4),
+                          "yes" if e["certified"] else "NO", *([fmt_distance(e["paper_gpt2_small"], 4)] if paper else []))
+    Console().print(table)
