@@ -215,16 +215,17 @@ def launch_shard(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], bat
     (``seqs[0]``'s positions 0..len-1, then ``seqs[1]``'s, ...), else it is None. States are in
     the storage ``dtype`` (``host_array``: bf16 as uint16 bits), converted on the device. Batches
     follow ``plan_batches``, and ``on_batch(prompts, tokens)`` is called as each batch is queued.
-    States gather on the model's device and reach the host in one copy per shard. On a GPU that
-    copy is asynchronous (pinned memory): the arrays are valid only after ``wait()``, so the host
-    can queue the next shard meanwhile. On the CPU ``wait`` has nothing to do.
+    Last-token states gather on the model's device and reach the host in one copy per shard. On a
+    GPU that copy is asynchronous (pinned memory): the arrays are valid only after ``wait()``, so
+    the host can queue the next shard meanwhile. On the CPU ``wait`` has nothing to do.
+    Every-position states, a shard's tokens x layers x d, go to host memory batch by batch, so
+    device memory stays bounded by one batch.
     """
     lengths = np.fromiter((len(s) for s in seqs), np.int64, count=len(seqs))
     offsets = np.concatenate([[0], np.cumsum(lengths)])  # row i's positions start at offsets[i]
     storage = DTYPES[dtype]
     gathered = torch.empty((len(layers), len(seqs), lm.d), dtype=storage, device=lm.device)
-    every = torch.empty((len(layers), int(offsets[-1]), lm.d), dtype=storage, device=lm.device) \
-        if every_position else None
+    every = torch.empty((len(layers), int(offsets[-1]), lm.d), dtype=storage) if every_position else None
     pad = pad_id(lm)
     for rows in plan_batches(lengths, batch_tokens, max_batch_size, bucket):
         ids, mask = pad_batch([seqs[i] for i in rows], pad, lm.device)
@@ -235,24 +236,20 @@ def launch_shard(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], bat
             last, batch = torch.from_numpy(lengths[rows] - 1).to(lm.device), torch.arange(len(rows), device=lm.device)
             states = {k: full[k][batch, last] for k in layers}
             where = torch.from_numpy(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in rows]))
-            every[:, where.to(lm.device)] = torch.stack([full[k][mask.bool()] for k in layers]).to(storage)
+            every[:, where] = torch.stack([full[k][mask.bool()] for k in layers]).to(storage).cpu()
         gathered[:, torch.from_numpy(rows).to(lm.device)] = torch.stack([states[k] for k in layers]).to(storage)
         if on_batch is not None:
             on_batch(len(rows), int(lengths[rows].sum()))
     if lm.device.type == "cuda":
         host = torch.empty(gathered.shape, dtype=storage, pin_memory=True)
         host.copy_(gathered, non_blocking=True)
-        host_every = None
-        if every is not None:
-            host_every = torch.empty(every.shape, dtype=storage, pin_memory=True)
-            host_every.copy_(every, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record()
         wait = copied.synchronize
     else:
-        host, host_every, wait = gathered, every, lambda: None
+        host, wait = gathered, lambda: None
     last_rows = {k: host_array(host[slot]) for slot, k in enumerate(layers)}
-    positions = None if host_every is None else {k: host_array(host_every[slot]) for slot, k in enumerate(layers)}
+    positions = None if every is None else {k: host_array(every[slot]) for slot, k in enumerate(layers)}
     return last_rows, positions, wait
 
 
