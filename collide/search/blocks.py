@@ -15,6 +15,7 @@ import torch
 
 PAD = 8  # the augmented width d + 2 is padded with zero columns to a multiple of this (GEMM speed)
 RERANK_ELEMENTS = 1 << 22  # fp64 elements per chunk of exact re-ranks (bounds their memory)
+CPU_RERANK_ELEMENTS = 1 << 16  # the same on CPU, where a chunk that stays in cache is ~2x faster
 
 
 @dataclass
@@ -111,8 +112,8 @@ def exact_sq(xa: torch.Tensor, ia: torch.Tensor, xb: torch.Tensor, ib: torch.Ten
     times faster than torch's CPU kernels here); on CUDA every chunk is padded to the same number
     of rows, since the reduction kernel's split can depend on the number of outputs.
     """
-    step = max(1, RERANK_ELEMENTS // max(xa.shape[1], 1))
     if xa.device.type == "cpu":
+        step = max(1, CPU_RERANK_ELEMENTS // max(xa.shape[1], 1))
         an, bn, ia_n, ib_n = xa.numpy(), xb.numpy(), ia.numpy(), ib.numpy()
         out = np.empty(len(ia_n))
         for s in range(0, len(ia_n), step):
@@ -120,6 +121,7 @@ def exact_sq(xa: torch.Tensor, ia: torch.Tensor, xb: torch.Tensor, ib: torch.Ten
             diff *= diff
             out[s:s + step] = diff.sum(1)
         return torch.from_numpy(out)
+    step = max(1, RERANK_ELEMENTS // max(xa.shape[1], 1))
     out = torch.empty(len(ia), dtype=torch.float64, device=xa.device)
     for s in range(0, len(ia), step):
         pa, pb = ia[s:s + step], ib[s:s + step]
