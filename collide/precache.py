@@ -221,27 +221,28 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: PrecacheConfig) -> dict:
+def run(cfg: PrecacheConfig, command: str | None = None) -> dict:
     """Train every mode, evaluate and probe it; write precache.json, precache.md and the figure.
 
-    ``cfg.threads`` applies for the call only (torch's thread count is restored after it).
+    ``cfg.threads`` applies for the call only (torch's thread count is restored after it);
+    ``command``, the command line that asked for it, is recorded in precache.json.
     """
     check(cfg)
     threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg)
+        return _run(cfg, command)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: PrecacheConfig) -> dict:
+def _run(cfg: PrecacheConfig, command: str | None) -> dict:
     from collide.figures import precache_figure
 
     t0 = time.perf_counter()
     held_out = make_batch(cfg.eval_sequences, cfg, torch.Generator().manual_seed(cfg.seed + 2))
-    result = {"schema": SCHEMA, "config": json.loads(json.dumps(asdict(cfg))), "models": []}
+    result = {"schema": SCHEMA, "command": command, "config": json.loads(json.dumps(asdict(cfg))), "models": []}
     for mode in cfg.modes:
         t1 = time.perf_counter()
         model, curve = train(cfg, mode)

@@ -286,26 +286,28 @@ def probe_states(tokens: list[np.ndarray], ids: np.ndarray, layer_states: LayerS
 
 
 def resolve_source(source: str) -> tuple[Path, Path]:
-    """(store directory, default output directory) of SOURCE: a store, or a run directory whose
-    report.json names its store (or that holds ``store/``)."""
+    """(store directory, default output directory) of SOURCE: a store (output: its parent), or a run
+    directory whose store.json names its store, or that holds ``store/`` (output: the run directory)."""
     from collide.store import MANIFEST
 
     path = Path(source)
     if (path / MANIFEST).is_file():
         return path, path.parent
-    report = path / "report.json"
-    if report.is_file():
+    record = path / "store.json"
+    if record.is_file():
         try:
-            named = json.loads(report.read_text()).get("store")
-        except (OSError, ValueError) as exc:
-            raise CollideError(f"cannot read {report}: {exc}; pass the store directory itself") from exc
-        for candidate in ([Path(named), path / named] if named else []):
-            if (candidate / MANIFEST).is_file():
-                return candidate, path
+            store_dir = Path(json.loads(record.read_text())["path"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CollideError(f"cannot read the store's path from {record}: {exc!r}; pass the store directory "
+                               "itself") from exc
+        if (store_dir / MANIFEST).is_file():
+            return store_dir, path
+        raise CollideError(f"{record} names the store {store_dir}, which holds no {MANIFEST}; it was moved or "
+                           "deleted: pass the store directory itself, or rerun the run's command to rebuild it")
     if (path / "store" / MANIFEST).is_file():
         return path / "store", path
-    raise CollideError(f"{source} is neither a collide store (no {MANIFEST}) nor a run directory whose report.json "
-                       "names an existing store; pass the run directory or the store directory")
+    raise CollideError(f"{source} is neither a collide store (no {MANIFEST}) nor a run directory (no store.json); "
+                       "pass the run directory or the store directory")
 
 
 def open_all_positions(store_dir: Path):
@@ -313,9 +315,8 @@ def open_all_positions(store_dir: Path):
     from collide.store import open_store
 
     store = open_store(store_dir)
-    positions = store.manifest.get("positions", "last")
-    if positions != "all":
-        raise CollideError(f"the store {store_dir} keeps only each prompt's last-token state (positions={positions}); "
+    if store.positions != "all":
+        raise CollideError(f"the store {store_dir} keeps only each prompt's last-token state (positions=last); "
                            "a probe reads every position: extract again with store.positions=all, e.g. `python -m "
                            "collide model=smollm2 n_prompts=2000 store.positions=all layers=[0,8,16,24,30]`")
     return store
@@ -346,8 +347,10 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: ProbeConfig) -> dict:
-    """Probe the store of ``cfg.source`` and write probe.json, probe.md and the figure; returns probe.json's dict."""
+def run(cfg: ProbeConfig, command: str | None = None) -> dict:
+    """Probe the store of ``cfg.source`` and write probe.json, probe.md and the figure; returns probe.json's dict.
+
+    ``command``: the command line that asked for it, recorded in probe.json."""
     from collide.figures import probe_figure
     from collide.search.__main__ import select_layers
 
@@ -358,7 +361,7 @@ def run(cfg: ProbeConfig) -> dict:
     table = store.prompts(["prompt_id", "token_ids"])
     ids = table.column("prompt_id").to_numpy()
     tokens = [np.asarray(t, np.int64) for t in table.column("token_ids").to_pylist()]
-    result = {"schema": SCHEMA, "source": str(cfg.source), "store": str(store_dir),
+    result = {"schema": SCHEMA, "command": command, "source": str(cfg.source), "store": str(store_dir),
               "model": store.manifest.get("model", {}).get("name", "?"), "n_prompts": len(tokens),
               "config": json.loads(json.dumps(asdict(cfg), default=str))}
     result.update(probe_states(tokens, ids, store.position_states, layers, store.d, cfg))

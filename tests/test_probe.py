@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -97,14 +99,44 @@ def test_tau_longer_than_the_prompts_names_the_fix():
         probe_states(tokens, np.arange(len(tokens)), states, [0], D, ProbeConfig(source="-", taus=[1, 15]))
 
 
-def test_store_without_every_position_names_the_fix(tmp_path, capsys):
+def write_store(path, tokens, states, layers, positions="all"):
+    """A complete store of ``tokens`` in two shards; ``states(k)`` yields (prompt_id, (n_tokens, D))."""
     from collide.store import StoreWriter, prompt_table
 
-    header = dict(model={"name": "t"}, dtype="fp32", final_norm="post", layer_convention="t", layers=[0], d=4,
-                  keep_text=False, n_prompts=3, n_layers=1, shard_rows=8, batch_tokens=64, max_batch_size=8)
-    writer = StoreWriter.open(tmp_path / "store", {"t": 1}, header)
-    writer.commit_shard(prompt_table(0, [[1, 2], [3, 4], [5, 6]], ["s"] * 3), {0: np.ones((3, 4), np.float32)})
+    header = dict(model={"name": "planted"}, dtype="fp32", positions=positions, final_norm="post",
+                  layer_convention="t", layers=layers, d=D, keep_text=False, n_prompts=len(tokens), n_layers=2,
+                  shard_rows=128, batch_tokens=64, max_batch_size=8)
+    every = {k: [s for _, s in states(k)] for k in layers}
+    writer = StoreWriter.open(path, {"planted": 1}, header)
+    for first in range(0, len(tokens), 128):
+        rows = range(first, min(first + 128, len(tokens)))
+        last = {k: np.stack([every[k][i][-1] for i in rows]) for k in layers}
+        full = {k: np.concatenate([every[k][i] for i in rows]) for k in layers} if positions == "all" else None
+        writer.commit_shard(prompt_table(first, [tokens[i].tolist() for i in rows], ["s"] * len(rows)), last,
+                            positions=full)
     writer.finish()
+
+
+def test_run_on_a_store_writes_json_markdown_and_figure(tmp_path):
+    tokens, states = planted()
+    write_store(tmp_path / "stores" / "s", tokens, states, [0, 1])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "store.json").write_text(json.dumps({"path": str(tmp_path / "stores" / "s")}))
+    assert main([str(run_dir), "taus=[0,2]", f"vocab={V}", "layers=1:1"]) == 0
+    result = json.loads((run_dir / "probe.json").read_text())  # out defaults to the run directory
+    assert result["layers"] == [1] and result["taus"] == [0, 2] and result["model"] == "planted"
+    direct = probe_states(tokens, np.arange(len(tokens)), states, [1], D,
+                          ProbeConfig(source="-", taus=[0, 2], vocab=V))
+    assert result["results"] == direct["results"]  # the store hands the probe exactly the planted states
+    assert by_key(result)[1, 2]["top1"] > 0.97
+    assert "| 1 | " in (run_dir / "probe.md").read_text()
+    assert (run_dir / "figures" / "probe_accuracy.png").stat().st_size > 10_000
+
+
+def test_store_without_every_position_names_the_fix(tmp_path, capsys):
+    tokens, states = planted(n_prompts=20)
+    write_store(tmp_path / "store", tokens, states, [0], positions="last")
     assert main([str(tmp_path)]) == 2  # a run directory holding store/
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "keeps only each prompt's last-token state" in err
