@@ -155,6 +155,7 @@ def print_summary(result: dict) -> None:
         for col in ("layer", "mean min distance", "smallest", "certified") + (("paper GPT-2 Small",) if paper else ()):
             table.add_column(col, justify="right")
         for e in result["per_layer"]:
-            table.add_row(str(e["layer"]), fmt_distance(e["mean_min_distance"], 4), fmt_distance(e["min_min_distance"], 4),
-                          "yes" if e["certified"] else "NO", *([fmt_distance(e["paper_gpt2_small"], 4)] if paper else []))
+            table.add_row(str(e["layer"]), fmt_distance(e["mean_min_distance"], 4),
+                          fmt_distance(e["min_min_distance"], 4), "yes" if e["certified"] else "NO",
+                          *([fmt_distance(e["paper_gpt2_small"], 4)] if paper else []))
     Console().print(table)

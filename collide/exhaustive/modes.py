@@ -28,7 +28,7 @@ from collide.exhaustive.sets import (PromptSet, SetResults, n_pairs, pair_entry,
                                      search_set, summarize_layers)
 from collide.extract import ShardPipeline, store_header
 from collide.models import LoadedModel
-from collide.search import LayerResult
+from collide.search import LayerResult, min_pairwise
 
 log = logging.getLogger("collide.exhaustive")
 
@@ -171,8 +171,6 @@ def run_margin(inputs: RunInputs, lm: LoadedModel, layers: list[int], prompts: d
     """The paper's margin variant: per prompt, the min distance among ``n_tokens`` continuations.
 
     ``prompts``: ``base_prompts`` of the selected ids, in order."""
-    from collide.search import min_pairwise
-
     vocab_size = lm.model.get_input_embeddings().weight.shape[0]
     ids = list(prompts)
     identity = {"mode": "margin", "model": asdict(inputs.model_cfg), "run_identity": inputs.store.manifest["identity"],

@@ -18,7 +18,7 @@ import numpy as np
 
 from collide.atomic import atomic_write_json
 from collide.config import ExhaustiveConfig, SearchConfig
-from collide.search import LayerResult
+from collide.search import LayerResult, min_pairwise, search_store
 
 log = logging.getLogger("collide.exhaustive")
 
@@ -116,8 +116,6 @@ def search_set(store, pset: PromptSet, layers: list[int], threshold: float, cfg:
     full search finds them; a second search over the representatives alone then gives each
     layer's ``distinct_inputs`` result: the minimum over pairs whose inputs differ.
     """
-    from collide.search import min_pairwise, search_store
-
     n = len(pset.tokens)
     view = store.select_range(pset.index * n, (pset.index + 1) * n)  # whole shards: none crosses a set
     appended = view.prompts(["appended_token"]).column(0).to_numpy().astype(np.int64)  # row r: prompt id base + r
@@ -146,8 +144,6 @@ def search_set(store, pset: PromptSet, layers: list[int], threshold: float, cfg:
 def search_across(store, sets: list[PromptSet], layers: list[int], threshold: float, cfg: ExhaustiveConfig,
                   texts: dict[int, str]) -> list[dict]:
     """The certified search over all sets' continuations together, one layer at a time."""
-    from collide.search import search_store
-
     table = store.prompts(["prompt_id", "set_index", "appended_token"])
     appended = table.column("appended_token").to_numpy().astype(np.int64)
     set_of = table.column("set_index").to_numpy()
