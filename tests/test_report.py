@@ -14,7 +14,7 @@ from matplotlib.image import imread
 from report_fakes import FakeStore, brute_force, fake_run
 
 from collide.config import ReportConfig
-from collide.report import print_summary, render_markdown, write_report
+from collide.report import add_section, print_summary, render_markdown, write_report
 from collide.search.results import LayerResult, nn_percentiles
 
 SCHEMA = json.loads((files("collide") / "report_schema.json").read_text())
@@ -113,6 +113,20 @@ def test_closest_pair_texts_and_a_store_without_text(tmp_path):
     assert "prompts 103 and 107" in closest and "````text\ndef f(x):\n    return ```x```\n````" in closest
     other = report["layers"][1]["closest_pair"][0]
     assert f"prompt {other} (text not stored)" in closest
+
+
+def test_a_section_added_later_is_replaced_by_its_command_and_kept_by_a_rewrite(tmp_path):
+    run_info, results, store = fake_run(n=N)
+    write_report(tmp_path, run_info, results, store, ReportConfig(figures=False))
+    add_section(tmp_path, "probe", {"accuracy": 0.5}, "## Probes\n\nfirst\n", "probe/probe.png")
+    add_section(tmp_path, "probe", {"accuracy": 0.75}, "## Probes\n\nsecond\n", "probe/probe.png")
+    md = (tmp_path / "report.md").read_text()
+    assert md.count("## Probes") == 1 and "second" in md and "first" not in md
+    assert "<!-- collide.probe:probe:begin -->" in md
+    write_report(tmp_path, run_info, results, store, ReportConfig(figures=False))  # the run's command again
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["probe"] == {"accuracy": 0.75} and report["figures"] == ["probe/probe.png"]
+    assert (tmp_path / "report.md").read_text().count("## Probes\n\nsecond\n") == 1
 
 
 def test_nn_percentiles_ignore_invalid_rows():
