@@ -18,6 +18,7 @@ import collide.search.symmetric as symmetric
 from collide.search import min_pairwise
 from collide.search.api import numerics
 from collide.search.bounds import screening_constant
+from collide.search.gpu_bound_check import worst_error_ratio
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 PRECISIONS = ("fp32", "tf32x3")
@@ -98,3 +99,12 @@ def test_identical_rows_and_budget(precision):
     assert res.certified and res.n_collisions == 44850 and res.distance == 0.0
     res = min_pairwise(torch.from_numpy(x).cuda(), 1e-6, precision=precision, block_rows=256, max_candidates=10)
     assert not res.certified and "max_candidates=10" in res.uncertified_reason
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_worst_observed_error_is_at_most_half_the_bound(precision):
+    """Issue 9, item 6: adversarial rows (massive dimensions, near-cancelling sums, mixed exponents),
+    d up to 8192. For tf32x3 this tests the assumption on tensor-core accumulation (bounds.py)."""
+    r = worst_error_ratio("cuda", precision)
+    assert r["passed"] and 0.0 < r["worst_ratio"] <= 0.5, r
+    assert len(r["ratios"]) == 15 and "cancel_d8192" in r["ratios"]

@@ -57,6 +57,21 @@ accumulation of the three GEMMs is charged 2u relative to the running sum of |te
 
 and the same eta term. It is about 4x the fp32 constant: more candidates, still certified.
 
+**Assumption (tf32x3 only, not proven).** The charge of 2u per accumulation step assumes that the
+tensor cores keep at least 24 significant bits (fp32's) of the running sum when they align the
+products to the largest exponent and add them. NVIDIA does not document the width of that
+internal accumulation, so the tf32x3 bound rests on this assumption, not on a theorem; fp32
+(TF32 off) has no such assumption and stays the default. ``collide.search.gpu_bound_check``
+measures the worst |s^ - D| / E on adversarial inputs (massive dimensions, near-cancelling sums,
+mixed exponents, d up to 8192) on the GPU at hand, and the GPU check fails above 0.5.
+
+**What "exact" means.** The exact squared distance the engines report is the fp64 value of
+sum_k (x_k - y_k)^2 over the values as given (differences are exact in fp64 for fp32 or narrower
+inputs and rounded for fp64 ones; squares and sums are rounded to fp64 in a fixed order: numpy's
+pairwise sum on CPU, one fixed kernel configuration on CUDA), and every reported L2 distance is its correctly
+rounded square root. It is within rerank_rel(d) (below) of the real squared distance: exactness
+of the value the code defines, not of real arithmetic.
+
 **Exact re-ranking** sums (x_k - y_k)^2 in fp64; its relative error is below
 ``rerank_rel(d) = 2 (d + 3) 2^-53``. Thresholds are inflated by (1 + 2 rerank_rel) so that a pair
 that screening leaves out cannot tie or beat the fp64 value of the reported minimum.

@@ -6,21 +6,24 @@ Needs only numpy and torch. The rows to search are cut into blocks (blocks.py); 
 directly (see bounds.py), so each unordered pair is computed once: half the work of a k-NN
 self-search. Per tile of S (tiles.py reduces it):
 
-1. row and column minima update each row's screened nearest neighbour, re-ranked in fp64 when
-   it improves (both blocks are in memory: this works out of core), so that every row seen has
-   a finite exact nearest-neighbour distance nn_i (squared) before step 3;
-2. the tile's screened minimum pair is re-ranked exactly, lowering tau (best exact squared
-   distance so far, tau <= nn_i for every row);
-3. every pair (i, j) with s^ <= max(nn_i, threshold^2) (1 + 2 rerank_rel) + E_blk, or the same
-   with nn_j, is re-ranked exactly in fp64 at once: pairs with exact L2 < threshold are
-   collisions, and nn_i, nn_j, tau take the exact values. Without ``nearest`` the bound is
-   max(tau, threshold^2) for every row (minimum and collisions only; nn is not tracked).
+1. the tile's screened minimum pair is re-ranked exactly, lowering tau (best exact squared
+   distance so far);
+2. (``nearest``) each row's and each column's tile minimum m lowers that row's bound
+   ub_i = min(ub_i, m + E_blk) >= its exact nearest-neighbour squared distance; the row's
+   threshold is t_i = max(min(nn_i, ub_i), threshold^2) (1 + 2 rerank_rel) + E_blk, nn_i its best
+   exact squared distance so far (t_i >= the tau threshold below, since tau <= nn_i);
+3. every pair (i, j) with s^ <= t_i or s^ <= t_j is re-ranked exactly in fp64 at once (tiles.py
+   reads only the rows and chunk columns whose minimum passes): pairs with exact L2 < threshold
+   are collisions, and nn_i, nn_j, tau take the exact values. Without ``nearest`` the threshold
+   is max(tau, threshold^2) (1 + 2 rerank_rel) + E_blk for every row (minimum and collisions
+   only; nn is not reported).
 
-**Exactness (a property of the construction).** nn_i only decreases, so a pair (i, j) that step
-3 leaves out has s^ > nn_i,then (1 + 2 rerank_rel) + E >= nn_i,final (1 + 2 rerank_rel) + E: its
-exact squared distance, and its fp64 value, exceed nn_i,final, and likewise for j. So every
-row's reported nearest-neighbour distance is the fp64 minimum over ALL other rows, and since
-tau = min_i nn_i, the reported minimum is the true one and every pair attaining it was
+**Exactness (a property of the construction).** t_i only decreases and stays above
+N_i (1 + 2 rerank_rel) + E, N_i the true nearest-neighbour squared distance of row i, so a pair
+(i, j) that step 3 leaves out has an exact squared distance, and an fp64 value, above N_i, and
+likewise for j, while the pair attaining N_i passes. So every row's reported nearest-neighbour
+distance is the fp64 minimum over ALL other rows, and since tau = min_i nn_i, the reported
+minimum is the true one and every pair attaining it was
 re-ranked (ties are broken by the smallest (i, j), whatever the block order). A pair closer than
 the threshold has s^ < threshold^2 + E and is always re-ranked: the collision list is complete
 and exact, however many neighbours a row has under the threshold (e.g. layer-0 states, bitwise
