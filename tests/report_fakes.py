@@ -35,6 +35,7 @@ class FakePairwise:
 @dataclass
 class FakeStore:
     text: dict[int, str] = field(default_factory=dict)  # prompt id -> text ({} = store keeps no text)
+    manifest: dict = field(default_factory=lambda: {"dtype": "fp32"})  # what the report reads of the manifest
 
     def texts(self, prompt_ids):
         return {int(p): self.text[int(p)] for p in prompt_ids if int(p) in self.text}
