@@ -1,12 +1,13 @@
-"""Compare finished runs: ``python -m collide.report RUN_DIR [RUN_DIR ...] [--out DIR] [--absolute]``.
+"""Compare finished runs: ``collide compare RUN_DIR [RUN_DIR ...] [out=DIR] [depth_axis=absolute]``.
 
 A RUN_DIR is a run directory (holds report.json) or a Hydra multirun sweep directory (its job
 subdirectories are taken in job order). The comparison writes ``comparison.md``,
 ``comparison.json`` and ``comparison.png`` (min pairwise L2 per layer, one line per run) into
-``--out`` (default ``./comparison``).
+``out=`` (default ``./comparison``). The old form ``python -m collide.report RUN_DIR ... [--out DIR]
+[--absolute]`` still works.
 
 Depth axis: "relative" (default) places layer k of an L-block model at k / L, so a 4-block and
-a 30-block model share one axis; ``--absolute`` (or ``depth_axis=absolute``) uses the layer index.
+a 30-block model share one axis; ``depth_axis=absolute`` uses the layer index.
 
 Nothing is mixed silently. Runs that differ in threshold, final_norm or dtype are flagged
 (dashed in the figure, noted in both tables, warned on the console); incomplete runs (no
@@ -16,7 +17,6 @@ without a report.json is listed but cannot be drawn.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -220,8 +220,8 @@ def print_comparison(summary: dict, out: Path) -> None:
     for r in summary["runs"]:
         if r["complete"]:
             p = r["paper_layers"]
-            table.add_row(r["label"], r["dtype"], str(r["n_layers"]), fmt_distance(p["1"]), fmt_distance(p["L/2"]), fmt_distance(p["L"]),
-                          r["verdict"])
+            table.add_row(r["label"], r["dtype"], str(r["n_layers"]), fmt_distance(p["1"]), fmt_distance(p["L/2"]),
+                          fmt_distance(p["L"]), r["verdict"])
         else:
             table.add_row(r["label"], "", "", "", "", "", "[red]incomplete[/red]")
     console.print(table)
@@ -231,20 +231,32 @@ def print_comparison(summary: dict, out: Path) -> None:
     console.print(f"wrote {out / 'comparison.md'}, comparison.json and comparison.png", highlight=False)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m collide.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run directories or multirun sweep directories "
-                                                "(depth_axis=absolute and out=DIR are accepted here too)")
-    parser.add_argument("--out", default=None, help="output directory (default ./comparison)")
-    parser.add_argument("--absolute", action="store_true", help="absolute layer index instead of layer / L")
-    args = parser.parse_args(argv)
-    options = dict(a.split("=", 1) for a in args.runs if re.fullmatch(r"(depth_axis|out)=.*", a))
-    paths = [Path(a) for a in args.runs if not re.fullmatch(r"(depth_axis|out)=.*", a)]
-    depth_axis = "absolute" if args.absolute else options.get("depth_axis", "relative")
-    out = Path(args.out or options.get("out", "comparison"))
-    try:
-        summary = compare(paths, out, depth_axis)
-    except CollideError as exc:
-        print(f"collide: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+def run(cfg, command: str = "") -> dict:
+    """``collide compare RUN_DIR [RUN_DIR ...] [out=DIR] [depth_axis=absolute]`` (cfg: collide.config.CompareConfig)."""
+    out = Path(cfg.out)
+    summary = compare([Path(p) for p in cfg.runs], out, cfg.depth_axis)
     print_comparison(summary, out)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m collide.compare ...`` and ``python -m collide.report ...`` = ``collide compare ...``;
+    the old flags still work: ``--absolute`` is ``depth_axis=absolute``, ``--out DIR`` is ``out=DIR``."""
+    from collide.cli import main as cli_main
+
+    rest, args = list(sys.argv[1:] if argv is None else argv), []
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--absolute":
+            args.append("depth_axis=absolute")
+        elif arg == "--out" and rest:
+            args.append(f"out={rest.pop(0)}")
+        elif arg.startswith("--out="):
+            args.append("out=" + arg.split("=", 1)[1])
+        else:
+            args.append(arg)
+    return cli_main(["compare", *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
