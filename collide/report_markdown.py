@@ -98,9 +98,9 @@ def render_markdown(report: dict) -> str:
         name = f"{e['layer']} (embeddings)" if e["is_embedding_layer"] else str(e["layer"])
         cert = "yes" if e["certified"] else f"**no** ({e['uncertified_reason'] or 'budget'})"
         pair = "{} / {}".format(*e["closest_pair"]) if e["closest_pair"] else "-"
-        out.append(f"| {name} | {e['n_vectors']:,} | {e['n_pairs']:,} | {fmt_distance(e['min_distance'], 6)} | {cert} | {pair} "
-                   f"| {e['n_collisions']:,} | {fmt_distance(nn.get('p5'))} | {fmt_distance(nn.get('p50'))} | {fmt_distance(nn.get('p95'))} "
-                   f"| {fmt_distance(nn.get('max'))} | {len(e['invalid_rows'])} |")
+        out.append(f"| {name} | {e['n_vectors']:,} | {e['n_pairs']:,} | {fmt_distance(e['min_distance'], 6)} | {cert} "
+                   f"| {pair} | {e['n_collisions']:,} | {fmt_distance(nn.get('p5'))} | {fmt_distance(nn.get('p50'))} "
+                   f"| {fmt_distance(nn.get('p95'))} | {fmt_distance(nn.get('max'))} | {len(e['invalid_rows'])} |")
     if report["figures"]:
         out += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]
     collided = [e for e in report["layers"] if e["n_collisions"] and not e["is_embedding_layer"]]
@@ -254,7 +254,8 @@ def render_margin(result: dict, figure: str | None, per_set: bool) -> str:
            + (" paper, GPT-2 Small |" if paper else ""),
            "|---:|---:|---:|---:|---:|:---:|---:|" + ("---:|" if paper else "")]
     for e in result["per_layer"]:
-        out.append(f"| {e['layer']} | {fmt_distance(e['mean_min_distance'], 4)} | {fmt_distance(e['std_min_distance'], 3)} | "
+        out.append(f"| {e['layer']} | {fmt_distance(e['mean_min_distance'], 4)} | "
+                   f"{fmt_distance(e['std_min_distance'], 3)} | "
                    f"{fmt_distance(e['min_min_distance'], 4)} | {fmt_distance(e['max_min_distance'], 4)} | "
                    f"{'yes' if e['certified'] else '**no**'} | {e['n_collisions']:,} |"
                    + (f" {fmt_distance(e['paper_gpt2_small'], 4)} |" if paper else ""))
