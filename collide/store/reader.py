@@ -10,7 +10,6 @@ when called).
 
 from __future__ import annotations
 
-import bisect
 import copy
 import os
 from pathlib import Path
@@ -84,12 +83,18 @@ class Store:
         start = int(shard["first_prompt_id"])
         return max(self.first_id - start, 0), min(self.stop_id - start, int(shard["rows"]))
 
-    def _shard_of(self, prompt_id: int) -> int:
-        """Index into ``self.shards`` of the shard holding ``prompt_id``; CollideError if not in this view."""
-        if not self.first_id <= prompt_id < self.stop_id:
-            raise CollideError(f"prompt_id {prompt_id} is not in the store {self.path} "
+    def _by_shard(self, prompt_ids: np.ndarray) -> dict[int, np.ndarray]:
+        """{index into ``self.shards``: positions in ``prompt_ids`` of the ids that shard holds}, indices
+        ascending; CollideError naming the first id that is not in this view."""
+        outside = (prompt_ids < self.first_id) | (prompt_ids >= self.stop_id)
+        if outside.any():
+            raise CollideError(f"prompt_id {int(prompt_ids[outside][0])} is not in the store {self.path} "
                                f"(ids {self.first_id}..{self.stop_id - 1})")
-        return bisect.bisect_right([int(s["first_prompt_id"]) for s in self.shards], prompt_id) - 1
+        starts = np.array([int(s["first_prompt_id"]) for s in self.shards], np.int64)
+        shard = np.searchsorted(starts, prompt_ids, side="right") - 1
+        order = np.argsort(shard, kind="stable")
+        indices, cuts = np.unique(shard[order], return_index=True)
+        return dict(zip(indices.tolist(), np.split(order, cuts[1:])))
 
     # ----------------------------------------------------------------- files
 
@@ -188,10 +193,7 @@ class Store:
         self._check_layer(k)
         wanted = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
         out = np.empty((len(wanted), self.d), np.float32)
-        by_shard: dict[int, list[int]] = {}
-        for slot, pid in enumerate(wanted.tolist()):
-            by_shard.setdefault(self._shard_of(pid), []).append(slot)
-        for index, slots in by_shard.items():
+        for index, slots in self._by_shard(wanted).items():
             shard = self.shards[index]
             column = pq.read_table(self.layer_file(shard, k), columns=["state"]).column("state").combine_chunks()
             rows = wanted[slots] - int(shard["first_prompt_id"])
@@ -211,16 +213,13 @@ class Store:
         self._check_layer(k)
         ids = np.arange(self.first_id, self.stop_id) if prompt_ids is None else \
             np.unique(np.asarray(prompt_ids, dtype=np.int64))
-        by_shard: dict[int, list[int]] = {}
-        for pid in ids.tolist():
-            by_shard.setdefault(self._shard_of(pid), []).append(pid)
-        for index in sorted(by_shard):
+        for index, slots in self._by_shard(ids).items():
             shard = self.shards[index]
             table = pq.read_table(self._checked(shard, f"{positions_dir(k)}/{part_name(shard['index'])}"),
                                   columns=["prompt_id", "state"])
             file_ids = table.column("prompt_id").to_numpy()
             states = table.column("state").combine_chunks()
-            for pid in by_shard[index]:
+            for pid in ids[slots].tolist():
                 a, b = np.searchsorted(file_ids, pid, "left"), np.searchsorted(file_ids, pid, "right")
                 x = self._decode(states.slice(a, b - a))
                 yield pid, x if x.flags.writeable else x.copy()
@@ -271,12 +270,10 @@ class Store:
         """{prompt_id: text} for the given ids; empty when the store keeps no text."""
         if not self.keep_text:
             return {}
-        by_shard: dict[int, set[int]] = {}
-        for pid in {int(i) for i in prompt_ids}:
-            by_shard.setdefault(self._shard_of(pid), set()).add(pid)
+        wanted = np.unique(np.asarray(list(prompt_ids), dtype=np.int64))
         out: dict[int, str] = {}
-        for index, ids in by_shard.items():
-            shard = self.shards[index]
+        for index, slots in self._by_shard(wanted).items():
+            shard, ids = self.shards[index], set(wanted[slots].tolist())
             table = pq.read_table(self._checked(shard, f"{PROMPTS_DIR}/{part_name(shard['index'])}"),
                                   columns=["prompt_id", "text"])
             for pid, text in zip(table.column("prompt_id").to_pylist(), table.column("text").to_pylist()):
