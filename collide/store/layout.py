@@ -181,7 +181,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise CollideError(f"{path} has store format version {manifest['format_version']}, newer than this "
                            f"collide reads ({FORMAT_VERSION}); upgrade collide")
     if manifest["format_version"] == 1:
-        manifest.update(positions="last", dtype="fp32")
+        manifest["dtype"] = "fp32"
+    manifest.setdefault("positions", "last")
     return manifest
 
 
