@@ -58,6 +58,12 @@ COMMANDS: dict[str, Command] = {
                        "one table and figure for several runs or a sweep"),
     "exhaustive": Command("ExhaustiveConfig", "run_dir", "collide.exhaustive:run_command",
                           "the paper's exhaustive continuation test on a finished run"),
+    "invert": Command("InvertConfig", "source", "collide.invert.__main__:run",
+                      "recover prompts exactly from their states at every position (SIPIT, certified)"),
+    "probe": Command("ProbeConfig", "source", "collide.probe:run",
+                     "linear probes: what each layer's state at t says about the token at t+tau"),
+    "precache": Command("PrecacheConfig", None, "collide.precache:run",
+                        "the synthetic pre-caching experiment (arXiv 2404.00859): vanilla vs myopic"),
 }
 
 
@@ -121,7 +127,7 @@ def command_help(name: str) -> str:
     command = COMMANDS[name]
     cls = _schema(command)
     arg = (command.positional or "").upper()
-    head = f"usage: collide {name} {arg}{' ...' if arg.endswith('S') else ''} [key=value ...]"
+    head = f"usage: collide {name} {arg + ' ' if arg else ''}{'... ' if arg.endswith('S') else ''}[key=value ...]"
     return "\n".join([head, "", (cls.__doc__ or "").strip(), "", "keys (key=default  # meaning):",
                       *[row for row in describe(cls) if not row.startswith(f"  {command.positional}=")]])
 
@@ -136,17 +142,24 @@ def compose(name: str, argv: list[str]):
     command = COMMANDS[name]
     positional = [a for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]
-    list_key = typing.get_origin(typing.get_type_hints(_schema(command))[command.positional]) in (list, typing.List)
-    if not positional or (len(positional) > 1 and not list_key):
-        wanted = f"one or more {command.positional.upper()}" if list_key else f"one {command.positional.upper()}"
-        raise CollideError(f"`collide {name}` takes {wanted} argument, got {positional or 'none'}; "
-                           f"see `collide {name} --help`")
+    if command.positional is None:
+        if positional:
+            raise CollideError(f"`collide {name}` takes only key=value overrides, got {positional}; "
+                               f"see `collide {name} --help`")
+        list_key = False
+    else:
+        hint = typing.get_type_hints(_schema(command))[command.positional]
+        list_key = typing.get_origin(hint) in (list, typing.List)
+        if not positional or (len(positional) > 1 and not list_key):
+            wanted = f"one or more {command.positional.upper()}" if list_key else f"one {command.positional.upper()}"
+            raise CollideError(f"`collide {name}` takes {wanted} argument, got {positional or 'none'}; "
+                               f"see `collide {name} --help`")
     register_schemas()
     try:
         with initialize_config_module(config_module="collide.conf", version_base="1.3"):
             cfg = hydra_compose(config_name=name, overrides=overrides)
-        # positional values are set after composing: a path is data, not override grammar
-        OmegaConf.update(cfg, command.positional, positional if list_key else positional[0], merge=False)
+        if command.positional is not None:  # set after composing: a path is data, not override grammar
+            OmegaConf.update(cfg, command.positional, positional if list_key else positional[0], merge=False)
         return OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException, ValueError, AssertionError) as exc:
         cause = exc.__cause__ or exc.__context__
@@ -188,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if show_cfg:
             from omegaconf import OmegaConf
 
-            rest = rest or ["<unset>"]
+            rest = rest if rest or COMMANDS[name].positional is None else ["<unset>"]
             print(OmegaConf.to_yaml(OmegaConf.structured(compose(name, rest))))
             return 0
         cfg = compose(name, rest)
