@@ -20,8 +20,9 @@ process, from a spec the driver fixes. Actors keep the model loaded across shard
 driver own the order of the manifest; Ray Data would re-block the stream and stream the states
 back through the object store, for nothing this stage needs.
 
-Faults: a worker that dies mid-shard is restarted (model reloaded) and the shard's call retried
-(``cluster.max_retries``); a retried shard rewrites the same files with the same bytes under the
+Faults: a worker that dies mid-shard (its process, or its node) is restarted, on another node if
+need be, with the model reloaded, and its shards are retried; each worker may be restarted
+``cluster.max_retries`` times. A retried shard rewrites the same files with the same bytes under the
 same names (atomic renames, nothing appended), and the driver lists it once. When the retries
 run out, or the driver dies, the shards already listed stay; rerunning the same command resumes
 after them (files a dead run left unlisted are removed, as locally).

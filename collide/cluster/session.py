@@ -41,9 +41,9 @@ def ray_session(cfg: ClusterConfig, store_path: str | os.PathLike):
     (a session this function started is shut down; one the caller started is left running)."""
     started = not ray.is_initialized()
     if started:
-        kwargs = dict(address=cfg.address or None, include_dashboard=False, log_to_driver=True)
-        if not cfg.address and cfg.object_store_mb:
-            kwargs["object_store_memory"] = int(cfg.object_store_mb) << 20
+        kwargs = dict(address=cfg.address or None, log_to_driver=True)
+        if not cfg.address:  # a new local instance: no dashboard (it would serve on the network)
+            kwargs.update(include_dashboard=False, object_store_memory=int(cfg.object_store_mb) << 20 or None)
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -98,7 +98,12 @@ def check_reachable(path: Path) -> None:
 
 
 def remote_options(cfg: ClusterConfig, retries: bool) -> dict:
-    """Resources of one worker, and Ray's retry options (tasks: max_retries; actors: restarts)."""
+    """Resources of one worker, and Ray's retry options.
+
+    Tasks: ``max_retries`` reruns of a task whose worker or node was lost. Actors: ``max_restarts``
+    restarts of a lost actor, and its calls retried for as long as it can restart (a call that
+    fails while a dead node is not yet detected must not use up the budget: only losses count).
+    """
     if cfg.num_workers < 1 or cfg.cpus_per_worker < 0 or cfg.gpus_per_worker < 0 or cfg.max_retries < 0:
         raise CollideError(f"cluster.num_workers={cfg.num_workers} must be >= 1 and cluster.cpus_per_worker, "
                            "cluster.gpus_per_worker, cluster.max_retries >= 0")
@@ -106,7 +111,7 @@ def remote_options(cfg: ClusterConfig, retries: bool) -> dict:
     if retries:
         opts["max_retries"] = cfg.max_retries
     else:
-        opts.update(max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries)
+        opts.update(max_restarts=cfg.max_retries, max_task_retries=-1)
     return opts
 
 
