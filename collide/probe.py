@@ -162,16 +162,16 @@ def class_targets(target: np.ndarray, train: np.ndarray, k: int) -> tuple[np.nda
     """(vocabulary: the k most frequent training targets, class of each row: its vocabulary index or k = other)."""
     values, counts = np.unique(target[train], return_counts=True)
     vocab = values[np.lexsort((values, -counts))][:k]
-    lookup = {int(t): i for i, t in enumerate(vocab)}
-    classes = np.fromiter((lookup.get(int(t), len(vocab)) for t in target), np.int64, count=len(target))
-    return vocab, classes
+    order = np.argsort(vocab)
+    at = np.minimum(np.searchsorted(vocab, target, sorter=order), len(vocab) - 1)
+    found = vocab[order[at]] == target
+    return vocab, np.where(found, order[at], len(vocab))
 
 
 def _moments(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple:
     """Uncentred sums of rows x (n, d) with classes y (n,): (n, sum x, sum x x^T, per-class sums of x, class counts)."""
-    gram = (x.T @ x).double()
-    xy = torch.zeros(n_classes, x.shape[1], dtype=torch.float64).index_add_(0, y, x.double())
-    return (len(y), x.double().sum(0), gram, xy, torch.bincount(y, minlength=n_classes).double())
+    xy = torch.zeros(n_classes, x.shape[1]).index_add_(0, y, x)  # fp32 sums of standardised rows
+    return (len(y), x.double().sum(0), (x.T @ x).double(), xy.double(), torch.bincount(y, minlength=n_classes).double())
 
 
 def _add(a: tuple, b: tuple) -> tuple:
@@ -205,10 +205,10 @@ def ranked_classes(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, k: int) ->
     return scores.topk(min(TOP, k), dim=1).indices.numpy()
 
 
-def probe_layer(x: torch.Tensor, rows: Rows, k: int, alphas: list[float]) -> dict:
-    """One probe (layer, tau): x (N, d) standardised states of every position, stacked prompt by prompt."""
+def probe_layer(x: torch.Tensor, rows: Rows, vocab: np.ndarray, classes: np.ndarray, alphas: list[float]) -> dict:
+    """One probe (layer, tau): x (N, d) standardised states of every position, stacked prompt by prompt;
+    ``vocab`` and ``classes`` from ``class_targets`` on ``rows``."""
     train = rows.part < 2
-    vocab, classes = class_targets(rows.target, train, k)
     n_real = len(vocab)
     y = torch.from_numpy(classes)
     xs = {p: x[torch.from_numpy(rows.index[rows.part == p])] for p in (0, 1, 2)}
@@ -261,9 +261,9 @@ def probe_states(tokens: list[np.ndarray], ids: np.ndarray, layer_states: LayerS
     check_taus(taus, tokens, part)
     lengths = np.array([len(t) for t in tokens], np.int64)
     rows = {tau: Rows(tokens, part, tau) for tau in taus}
-    per_tau = {}
+    per_tau, classes = {}, {tau: class_targets(r.target, r.part < 2, cfg.vocab) for tau, r in rows.items()}
     for tau, r in rows.items():
-        vocab, _ = class_targets(r.target, r.part < 2, cfg.vocab)
+        vocab = classes[tau][0]
         test = r.target[r.part == 2]
         per_tau[tau] = {"tau": tau, "n_train_rows": int((r.part < 2).sum()), "n_test_rows": int(len(test)),
                         "coverage": float(np.isin(test, vocab).mean()), **baselines(r)}
@@ -273,7 +273,7 @@ def probe_states(tokens: list[np.ndarray], ids: np.ndarray, layer_states: LayerS
         t0 = time.perf_counter()
         x = standardised(layer_states(k), ids, lengths, train_positions, d)
         for tau in taus:
-            results.append({"layer": k, "tau": tau, **probe_layer(x, rows[tau], cfg.vocab, list(cfg.alphas))})
+            results.append({"layer": k, "tau": tau, **probe_layer(x, rows[tau], *classes[tau], list(cfg.alphas))})
         log.info("layer %d: top-1 %s (%.1f s)", k, ", ".join(f"tau={e['tau']} {e['top1']:.3f}"
                                                              for e in results[-len(taus):]), time.perf_counter() - t0)
     return {"split": {"fit": int((part == 0).sum()), "validation": int((part == 1).sum()),
