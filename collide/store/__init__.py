@@ -8,7 +8,7 @@ Layout (the contract, with a pyarrow-only reading recipe, is ``docs/store-format
     STORE/positions/layer=K/part-NNNNN.parquet   (positions=all) prompt_id, position int32, state
 
 Modules: ``layout`` (format, schemas, storage dtypes, manifest), ``reader`` (``Store``,
-``open_store``), ``writer`` (``StoreWriter``), ``ecosystem`` (pyarrow.dataset, Hugging Face and
+``open_store``), ``writer`` (``StoreWriter``, ``ShardPipeline``), ``ecosystem`` (pyarrow.dataset, Hugging Face and
 torch views). Everything here needs only numpy and pyarrow until an ecosystem reader is called.
 """
 
@@ -18,9 +18,9 @@ from collide.store.layout import (BATCHING_KEYS, FORMAT, FORMAT_VERSION, MANIFES
                                   part_name, positions_dir, prompt_table, read_manifest, shard_files, state_array,
                                   stray_files)
 from collide.store.reader import Store, open_store
-from collide.store.writer import StoreWriter, lock_store
+from collide.store.writer import ShardPipeline, StoreWriter, lock_store
 
 __all__ = ["BATCHING_KEYS", "FORMAT", "FORMAT_VERSION", "MANIFEST", "POSITIONS_DIR", "PROMPTS_DIR", "STORAGE",
-           "Store", "StoreWriter", "decode_states", "encode_states", "file_problem", "identity_diff", "layer_dir",
-           "lock_store", "open_store", "os_error_message", "part_name", "positions_dir", "prompt_table",
-           "read_manifest", "shard_files", "state_array", "stray_files"]
+           "ShardPipeline", "Store", "StoreWriter", "decode_states", "encode_states", "file_problem",
+           "identity_diff", "layer_dir", "lock_store", "open_store", "os_error_message", "part_name", "positions_dir",
+           "prompt_table", "read_manifest", "shard_files", "state_array", "stray_files"]

@@ -16,8 +16,9 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -341,3 +342,35 @@ class StoreWriter:
         self._write_manifest(m)
         self.close()
         return Store(self.path, verified=self.written)
+
+
+class ShardPipeline:
+    """Commits shards on one writer thread while the caller computes the next one.
+
+    ``submit(task, *args)`` first waits for the previous shard's task (re-raising its error), so
+    at most one shard is in flight and memory stays bounded; the task runs on the writer thread
+    (typically: wait for the states to reach the host, build the prompts table, ``commit_shard``).
+    Leaving the ``with`` block waits for the last task; on an exception (Ctrl-C included) the
+    shard being written still completes, so the store stays resumable. Used by ``extract_to_store``
+    and the exhaustive continuation test (``collide.extract.ShardPipeline`` is this class).
+    """
+
+    def __init__(self, thread_name: str = "collide-store-writer"):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self._pending: Future | None = None
+
+    def submit(self, task: Callable, *args) -> None:
+        """Wait for the shard in flight, then queue ``task(*args)`` on the writer thread."""
+        if self._pending is not None:
+            self._pending.result()
+        self._pending = self._pool.submit(task, *args)
+
+    def __enter__(self) -> "ShardPipeline":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and self._pending is not None:
+                self._pending.result()
+        finally:
+            self._pool.shutdown(wait=True)
