@@ -8,8 +8,9 @@ Layout (the contract, with a pyarrow-only reading recipe, is ``docs/store-format
     STORE/positions/layer=K/part-NNNNN.parquet   (positions=all) prompt_id, position int32, state
 
 Modules: ``layout`` (format, schemas, storage dtypes, manifest), ``reader`` (``Store``,
-``open_store``), ``writer`` (``StoreWriter``, ``ShardPipeline``), ``ecosystem`` (pyarrow.dataset, Hugging Face and
-torch views). Everything here needs only numpy and pyarrow until an ecosystem reader is called.
+``open_store``), ``writer`` (``StoreWriter``, ``ShardPipeline``), ``ecosystem`` and
+``torch_dataset`` (pyarrow.dataset, Hugging Face and torch views). Everything here needs only
+numpy and pyarrow until an ecosystem reader is called.
 """
 
 from collide.atomic import os_error_message
