@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from collide.config import ClusterConfig, ExtractConfig, SearchConfig, StoreConfig
@@ -16,6 +18,15 @@ SEARCH = SearchConfig(block_rows=32, progress=False)  # small blocks: many tiles
 CLUSTER = ClusterConfig(kind="ray", address=None, num_workers=2, cpus_per_worker=1, max_retries=3, panel_blocks=2)
 STORE = StoreConfig(shard_rows=24)
 TINY = dict(name="tiny", source="random:llama", family="llama")  # the conftest's tiny_llama
+WAIT_S = 300  # a safety net against a hung test, not a timing assertion
+
+
+def wait_for(condition, what: str) -> None:
+    """Poll ``condition()`` until it holds (AssertionError after WAIT_S)."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.1)
 
 
 def synthetic(n: int, seed: int = 0):

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import ray
@@ -22,17 +21,9 @@ from collide.cluster import search_store_ray
 from collide.search import search_store
 from collide.store import open_store
 
-from .common import CLUSTER, SEARCH, assert_same, assert_same_store, ray_extract
+from .common import CLUSTER, SEARCH, WAIT_S, assert_same, assert_same_store, ray_extract, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-WAIT_S = 300  # a safety net against a hung test, not a timing assertion
-
-
-def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.1)
 
 
 def in_thread(fn, *args):
@@ -101,7 +92,7 @@ sys.path.insert(0, {root!r})
 from collide.config import ModelConfig
 from collide.models import load_model
 from tests.cluster.common import CLUSTER, TINY, ray_extract
-ray_extract(load_model(ModelConfig(**TINY)), {path!r}, dataclasses.replace(CLUSTER, address={address!r}))
+ray_extract(load_model(ModelConfig(**TINY)), {path!r}, dataclasses.replace(CLUSTER, address={address!r}, num_workers=1))
 """
 
 
@@ -120,4 +111,5 @@ def test_the_driver_killed_then_the_same_command_resumes(ray_local, chaos_dir, t
     assert driver.returncode == -signal.SIGKILL, driver.stderr.read().decode()[-3000:]
     killed = open_store(store_dir)
     assert not killed.complete and len(killed.shards) == 3
-    assert_same_store(local_store, ray_extract(tiny_llama, store_dir))  # the same command, run again
+    one_worker = dataclasses.replace(CLUSTER, num_workers=1)
+    assert_same_store(local_store, ray_extract(tiny_llama, store_dir, one_worker))  # the same command, again
