@@ -158,7 +158,7 @@ class PairSearch:
             n_pairs = p * q
         else:
             n_pairs = p * q
-        (rv, ri), (cv, ci), cmins = reduce_tile(s)
+        (rv, ri), (cv, ci), extra = reduce_tile(s)
         rows_i = torch.arange(r0, r1, device=self.device)
         k = int(torch.argmin(rv))
         smin = float(rv[k])
@@ -167,18 +167,19 @@ class PairSearch:
             if self.nearest:  # per row: a bound of its own nn (>= tau), or the collision gate
                 tr = self._nn_threshold(bi.index[r0:r1], rv, e)
                 tc = self._nn_threshold(bj.index[c0:c0 + q], cv, e)
-                self._candidates(s, rv, cv, cmins, tr.to(rv.device), tc.to(cv.device), bi, r0, bj, c0, kind)
+                self._candidates(s, (rv, ri, cv, extra), tr.to(rv.device), tc.to(cv.device), bi, r0, bj, c0, kind)
             else:
                 thr = max(self.tau, self.t2) * self.slack + e
                 if smin <= thr:
                     tr = as_threshold(torch.full((p,), thr, dtype=torch.float64, device=rv.device))
-                    self._candidates(s, rv, cv, cmins, tr, None, bi, r0, bj, c0, kind)
+                    self._candidates(s, (rv, ri, cv, extra), tr, None, bi, r0, bj, c0, kind)
         if self.bar is not None:
             self.bar.update(n_pairs)
 
-    def _candidates(self, s, rv, cv, cmins, tr, tc, bi: Block, r0: int, bj: Block, c0: int, kind: str) -> None:
-        """Re-rank every pair of the tile with s^ <= tr[row] or s^ <= tc[col] (within the budget)."""
-        rr, cc, vals = select(s, rv, cv, cmins, tr, tc)
+    def _candidates(self, s, reduced, tr, tc, bi: Block, r0: int, bj: Block, c0: int, kind: str) -> None:
+        """Re-rank every pair of the tile with s^ <= tr[row] or s^ <= tc[col] (within the budget);
+        reduced: (row min, row argmin, column min, extra) of the tile (tiles.reduce_tile)."""
+        rr, cc, vals = select(s, *reduced, tr, tc)
         keep = self.within_budget(vals)
         if keep is not None:
             rr, cc = rr[keep], cc[keep]
