@@ -157,3 +157,28 @@ def test_cli_as_a_module_exits_2_on_a_typo(store):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "treshold" in lines[0] and lines[0].startswith("collide: error:")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_states_stored_as_bf16_or_fp16_are_searched_exactly(tmp_path, dtype):
+    """The store widens bf16/fp16 to fp32 exactly: the search equals min_pairwise on the narrow values."""
+    torch = pytest.importorskip("torch")
+    narrow = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    x = torch.from_numpy(layer_states(80, seed=5)).to(narrow)  # the NaN and Inf rows stay NaN and Inf
+    header = dict(model=dict(name="fake"), dtype=dtype, final_norm="post", layer_convention="test", layers=[3],
+                  d=D, n_layers=3, n_prompts=80, keep_text=False, shard_rows=32, batch_tokens=64, max_batch_size=4)
+    writer = StoreWriter.open(tmp_path / "store", {"seed": 5}, header)
+    for first in range(0, 80, 32):
+        rows = min(32, 80 - first)
+        table = prompt_table(first, [[first + i] for i in range(rows)], [f"doc:{first + i}" for i in range(rows)])
+        writer.commit_shard(table, {3: x[first:first + rows].float().numpy()})
+    writer.finish()
+    st = open_store(tmp_path / "store")
+    assert st.dtype == dtype
+    mem = min_pairwise(x, 1e-6, "torch", block_rows=7)
+    assert [c[:2] for c in mem.collisions.tolist()] == [(4, 61), (33, 70)] and mem.invalid_rows == [12, 50]
+    for backend in ("torch", "faiss"):
+        r = search_store(st, 3, 1e-6, SearchConfig(backend=backend, block_rows=7, progress=False)).result
+        assert (r.distance, r.pair, r.collisions, r.invalid_rows) == (mem.distance, mem.pair, mem.collisions,
+                                                                      mem.invalid_rows)
+        np.testing.assert_array_equal(r.nn_distance, mem.nn_distance)
