@@ -195,7 +195,8 @@ def test_group_of_300_identical_rows_lists_every_pair(engine):
     assert res.certified and res.distance == 0.0
     assert res.n_collisions == 44850 == len(res.collisions)
     s = np.sort(same)
-    assert {(i, j) for i, j, _ in res.collisions.tolist()} == {(int(a), int(b)) for k, a in enumerate(s) for b in s[k + 1:]}
+    assert {(i, j) for i, j, _ in res.collisions.tolist()} == {(int(a), int(b)) for k, a in enumerate(s)
+                                                                for b in s[k + 1:]}
     assert all(dist == 0.0 for _, _, dist in res.collisions.tolist())
     assert res.pair == (int(s[0]), int(s[1]))  # smallest pair among the ties
     assert (res.nn_distance[same] == 0.0).all() and (res.nn_distance[np.setdiff1d(np.arange(1000), same)] > 0).all()
