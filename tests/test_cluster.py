@@ -40,3 +40,20 @@ def test_ray_suite_in_a_loopback_only_namespace():
     assert proc.returncode == 0, f"the Ray tests failed inside the namespace:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]
     assert token.exists() == token_before  # no Ray token left in the real home
+
+
+def test_device_map_auto_places_the_model_through_accelerate_and_states_are_unchanged():
+    """model.device_map=auto (a model spread over a worker's GPUs): on CPU accelerate maps it all to the
+    CPU, through its hooks, and the stored states are bitwise those of a plain load."""
+    import numpy as np
+
+    from collide.config import ModelConfig
+    from collide.extract import forward_shard
+    from collide.models import load_model
+
+    tiny = dict(name="tiny", source="random:llama", family="llama")
+    plain, mapped = load_model(ModelConfig(**tiny)), load_model(ModelConfig(**tiny, device_map="auto"))
+    assert mapped.model.hf_device_map == {"": "cpu"} and mapped.device.type == "cpu"
+    seqs = [np.array([256, 1, 2, 3, 4], np.int32), np.array([256, 9, 8], np.int32), np.array([256, 7], np.int32)]
+    a, b = forward_shard(plain, seqs, [0, 2, 4], 512, 64), forward_shard(mapped, seqs, [0, 2, 4], 512, 64)
+    assert all(a[k].tobytes() == b[k].tobytes() for k in (0, 2, 4))

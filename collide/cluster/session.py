@@ -2,7 +2,7 @@
 
 ``ray_session(cluster_cfg, store_path)`` joins the cluster (``cluster.address``: ``auto``, a
 ``ray://`` client address, or None for a Ray instance in this process), or reuses the Ray
-session this process is already in, and first checks that every alive node can read and write
+session this process is already in, and checks that every alive node can read and write
 ``store_path`` (one zero-CPU task pinned to each node): a store that some node cannot reach is a
 one-line CollideError before any work starts.
 
@@ -37,10 +37,12 @@ CHAOS_ENV = "COLLIDE_CHAOS"  # directory of chaos files, see the module docstrin
 
 @contextlib.contextmanager
 def ray_session(cfg: ClusterConfig, store_path: str | os.PathLike):
-    """Join (or reuse) a Ray session, check ``store_path`` from every node, and leave it afterwards
-    (a session this function started is shut down; one the caller started is left running)."""
-    started = not ray.is_initialized()
-    if started:
+    """Join (or reuse) a Ray session and check ``store_path`` from every node.
+
+    The session stays joined for the rest of the process (a run extracts, then searches every
+    layer: one join, one local instance), and Ray leaves it at exit.
+    """
+    if not ray.is_initialized():
         kwargs = dict(address=cfg.address or None, log_to_driver=True)
         if not cfg.address:  # a new local instance: no dashboard (it would serve on the network)
             kwargs.update(include_dashboard=False, object_store_memory=int(cfg.object_store_mb) << 20 or None)
@@ -50,12 +52,8 @@ def ray_session(cfg: ClusterConfig, store_path: str | os.PathLike):
             raise CollideError(f"cannot join the Ray cluster at cluster.address={cfg.address!r}: "
                                f"{str(exc).splitlines()[0]}; start it with `ray start --head`, fix the address, "
                                "or set cluster.address=null for a Ray instance in this process") from None
-    try:
-        check_reachable(Path(store_path))
-        yield
-    finally:
-        if started:
-            ray.shutdown()
+    check_reachable(Path(store_path))
+    yield
 
 
 @ray.remote(num_cpus=0, max_retries=0)
