@@ -32,7 +32,7 @@ from collide.errors import CollideError
 log = logging.getLogger("collide")
 
 # Keys of the model config that say where or how it runs, not what it computes: left out of a store's identity.
-RUNTIME_MODEL_KEYS = ("name", "device", "device_map")
+RUNTIME_MODEL_KEYS = ("device", "device_map")
 
 
 def validate(cfg: CollideConfig) -> None:
@@ -55,8 +55,8 @@ def layer_spec(spec) -> str:
 def store_identity(cfg: CollideConfig) -> dict:
     """What determines a store's states (and so its location): a resumed store must match every key.
 
-    Model: source, revision, family, GGUF file, compute dtype, final-norm convention, seed (random
-    models) and trust_remote_code; not its name, device or device map. Corpus: every key but its
+    Model: name, source, revision, family, GGUF file, compute dtype, final-norm convention, seed
+    (random models) and trust_remote_code; not its device or device map. Corpus: every key but its
     name. Then n_prompts, the layer spec as given (resolved layers are in the manifest), positions,
     the storage dtype (auto resolved to the compute dtype), and keep_text and shard_rows (shard
     boundaries fix which prompts share a forward batch, so a resume stays bit-identical).

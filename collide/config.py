@@ -69,6 +69,12 @@ class Precision(Choice):
     tf32x3 = "tf32x3"
 
 
+class ExhaustiveMode(Choice):
+    """The continuation test: every token after the closest prompts, or the paper appendix's margin."""
+    exhaustive = "exhaustive"
+    margin = "margin"
+
+
 class DepthAxis(Choice):
     """x axis of cross-run figures: layer / L (runs of different depths share it) or the layer index."""
     relative = "relative"
@@ -224,11 +230,21 @@ class CompareConfig:
 
 
 @dataclass
+class ModelOverrides:
+    """Overrides of the model config a store recorded, for commands that reload its model (None = as recorded)."""
+
+    source: Optional[str] = None  # another copy of the same weights, e.g. a local directory
+    device: Optional[str] = None  # auto | cpu | cuda | cuda:N
+    device_map: Optional[str] = None  # accelerate device map for a model larger than one device
+    dtype: Optional[DType] = None  # compute dtype of the reloaded model
+
+
+@dataclass
 class ExhaustiveConfig:
     """``collide exhaustive RUN_DIR``: the paper's exhaustive continuation test on a finished run."""
 
     run_dir: str = MISSING  # the run directory whose store and report are read (positional)
-    mode: str = "exhaustive"  # exhaustive (every token after the closest prompts) | margin (paper appendix)
+    mode: ExhaustiveMode = ExhaustiveMode.exhaustive  # exhaustive (every token after the closest prompts) | margin
     # Layers to test: "all", a list, "a:b" (inclusive) or an int; None = the last layer L
     # (exhaustive) or all layers (margin). Layer k = HF hidden_states[k], 0 = embeddings.
     layers: Any = None
@@ -243,7 +259,7 @@ class ExhaustiveConfig:
     batch_size: int = 0  # continuations per single-token step; 0 = from free memory (a resume keeps the first)
     shard_rows: int = 16384  # rows per shard of the exhaustive store: bounds extraction memory
     threshold: Optional[float] = None  # collision L2 (not squared); None = the run's threshold
-    model: Dict[str, Any] = default(default_factory=dict)  # overrides of the run's model config, e.g. model.device=cuda
+    model: ModelOverrides = default(default_factory=ModelOverrides)  # e.g. model.device=cuda
     search: SearchConfig = default(default_factory=SearchConfig)  # the certified search (collide.search)
     max_listed: int = 100  # collisions listed per layer in the JSON (the count is always exact)
     progress: bool = True  # progress bars for extraction and search
@@ -286,6 +302,45 @@ class PrecacheConfig:
     seed: int = 0  # seed of the data, the initialisation and the probe split
     threads: int = 1  # torch CPU threads during the run; 0 = torch's default (small matrices: 1 is as fast)
     figures: bool = True  # write figures/precache_r2.png
+
+
+class InvertPolicy(Choice):
+    """How ``collide invert`` proposes candidate tokens: the paper's gradient policy, its brute force, or all."""
+    gradient = "gradient"
+    random = "random"
+    exhaustive = "exhaustive"
+
+
+class OnMiss(Choice):
+    """What ``collide invert`` does at a position with no candidate within epsilon: stop the prompt or go on."""
+    stop = "stop"
+    best = "best"
+
+
+@dataclass
+class InvertConfig:
+    """``collide invert SOURCE``: recover prompts exactly from their hidden states at every position of one layer."""
+
+    # a run or store made with store.positions=all, or a .npy / .safetensors / .parquet file of states (positional)
+    source: str = MISSING
+    # the model the states came from (model=<name>, then model.final_norm=pre ...); None = the store's own
+    model: Optional[ModelConfig] = None
+    # HF hidden_states index of the states (0 = embeddings, L = last); None = the store's deepest (files: required)
+    layer: Optional[int] = None
+    policy: InvertPolicy = InvertPolicy.gradient  # gradient (the paper's SIPIT) | random (brute force) | exhaustive
+    batch: int = 64  # candidate tokens verified per batched single-token step
+    lr: float = 1.0  # gradient policy: SGD learning rate of the continuous proxy (the paper's 1.0)
+    grad_steps: int = 1  # gradient policy: SGD steps on the proxy before each batch of candidates
+    snap_every: int = 50  # gradient policy: proposals between snaps of the proxy onto a token's row (the paper's K)
+    seed: int = 0  # seed of the proxy's starting token (gradient) and of the permutation (random)
+    epsilon: Optional[float] = None  # acceptance radius, L2 (not squared); None = the rule of collide.invert.sipit
+    on_miss: OnMiss = OnMiss.stop  # no candidate within epsilon: stop that prompt, or go on with the best candidate
+    # the first position holds the tokenizer's BOS, verified instead of searched; None = if the tokenizer adds one
+    bos: Optional[bool] = None
+    n_prompts: Optional[int] = None  # invert the first N prompts of SOURCE only; None = all
+    out: Optional[str] = None  # output directory; None = beside SOURCE (<SOURCE>-inversion-L<layer>-<policy>)
+    progress: bool = True  # log each position as it is recovered
+
 
 def register_configs() -> None:
     """Register ``collide_schema`` (extended by ``conf/config.yaml``; its groups are typed through it)."""

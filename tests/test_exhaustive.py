@@ -20,7 +20,8 @@ from collide.config import ExhaustiveConfig, ModelConfig
 from collide.continuations import continuation_states, full_forward_states, input_groups
 from collide.errors import CollideError
 from collide.exhaustive import run
-from collide.exhaustive.__main__ import main, parse_args
+from collide.cli import compose as cli_compose, main as cli_main
+from collide.exhaustive.inputs import validate
 from collide.extract import BF16_RTOL
 from collide.models import load_model
 from collide.search import min_pairwise
@@ -247,8 +248,19 @@ def test_margin_mode(run_copy):
     assert "## Margin of single-token continuations" in (run_copy / "report.md").read_text()
 
 
+def parse_args(argv: list[str]):
+    """What `collide exhaustive ARGV` runs with: the composed config, validated."""
+    cfg = cli_compose("exhaustive", argv)
+    validate(cfg)
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["exhaustive", *argv])
+
+
 def test_typo_and_bad_values_are_one_line_errors(run_copy):
-    with pytest.raises(CollideError, match="'vocabb'"):
+    with pytest.raises(CollideError, match="vocabb"):
         parse_args([str(run_copy), "vocabb=5"])
     with pytest.raises(CollideError, match="search.blockrows"):
         parse_args([str(run_copy), "search.blockrows=5"])
@@ -265,7 +277,7 @@ def test_typo_and_bad_values_are_one_line_errors(run_copy):
     proc = subprocess.run([sys.executable, "-m", "collide.exhaustive", str(run_copy), "n_promts=3"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "'n_promts'" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "n_promts" in proc.stderr
     assert main([str(run_copy / "missing")]) == 2
     (run_copy / "report.json").write_text('{"store": "store", "thresh')  # cut short
     with pytest.raises(CollideError, match=r"report.json .*rerun the run's own `python -m collide`") as err:

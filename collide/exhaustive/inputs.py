@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from collide.report import read_report
 
 log = logging.getLogger("collide.exhaustive")
 
-MODES = ("exhaustive", "margin")
 OUT_DIR = "exhaustive"  # the test's directory inside the run directory
 CPU_MAX_BATCH, GPU_MAX_BATCH = 2048, 16384  # continuations per step past which a device runs no faster
 
@@ -33,8 +32,6 @@ CPU_MAX_BATCH, GPU_MAX_BATCH = 2048, 16384  # continuations per step past which 
 def validate(cfg: ExhaustiveConfig) -> None:
     """Checks of ``cfg`` that need no model, so that a bad value fails before anything is loaded
     (the value sets the schema cannot express)."""
-    if cfg.mode not in MODES:
-        raise CollideError(f"mode={cfg.mode!r}: use one of {list(MODES)}")
     if cfg.prompt_ids is None and cfg.n_prompts < 1:
         raise CollideError(f"n_prompts={cfg.n_prompts}: at least one base prompt is needed")
     if not (cfg.vocab == "all" or (isinstance(cfg.vocab, int) and cfg.vocab >= 2)):
@@ -93,11 +90,8 @@ def open_run(run_dir: Path, cfg: ExhaustiveConfig) -> RunInputs:
     if not store.complete:
         raise CollideError(f"the store {store.path} is still in progress; finish the run first (run its "
                            "`collide run` command again: it resumes the store)")
-    stored = dict(store.manifest["identity"]["model"])
-    unknown = set(cfg.model) - {f.name for f in fields(ModelConfig)}
-    if unknown:
-        raise CollideError(f"unknown model.* keys {sorted(unknown)}; valid: {[f.name for f in fields(ModelConfig)]}")
-    model_cfg = ModelConfig(**{**stored, **cfg.model})
+    stored = store.manifest["identity"]["model"]
+    model_cfg = ModelConfig(**{**stored, **{k: v for k, v in asdict(cfg.model).items() if v is not None}})
     threshold = cfg.threshold if cfg.threshold is not None else float(report.get("threshold", 1e-6)) if report else 1e-6
     return RunInputs(run_dir=run_dir, store=store, model_cfg=model_cfg, threshold=threshold)
 
