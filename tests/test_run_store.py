@@ -16,7 +16,7 @@ from collide import cli
 from collide.__main__ import identity_hash, run, store_identity, store_location
 from collide.errors import CollideError
 from collide.models import parse_layers
-from collide.store import open_store
+from collide.store import open_run_store, open_store
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 QUIET = ["extract.progress=false", "search.progress=false"]
@@ -70,6 +70,7 @@ def test_a_larger_store_serves_fewer_prompts_and_layers(compose, tmp_path, monke
     record = json.loads((tmp_path / "small" / "store.json").read_text())
     assert record["served"] == "subset" and record["n_prompts"] == 40 and record["layers"] == [2, 4]
     assert len(list((tmp_path / "stores").iterdir())) == 1
+    assert open_run_store(tmp_path / "small").n_rows == 40 and open_run_store(record["path"]).n_rows == 60
     assert small["n_prompts"] == 40 and [e["n_pairs"] for e in small["layers"]] == [40 * 39 // 2] * 2
     # the subset holds the same prompts, and the same states, as a store made for 40 prompts
     fresh = run(compose(["model=tiny-random", f"store.root={tmp_path / 'fresh'}", "n_prompts=40", "layers=[2,4]",
@@ -90,6 +91,17 @@ def test_a_store_that_cannot_serve_is_not_used(compose, tmp_path):
     _run(compose, tmp_path, "c", "n_prompts=40", "layers=[1]")  # more prompts than any store holds
     assert len(list((tmp_path / "stores").iterdir())) == 3
     assert all(json.loads((tmp_path / r / "store.json").read_text())["served"] == "exact" for r in "abc")
+
+
+def test_open_run_store_names_what_it_cannot_open(tmp_path):
+    with pytest.raises(CollideError, match="neither a collide store"):
+        open_run_store(tmp_path)
+    (tmp_path / "store.json").write_text('{"path": "/nowhere", "n_prompts": 3}')
+    with pytest.raises(CollideError, match="holds no manifest.json"):
+        open_run_store(tmp_path)
+    (tmp_path / "store.json").write_text('{"path": ')
+    with pytest.raises(CollideError, match="rerun the run's own"):
+        open_run_store(tmp_path)
 
 
 def test_store_identity_keeps_what_determines_the_states(compose):

@@ -7,7 +7,6 @@ is HF ``hidden_states[k]`` (collide.models); distances are L2, not squared.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,6 +21,7 @@ from collide.errors import CollideError
 from collide.extract import MEMORY_FRACTION, free_memory, model_widths
 from collide.models import LoadedModel
 from collide.report import read_report
+from collide.store import open_run_store
 
 log = logging.getLogger("collide.exhaustive")
 
@@ -60,33 +60,13 @@ class RunInputs:
         return self.run_dir / OUT_DIR
 
 
-def run_store(run_dir: Path, report: dict | None):
-    """The store a finished run searched, as a Store (a view of its first prompts when the run was
-    served by a larger store): RUN_DIR/store.json's record, else report.json's ``store`` (relative
-    to RUN_DIR unless absolute: runs made before stores were keyed by content), else RUN_DIR/store."""
-    from collide.store import open_store
-
-    record_file = run_dir / "store.json"
-    if record_file.is_file():
-        try:
-            record = json.loads(record_file.read_text())
-            path, n_prompts = record["path"], int(record["n_prompts"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CollideError(f"cannot read {record_file} ({exc!r}); rerun the run's own `collide run` command "
-                               "to rewrite it (a complete store is only searched again)") from None
-        store = open_store(path)
-        return store.select(n_prompts) if store.n_rows > n_prompts else store
-    store_path = Path(report["store"]) if report and report.get("store") else Path("store")
-    return open_store(store_path if store_path.is_absolute() else run_dir / store_path)
-
-
 def open_run(run_dir: Path, cfg: ExhaustiveConfig) -> RunInputs:
     """Read RUN_DIR/report.json (if any) and open the run's store; no model is loaded."""
     if not run_dir.is_dir():
         raise CollideError(f"RUN_DIR {run_dir} is not a directory; pass the directory of a finished "
                            "`collide run` (it holds report.json and store.json)")
     report = read_report(run_dir)
-    store = run_store(run_dir, report)
+    store = open_run_store(run_dir)
     if not store.complete:
         raise CollideError(f"the store {store.path} is still in progress; finish the run first (run its "
                            "`collide run` command again: it resumes the store)")

@@ -18,10 +18,10 @@ from collide.store.layout import (BATCHING_KEYS, FORMAT, FORMAT_VERSION, MANIFES
                                   STORAGE, decode_states, encode_states, file_problem, identity_diff, layer_dir,
                                   part_name, positions_dir, prompt_table, read_manifest, shard_files, state_array,
                                   stray_files)
-from collide.store.reader import Store, open_store
+from collide.store.reader import RUN_RECORD, Store, open_run_store, open_store
 from collide.store.writer import ShardPipeline, StoreWriter, lock_store
 
-__all__ = ["BATCHING_KEYS", "FORMAT", "FORMAT_VERSION", "MANIFEST", "POSITIONS_DIR", "PROMPTS_DIR", "STORAGE",
+__all__ = ["BATCHING_KEYS", "FORMAT", "FORMAT_VERSION", "MANIFEST", "POSITIONS_DIR", "PROMPTS_DIR", "RUN_RECORD", "STORAGE",
            "ShardPipeline", "Store", "StoreWriter", "decode_states", "encode_states", "file_problem",
-           "identity_diff", "layer_dir", "lock_store", "open_store", "os_error_message", "part_name", "positions_dir",
+           "identity_diff", "layer_dir", "lock_store", "open_run_store", "open_store", "os_error_message", "part_name", "positions_dir",
            "prompt_table", "read_manifest", "shard_files", "state_array", "stray_files"]

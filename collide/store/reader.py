@@ -11,6 +11,7 @@ when called).
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from collide.errors import CollideError
-from collide.store.layout import (PROMPTS_DIR, decode_states, file_problem, layer_dir, part_name, positions_dir,
+from collide.store.layout import (MANIFEST, PROMPTS_DIR, decode_states, file_problem, layer_dir, part_name, positions_dir,
                                   prompt_table, read_manifest)
 
 
@@ -310,3 +311,35 @@ def _drop(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> list[tuple[np.
 def open_store(path: str | os.PathLike) -> Store:
     """Open the store at ``path`` for reading (needs only pyarrow and numpy)."""
     return Store(path)
+
+
+RUN_RECORD = "store.json"  # the record a `collide run` leaves in its run directory: the store it used
+
+
+def open_run_store(path: str | os.PathLike) -> Store:
+    """The store that ``path`` is, or that the run directory ``path`` used.
+
+    A store directory (it holds manifest.json) opens as it is. A run directory is read through its
+    ``store.json`` record (path and n_prompts: a view of the first n_prompts when a larger store
+    served the run); runs made before stores were keyed by content hold their store in ``store/``.
+    """
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return open_store(path)
+    record_file = path / RUN_RECORD
+    if record_file.is_file():
+        try:
+            record = json.loads(record_file.read_text())
+            store_dir, n_prompts = Path(record["path"]), int(record["n_prompts"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CollideError(f"cannot read {record_file} ({exc!r}); rerun the run's own `collide run` command "
+                               "to rewrite it (a complete store is only searched again)") from None
+        if not (store_dir / MANIFEST).is_file():
+            raise CollideError(f"{record_file} names the store {store_dir}, which holds no {MANIFEST} (moved or "
+                               "deleted?): pass the store directory itself, or rerun the run's command to rebuild it")
+        store = open_store(store_dir)
+        return store.select(n_prompts) if store.n_rows > n_prompts else store
+    if (path / "store" / MANIFEST).is_file():
+        return open_store(path / "store")
+    raise CollideError(f"{path} is neither a collide store (no {MANIFEST}) nor a run directory (no {RUN_RECORD}); "
+                       "pass a run directory or a store directory")
