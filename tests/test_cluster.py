@@ -37,7 +37,8 @@ def test_ray_suite_in_a_loopback_only_namespace():
         proc = run_isolated([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={basetemp}",
                              "tests/cluster"], ROOT, INNER_TIMEOUT_S,
                             env=dict(os.environ, COLLIDE_RAY_NETNS="1", PYTHONDONTWRITEBYTECODE="1"))
-    assert proc.returncode == 0, f"the Ray tests failed inside the namespace:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, \
+        f"the Ray tests failed inside the namespace:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]
     assert token.exists() == token_before  # no Ray token left in the real home
 

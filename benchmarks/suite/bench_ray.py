@@ -50,7 +50,7 @@ def measure_here() -> dict[str, float]:
 
     from .bench_extract import synthetic
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     lm = tiny_llama()
     prompts = synthetic(pick(200, 3000, 30000), 8, 48)
     layers = list(range(lm.n_layers + 1))

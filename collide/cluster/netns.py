@@ -9,6 +9,7 @@ and RAY_TMPDIR, and removes both afterwards.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -18,9 +19,7 @@ from pathlib import Path
 
 def namespace_problem() -> str | None:
     """Why a loopback-only network namespace cannot be made here (or ray is missing), or None."""
-    try:
-        import ray  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("ray") is None:
         return "ray is not installed (pip install 'collide[ray]')"
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
         return "a loopback-only network namespace needs root, unshare and ip (Ray must not reach the network here)"

@@ -90,16 +90,17 @@ def scan_panel(path: str, first_id: int, stop_id: int, layer: int, start: int, s
 
 @ray.remote
 def search_tile(path: str, first_id: int, stop_id: int, layer: int, panel_p: list[BlockSpec],
-                panel_q: list[BlockSpec], mu: np.ndarray, nn_seed: np.ndarray, threshold: float, cfg: dict,
+                panel_q: list[BlockSpec] | None, mu: np.ndarray, nn_seed: np.ndarray, threshold: float, cfg: dict,
                 budget: int, threads: int, tag: str):
-    """Screen every pair of rows in panels P x Q (P == Q: each pair once) with the local engine.
+    """Screen every pair of rows in panels P x Q with the local engine (``panel_q=None``: the pairs
+    within P, each once).
 
-    ``nn_seed``: squared exact nn distances known so far for the rows of P then Q (the unique
-    blocks), engine order. Returns the partial result (see ``_merge``).
+    ``nn_seed``: squared exact nn distances known so far for the rows of P then Q, engine order.
+    Returns the partial result that ``_Reduction.merge`` takes.
     """
     view = _store(path, first_id, stop_id)
     dev = resolve_device(cfg["device"])
-    same = panel_p is panel_q or [b.start for b in panel_p] == [b.start for b in panel_q]
+    same = panel_q is None
     specs = panel_p if same else panel_p + panel_q
     with _search_context(dev, cfg["precision"], threads):
         mu_t = torch.from_numpy(mu).to(dev)
@@ -233,8 +234,8 @@ def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConf
             rows = engine[p] if p == q else np.concatenate([engine[p], engine[q]])
             budget = max(search_cfg.max_candidates - red.state.n_candidates, 0)
             ref = search_tile.options(**opts, name="collide-tile").remote(
-                path, first, stop, layer, panels[p], panels[q], mu_ref, red.nn[rows], threshold, cfg, budget,
-                threads, f"tile-{p}-{q}")
+                path, first, stop, layer, panels[p], None if p == q else panels[q], mu_ref, red.nn[rows], threshold,
+                cfg, budget, threads, f"tile-{p}-{q}")
             in_flight[ref] = (rows, f"tile ({p}, {q}) of layer {layer}")
             while len(in_flight) >= limit or (t == len(pairs) - 1 and in_flight):
                 done, _ = ray.wait(list(in_flight), num_returns=1)

@@ -43,7 +43,7 @@ def ray_session(cfg: ClusterConfig, store_path: str | os.PathLike):
     layer: one join, one local instance), and Ray leaves it at exit.
     """
     if not ray.is_initialized():
-        kwargs = dict(address=cfg.address or None, log_to_driver=True)
+        kwargs = dict(address=cfg.address or "local", log_to_driver=True)  # "local": never a stale cluster
         if not cfg.address:  # a new local instance: no dashboard (it would serve on the network)
             kwargs.update(include_dashboard=False, object_store_memory=int(cfg.object_store_mb) << 20 or None)
         try:

@@ -31,7 +31,8 @@ def chaos_dir(tmp_path_factory) -> Path:
 def ray_local(chaos_dir):
     """The session's local Ray instance (started again if a test shut it down)."""
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
     yield ray
 
 

@@ -47,8 +47,10 @@ def test_a_store_some_node_cannot_reach_is_one_line_before_any_work(ray_local, t
     """A second node joins from its own mount namespace, where a tmpfs hides the store's directory."""
     shared = tmp_path / "shared"
     shared.mkdir()
-    script = 'mount -t tmpfs tmpfs "$0" && exec "$1" start --address="$2" --node-ip-address=127.0.0.1 --num-cpus=0 --block'
-    node = subprocess.Popen(["unshare", "-m", "sh", "-c", script, str(shared), str(Path(sys.executable).with_name("ray")),
+    script = ('mount -t tmpfs tmpfs "$0" && exec "$1" start --address="$2" --node-ip-address=127.0.0.1 '
+              '--num-cpus=0 --block')
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    node = subprocess.Popen(["unshare", "-m", "sh", "-c", script, str(shared), ray_cli,
                              ray.get_runtime_context().gcs_address], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
