@@ -189,6 +189,7 @@ def build_report(run_info: dict, results: list, max_listed: int, store=None) -> 
         "n_duplicates": None if run_info["n_duplicates"] is None else int(run_info["n_duplicates"]),
         "threshold": float(run_info["threshold"]),
         "dtype": model["dtype"],
+        "store_dtype": store.manifest.get("dtype", "fp32") if store is not None else model["dtype"],
         "layer_convention": {"final_norm": model["final_norm"], "n_layers": int(model["n_layers"]),
                              "description": LAYER_CONVENTION},
         "selected_layers": [int(k) for k in run_info["layers"]],

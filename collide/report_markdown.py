@@ -73,7 +73,7 @@ def render_markdown(report: dict) -> str:
     out += ["## Run", "", "| | |", "|---|---|",
             f"| model | {m['name']} (`{m['source']}`{' @ ' + m['revision'] if m.get('revision') else ''}), "
             f"family {m['family']}, L = {L} blocks, d = {m['d']} |",
-            f"| dtype | {report['dtype']} (states stored as fp32) |",
+            f"| dtype | {report['dtype']} (states stored as {report['store_dtype']}) |",
             f"| layers | 0 = embeddings, k = output of block k, {L} = last block "
             f"{'after' if m['final_norm'] == 'post' else 'before'} the final norm (`final_norm={m['final_norm']}`) |",
             f"| corpus | {c['name']} ({corpus_desc}) |",

@@ -1,4 +1,4 @@
-"""Check a store's integrity: ``python -m collide.verify STORE [STORE ...]``.
+"""Check a store's integrity: ``collide verify STORE [STORE ...]``.
 
 For every shard listed in the manifest it re-computes each file's sha256 and size, reads the
 Parquet footers for the row counts and the schemas, and checks that every layer file holds
@@ -108,25 +108,10 @@ def run(cfg, command: str = "") -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or any(a.startswith("-") for a in args):
-        print("usage: python -m collide.verify STORE [STORE ...]\n"
-              "Re-checks every shard's sha256, size, row count and prompt ids; exits 1 naming any bad file.")
-        return 0 if args and args[0] in ("-h", "--help") else 2
-    status = 0
-    for store in args:
-        problems = verify_store(store)
-        if problems:
-            status = 1
-            for problem in problems:
-                print(problem)
-            print(f"FAILED {store}: {len(problems)} problem(s)")
-        else:
-            manifest = read_manifest(store)
-            print(f"OK {store}: {len(manifest['shards'])} shards, {manifest['counts']['n_prompts']} prompts, "
-                  f"layers {manifest['layers']}, d={manifest['d']}, dtype {manifest['dtype']}, positions "
-                  f"{manifest['positions']}, {manifest['status']}")
-    return status
+    """``python -m collide.verify ...`` = ``collide verify ...``."""
+    from collide.cli import main as cli_main
+
+    return cli_main(["verify", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
