@@ -244,3 +244,81 @@ def full_forward_states(lm: LoadedModel, prefix: Sequence[int], tokens: Sequence
         states = last_token_states(lm, ids, torch.ones_like(ids), layers)
         yield ContinuationBlock(tokens=tokens[start:start + batch_size],
                                 states={k: v.float().cpu() for k, v in states.items()})
+
+
+class _Captured(Exception):
+    """Raised by ``GrowingPrefix.embeds_state``'s hook once its layer's state is captured."""
+
+
+class GrowingPrefix:
+    """A prefix whose KV cache grows by one token per ``append`` and is never recomputed.
+
+    Between appends, ``states`` computes the states of the prefix followed by each of b candidate
+    tokens in one batched single-token step against the cache (as ``continuation_states`` does),
+    and ``embeds_state`` the state of the prefix followed by a continuous input embedding, with
+    autograd (the prefix's keys/values are constants). Layer k is HF ``hidden_states[k]``, read as
+    ``lm.final_norm`` says; states are at position P = ``len(self.ids)`` (0-based). An empty prefix
+    (P = 0) is allowed: its steps are plain forwards of the candidate alone. This is the engine of
+    ``collide.invert``, where P grows from 0 to the prompt length.
+    """
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self.ids: list[int] = []  # the token ids appended so far
+        self.cache = None  # the shared KV cache of ``ids`` (None while empty)
+
+    @torch.no_grad()
+    def append(self, token: int) -> None:
+        """Extend the prefix by ``token``: one single-token forward through every block, its keys/values kept."""
+        if self.cache is not None:
+            for layer in self.cache.layers:
+                layer.__dict__.pop("update", None)  # the cache layer's own (growing) update again
+        ids = torch.tensor([[int(token)]], dtype=torch.long, device=self.lm.device)
+        mask = torch.ones(1, len(self.ids) + 1, dtype=torch.long, device=self.lm.device)
+        out = self.lm.decoder(input_ids=ids, attention_mask=mask, past_key_values=self.cache, use_cache=True)
+        self.cache = shared_prefix(out.past_key_values, split=uses_prefix_attention(self.lm))
+        self.ids.append(int(token))
+
+    def states(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        """{layer: (b, d)} states of prefix+t for each t in ``tokens`` ((b,) int64 on ``lm.device``), compute dtype."""
+        if not self.ids:
+            ids = tokens[:, None]
+            return last_token_states(self.lm, ids, torch.ones_like(ids), layers)
+        return step_states(self.lm, self.cache, len(self.ids), tokens, layers)
+
+    def embeds_state(self, embeds: torch.Tensor, layer: int) -> torch.Tensor:
+        """(d,) state at ``layer`` of the prefix followed by one token whose embedding-layer input is ``embeds``.
+
+        ``embeds`` (d,) is what the input-embedding module outputs for a token (Gemma's sqrt(d) scaling
+        included, position embeddings excluded); gradients flow back to it. Runs with grad enabled.
+        """
+        lm, captured = self.lm, {}
+
+        def keep(hidden: torch.Tensor) -> None:
+            captured["state"] = hidden[0, -1]
+            raise _Captured
+
+        if layer == 0:
+            handle = lm.blocks[0].register_forward_pre_hook(
+                lambda _m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        elif layer == lm.n_layers and lm.final_norm == "post":
+            handle = lm.final_norm_module.register_forward_hook(
+                lambda _m, _a, out: keep(out[0] if isinstance(out, (tuple, list)) else out))
+        else:
+            handle = lm.blocks[layer - 1].register_forward_hook(
+                lambda _m, _a, out: keep(out[0] if isinstance(out, (tuple, list)) else out))
+        mask = torch.ones(1, len(self.ids) + 1, dtype=torch.long, device=lm.device)
+        config = lm.model.config
+        saved = config._attn_implementation
+        if self.ids and uses_prefix_attention(lm):
+            config._attn_implementation = PREFIX_ATTENTION
+        try:
+            with torch.enable_grad():
+                lm.decoder(inputs_embeds=embeds.to(lm.model.dtype)[None, None], attention_mask=mask,
+                           past_key_values=self.cache, use_cache=self.cache is not None)
+        except _Captured:
+            pass
+        finally:
+            config._attn_implementation = saved
+            handle.remove()
+        return captured["state"]

@@ -1,0 +1,238 @@
+"""SIPIT, position by position: propose candidate tokens with a policy, verify them in batches, accept within ε.
+
+The state at position t of layer k depends only on tokens 0..t (causality), so a prompt is
+recovered left to right (arXiv 2510.15511, Alg. 1). The recovered prefix's KV cache grows by one
+token per position and is never recomputed (``collide.continuations.GrowingPrefix``); the
+candidates of a position are verified B at a time in one batched single-token step against it.
+
+Policies (which untried candidates to verify next):
+
+* ``gradient`` (the paper's Alg. 3): a continuous proxy e for the token's input-embedding row
+  starts at a random token's row; each iteration takes ``grad_steps`` steps of gradient descent
+  (learning rate ``lr``, gradient clipped to L2 norm 1) on ½‖F(e) − ĥ_t‖² (L2 squared, summed
+  over coordinates; F = the state at position t of prefix + e), then proposes the ``batch``
+  untried tokens whose input-embedding rows are nearest to e (L2). Every ``snap_every``
+  proposals e is snapped to the nearest untried token's row (no gradient through the snap).
+* ``random`` (the paper's Alg. 2, its brute-force baseline): a seeded random permutation of the vocabulary.
+* ``exhaustive``: every token, so that the margin Δ (the distance from ĥ_t to the nearest state
+  of any *other* token) is known; Δ > 2ε certifies that the recovered token is the only one within ε.
+
+Acceptance: a candidate is accepted when the L2 distance (not squared, computed in fp64) from its
+state to ĥ_t is at most ε (``epsilon``); the closest candidate of the batch that first has one
+wins. Tokens whose input-embedding rows are bitwise identical have bitwise-identical states, so
+each such group is verified once, through its first token, and reported whole.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from collide.config import InvertConfig
+from collide.continuations import GrowingPrefix, input_groups
+from collide.models import LoadedModel
+
+# The ε rule: ε = RTOL[compute dtype] * ‖ĥ_t‖ + STORAGE_RTOL[stored dtype] * ‖ĥ_t‖ + ATOL * sqrt(d).
+# fp32: a cached single-token step and the padded batched forward that wrote the states differ
+# by reassociation only: measured at most 9e-7 relative (L2) on the tiny GPT-2/Llama/Gemma-3
+# models at every layer and 2e-6 on SmolLM2 (see docs/inversion.md); 1e-4 leaves a 50x margin
+# and stays far below the relative margins between distinct tokens' states (0.2-0.8 on the tiny
+# models, see tests/test_invert.py). bf16/fp16: extract.BF16_RTOL, the measured bound between a
+# batched and an unpadded forward in bf16, which a cached step obeys too (tests).
+RTOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}
+# Rounding of the stored states to their storage dtype (half an ulp, relative, in L2 at most).
+STORAGE_RTOL = {"fp64": 0.0, "fp32": 2.0 ** -24, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
+ATOL = 1e-6  # per-coordinate absolute floor, for states near zero
+
+
+def epsilon_rule(norm: float, d: int, compute: str, stored: str) -> float:
+    """ε (L2, not squared) for a target of L2 norm ``norm`` and width d; see RTOL for the numbers' origin."""
+    return (RTOL[compute] + STORAGE_RTOL.get(stored, STORAGE_RTOL["fp32"])) * norm + ATOL * math.sqrt(d)
+
+
+@dataclass
+class PositionResult:
+    """What happened at one position (distances L2, not squared, fp64)."""
+
+    position: int  # 0-based index in the prompt
+    token: int  # the accepted token (the first of its identical-row group), or the best candidate if not recovered
+    group: list[int]  # every token whose input-embedding row is bitwise identical to ``token``'s
+    recovered: bool  # a candidate was within ε
+    distance: float  # distance from the target to ``token``'s state
+    epsilon: float  # the acceptance radius used
+    tried: int  # candidates verified (distinct input rows)
+    best_rejected: Optional[float]  # smallest distance among the other tried candidates (None if none)
+    margin: Optional[float] = None  # exhaustive: distance to the nearest other token's state (Δ)
+    certified: Optional[bool] = None  # exhaustive: Δ > 2ε, ``token`` is the only one within ε
+    known: bool = False  # the position held the tokenizer's BOS and was verified, not searched
+    seconds: float = 0.0  # wall time spent on this position
+
+    @property
+    def ratio(self) -> Optional[float]:
+        """distance / best_rejected: how much closer the accepted state is than the best other one."""
+        if self.best_rejected is None or self.best_rejected == 0:
+            return None
+        return self.distance / self.best_rejected
+
+
+@dataclass
+class Inverter:
+    """Inverts the states of one layer of one model, prompt after prompt."""
+
+    lm: LoadedModel
+    layer: int  # HF hidden_states index of the states (0 = embeddings, L = last, see lm.final_norm)
+    cfg: InvertConfig  # policy, batch, lr, grad_steps, snap_every, seed (the other keys are not read here)
+    stored_dtype: str = "fp32"  # dtype the targets were stored in (enters ε)
+    epsilon: Optional[float] = None  # a fixed ε (L2) instead of the rule
+    bos: Optional[int] = None  # the tokenizer's BOS when it prepends one: verified first at position 0
+
+    def __post_init__(self):
+        emb = self.lm.model.get_input_embeddings()
+        self.rows = emb.weight.detach().float()  # (V, d) input-embedding rows, the proxy's space
+        self.embed_scale = float(getattr(emb, "embed_scale", 1.0))  # Gemma multiplies rows by sqrt(d)
+        self.sq_norms = (self.rows ** 2).sum(dim=1)
+        first, group = input_groups(self.lm, np.arange(len(self.rows)))
+        self.group_of = group  # (V,) group number of each token
+        self.first_of_group = first  # (g,) first token of each group
+        self.duplicate = torch.ones(len(self.rows), dtype=torch.bool, device=self.rows.device)
+        self.duplicate[torch.as_tensor(first, device=self.rows.device)] = False  # verified through the first
+        self.members: dict[int, list[int]] = {}
+        if len(first) < len(group):
+            sizes = np.bincount(group)
+            for token in np.nonzero(sizes[group] > 1)[0].tolist():
+                self.members.setdefault(int(first[group[token]]), []).append(token)
+
+    @property
+    def vocab(self) -> int:
+        return len(self.rows)
+
+    @property
+    def n_distinct(self) -> int:
+        """Distinct input rows: the candidates a position can have."""
+        return len(self.first_of_group)
+
+    def group(self, token: int) -> list[int]:
+        return self.members.get(int(self.first_of_group[self.group_of[token]]), [int(token)])
+
+    def eps(self, target: torch.Tensor) -> float:
+        if self.epsilon is not None:
+            return self.epsilon
+        return epsilon_rule(float(target.norm()), target.shape[0], self.lm.dtype, self.stored_dtype)
+
+    # ----------------------------------------------------------------- verification
+
+    def _distances(self, prefix: GrowingPrefix, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """fp64 L2 distances from ``target`` (d,) fp64 CPU to the states of prefix+t for t in ``tokens``."""
+        states = prefix.states(tokens.to(self.lm.device), [self.layer])[self.layer]
+        return (states.double().cpu() - target).norm(dim=1)
+
+    # ----------------------------------------------------------------- policies
+
+    def _random_batches(self, tried: torch.Tensor, rng: np.random.Generator):
+        order = rng.permutation(np.nonzero(~tried.cpu().numpy())[0])
+        for lo in range(0, len(order), self.cfg.batch):
+            yield torch.as_tensor(order[lo:lo + self.cfg.batch])
+
+    def _gradient_batches(self, prefix: GrowingPrefix, tried: torch.Tensor, target: torch.Tensor,
+                          rng: np.random.Generator):
+        cfg, rows = self.cfg, self.rows
+        goal = target.to(self.lm.device, torch.float32)
+        e = rows[int(self.first_of_group[rng.integers(self.n_distinct)])].clone()
+        since_snap = 0
+        while not bool(tried.all()):
+            for _ in range(cfg.grad_steps):
+                e.requires_grad_(True)
+                state = prefix.embeds_state(e * self.embed_scale, self.layer).float()
+                loss = 0.5 * ((state - goal) ** 2).sum()
+                (grad,) = torch.autograd.grad(loss, e)
+                norm = float(grad.norm())
+                if not math.isfinite(norm):
+                    break  # a degenerate proxy: propose from where it is
+                e = (e - cfg.lr * grad / max(norm, 1.0)).detach()
+            e = e.detach()
+            scores = self.sq_norms - 2.0 * (rows @ e)  # ‖row − e‖² − ‖e‖²
+            scores[tried] = math.inf
+            n = min(cfg.batch, int((~tried).sum()))
+            batch = torch.topk(scores, n, largest=False).indices
+            yield batch
+            since_snap += n
+            if since_snap >= cfg.snap_every and not bool(tried.all()):
+                scores[batch] = math.inf
+                e = rows[int(scores.argmin())].clone()
+                since_snap = 0
+
+    # ----------------------------------------------------------------- one position
+
+    def position(self, prefix: GrowingPrefix, t: int, target_np: np.ndarray, rng: np.random.Generator
+                 ) -> PositionResult:
+        """Recover the token at position ``t`` = len(prefix.ids) from its target state (d,)."""
+        t0 = time.perf_counter()
+        target = torch.from_numpy(np.asarray(target_np, dtype=np.float64))
+        eps = self.eps(target)
+        tried = self.duplicate.clone()
+        best = (math.inf, -1)  # (distance, token) of the closest candidate so far
+        second = math.inf  # smallest distance among the others
+        accepted = None
+        known = False
+        if t == 0 and self.bos is not None:
+            dist = float(self._distances(prefix, torch.tensor([self.bos]), target)[0])
+            tried[int(self.first_of_group[self.group_of[self.bos]])] = True
+            best = (dist, int(self.first_of_group[self.group_of[self.bos]]))
+            if dist <= eps:
+                accepted, known = best[1], True
+        policy = self.cfg.policy
+        if accepted is None or policy == "exhaustive":
+            if policy == "gradient":
+                batches = self._gradient_batches(prefix, tried, target, rng)
+            else:
+                batches = self._random_batches(tried, rng)
+            for batch in batches:
+                tried[batch] = True
+                dist = self._distances(prefix, batch, target)
+                i = int(dist.argmin())
+                if float(dist[i]) < best[0]:
+                    second = min(second, best[0])
+                    best = (float(dist[i]), int(batch[i]))
+                    dist[i] = math.inf
+                second = min(second, float(dist.min())) if len(dist) else second
+                if accepted is None and best[0] <= eps:
+                    accepted = best[1]
+                    if policy != "exhaustive":
+                        break
+        n_tried = int((~self.duplicate & tried).sum())
+        token = best[1]
+        result = PositionResult(position=t, token=token, group=self.group(token), recovered=best[0] <= eps,
+                                distance=best[0], epsilon=eps, tried=n_tried,
+                                best_rejected=None if math.isinf(second) else second, known=known,
+                                seconds=0.0)
+        if policy == "exhaustive":
+            result.margin = result.best_rejected
+            result.certified = result.recovered and result.margin is not None and result.margin > 2 * eps
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    # ----------------------------------------------------------------- one prompt
+
+    def invert(self, states: np.ndarray, stop_on_miss: bool = True, progress=None) -> list[PositionResult]:
+        """Recover a prompt from its (T, d) states; left to right, the prefix's KV cache growing by one token.
+
+        A position with no candidate within ε is returned with ``recovered=False`` and its best
+        candidate; then the prompt stops there (``stop_on_miss``) or continues with that candidate.
+        """
+        prefix, results = GrowingPrefix(self.lm), []
+        rng = np.random.default_rng(self.cfg.seed)
+        for t in range(len(states)):
+            res = self.position(prefix, t, states[t], rng)
+            results.append(res)
+            if progress is not None:
+                progress(res)
+            if not res.recovered and stop_on_miss:
+                break
+            if t + 1 < len(states):
+                prefix.append(res.token)
+        return results
