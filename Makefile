@@ -13,7 +13,7 @@ EXTRAS := faiss,hub,embedded,test
 RUN_DIR ?= runs/default
 ARGS ?=
 
-.PHONY: setup run test test-fast bench nightly-gpu clean
+.PHONY: setup run test test-fast bench nightly-gpu gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,21 @@ bench: $(STAMP)
 	  --machine $(BENCH_MACHINE) --show-stderr $(ARGS)
 	$(BIN)/python benchmarks/gate.py --machine $(BENCH_MACHINE)
 
+# On a lent GPU machine (its own python3, no .venv): the GPU tests, benchmarks and diagnostics in at
+# most 8 minutes, into benchmarks/results/gpu-<date>.json. Carry .whl (made here by `make gpu-wheels`);
+# collide itself is installed from this tree into GPU_SITE too (its conf/ is the package collide.conf).
+GPU_SITE := /tmp/collide-gpu-site
+gpu-check:
+	@if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --no-compile \
+	  --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
+	  --target $(GPU_SITE) . || echo "gpu-check: collide could not be installed; sections that need collide.conf fail"
+	PYTHONPATH=$(GPU_SITE):. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py $(ARGS)
+
+# The pure-Python packages the GPU machine lacks, as wheels in .whl/ (git-ignored; carry it).
+gpu-wheels: $(STAMP)
+	$(BIN)/pip wheel -q --no-deps -w .whl \
+	  $$($(BIN)/pip freeze | grep -iE '^(hydra-core|omegaconf|antlr4-python3-runtime)==')
 
 # Paper-scale run on a GPU machine with hub access (see benchmarks/README.md).
 # MODELS=gpt2,gemma3-1b,llama3 sweeps several; ARGS go to python -m collide.

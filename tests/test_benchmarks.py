@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))  # benchmarks/ is not installed: import it as the 
 
 from benchmarks import gate  # noqa: E402
 from benchmarks.suite.bench_search import D, llm_like, planted_problem  # noqa: E402
-from benchmarks.suite.common import SkipNotImplemented  # noqa: E402
+from benchmarks.suite.common import run_tracks  # noqa: E402
 
 SUITE = sorted(m.name for m in pkgutil.iter_modules([str(REPO / "benchmarks" / "suite")]) if m.name.startswith("bench_"))
 
@@ -50,40 +50,17 @@ def test_planted_collisions_are_found_and_nothing_else():
     assert (res.distance, res.pair) == (float(np.float32(1e-7)), (11, 1499))
 
 
-def _benchmarks_of(module):
-    """(label, setup_cache or None, [track callables taking the cache]) per class or module-level track_*."""
-    found = []
-    for name, obj in vars(module).items():
-        if isinstance(obj, type) and obj.__module__ == module.__name__:
-            tracks = [getattr(obj, a) for a in dir(obj) if a.startswith("track_")]
-            if tracks:
-                instance = obj()
-                found.append((name, getattr(instance, "setup_cache", None),
-                              [getattr(instance, t.__name__) for t in tracks]))
-        elif name.startswith("track_") and callable(obj):
-            found.append((name, None, [obj]))
-    return found
-
-
+@pytest.mark.slow  # about a minute in all with the other engineers' modules (bench_exact_nn loads SmolLM2)
 @pytest.mark.parametrize("name", SUITE)
 def test_suite_module_tracks_run_at_the_tiny_size(name, monkeypatch):
     monkeypatch.setenv("COLLIDE_BENCH_SIZE", "tiny")
     module = importlib.import_module(f"benchmarks.suite.{name}")
-    benchmarks = _benchmarks_of(module)
-    assert benchmarks, f"{name} has no track_* benchmark"
-    measured = 0
-    for label, setup_cache, tracks in benchmarks:
-        assert getattr(module, "unit", None) == "ratio" or all(
-            getattr(t, "unit", getattr(getattr(t, "__self__", None), "unit", None)) == "ratio" for t in tracks), label
-        cache = setup_cache() if setup_cache else None
-        for track in tracks:
-            try:
-                value = track(cache) if setup_cache else track()
-            except SkipNotImplemented:
-                continue
-            assert isinstance(value, float) and math.isfinite(value) and value > 0, (label, track.__name__, value)
-            measured += 1
-    assert measured, f"every track_* of {name} skipped at the tiny size"
+    values = run_tracks(module)
+    assert values, f"{name} has no track_* benchmark"
+    measured = {k: v for k, v in values.items() if not isinstance(v, str)}
+    assert measured, f"every track_* of {name} skipped at the tiny size: {values}"
+    for key, value in measured.items():
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
 
 
 def test_gate_compares_with_the_nearest_recorded_ancestor():
@@ -92,3 +69,28 @@ def test_gate_compares_with_the_nearest_recorded_ancestor():
     assert gate.baseline_commit(head, {older, commits[5], head}) == older
     assert gate.baseline_commit(head, {head}) is None
     assert gate.baseline_commit(commits[1], {head, commits[4]}) == commits[4]  # a descendant is never a baseline
+
+
+def test_gpu_check_without_cuda_skips_the_gpu_sections_and_runs_the_diagnostic_on_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no CUDA device: every GPU section is skipped" in proc.stdout
+    result = json.loads((tmp_path / "cpu-smoke.json").read_text())
+    for name in ("tests", "prefix_attention", "error_bound", "search", "extraction_mfu", "exhaustive"):
+        assert result[name] == {"skipped": "no CUDA device"}, name
+    assert set(result["inversion"]) - {"seconds"} in ({"absent"}, {"tracks"})
+    diag = result["equal_states"]
+    assert "error" not in diag, diag.get("traceback")
+    builds = diag["builds"]
+    assert set(builds) == {"cpu_then_moved", "device_context", "saved_then_loaded"}
+    for how, facts in builds.items():
+        weights = facts["weights"]
+        assert weights["all_zero_parameters"] == [] and weights["nonfinite_parameters"] == [], how
+        assert weights["embedding_duplicate_rows"] == 0 and weights["embedding_zero_rows"] == 1, how  # padding_idx 0
+        for path in ("hf_forward", "collide_extract"):
+            assert {k: v["equal_pairs"] for k, v in facts[path].items()} == {"1": 0, "9": 0, "18": 0}, (how, path)
+            assert all(v["rows"] == diag["n_prompts"] == 24 for v in facts[path].values())
+    # on the CPU, building inside `with torch.device("cpu")` and saving/loading change nothing
+    assert builds["device_context"]["weights"] == builds["cpu_then_moved"]["weights"] == \
+        builds["saved_then_loaded"]["weights"]

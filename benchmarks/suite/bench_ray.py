@@ -10,8 +10,9 @@ can be made, or without ray):
 - ``extract_ray2_vs_ray1``: two workers of 1 CPU / one worker of 2 CPUs. On this 2-core machine
   there is nothing to gain: it shows the cost of splitting, as measured (not a target);
 - ``search_ray1_vs_local``: ``search_store_ray`` with one task of 2 threads in flight at a time /
-  ``search_store`` on the last layer of that store (d=64, panels of one 1024-row block: 3
-  panels, 6 tiles; full: 4096-row blocks, 8 panels, 36 tiles). Target <= 1 / 0.9;
+  ``search_store`` (2 threads) of a one-layer store of LLM-like rows (``bench_search.write_store``),
+  n=20000, d=576, panels of one 4096-row block: 5 panels, 15 tiles (full: n=60000, 15 panels, 120
+  tiles, about a minute locally; tiny: n=1500, d=64). Target <= 1 / 0.9;
 - ``search_ray2_vs_ray1``: two tasks of 1 thread in flight / one of 2 threads, as measured.
 
 Equality of the Ray results with the local ones is a test (tests/cluster), not measured here. One
@@ -49,6 +50,7 @@ def measure_here() -> dict[str, float]:
     from collide.search import search_store
 
     from .bench_extract import synthetic
+    from .bench_search import write_store
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     lm = tiny_llama()
@@ -65,14 +67,15 @@ def measure_here() -> dict[str, float]:
             return _timed(lambda: extract_to_store(*args) if cluster is None else
                           extract_to_store_ray(*args, cluster, model_cfg=lm_config()))
 
-        t_local, store = extract("local")
+        t_local, _ = extract("local")
         t_one, _ = extract("ray1", one)
         out["extract_ray1_vs_local"] = t_one / t_local
         if bench_size() != "tiny":
             t_two, _ = extract("ray2", two)
             out["extract_ray2_vs_ray1"] = t_two / t_one
-        search = SearchConfig(block_rows=pick(64, 1024, 4096), threads=2, progress=False)
-        layer = layers[-1]
+        store = write_store(Path(tmp) / "search", pick(1500, 20000, 60000), pick(64, 576, 576), seed=3)
+        search = SearchConfig(block_rows=pick(256, 4096, 4096), threads=2, progress=False)
+        layer = store.layers[0]
         s_local, _ = _timed(lambda: search_store(store, layer, 1e-6, search))
         s_one, _ = _timed(lambda: search_store_ray(store, layer, 1e-6, search, one))
         out["search_ray1_vs_local"] = s_one / s_local

@@ -184,3 +184,33 @@ def smollm2_store(path: Path, n_prompts: int, layers: list[int], lm=None):
                             {"bench": "smollm2_store", "n": n_prompts}, StoreConfig(shard_rows=256),
                             ExtractConfig(batch_tokens=2048, progress=False))
 
+
+
+def run_tracks(module) -> dict[str, float | str]:
+    """Run every asv ``track_*`` of a suite module in this process, as asv would, without asv.
+
+    Classes: ``setup_cache()`` once (if defined), then each ``track_*(cache)``; module-level
+    ``track_*()`` functions are called as they are. Returns {"Class.track_x" or "track_x": value, or
+    "skipped: <reason>" where the track raised ``SkipNotImplemented``}. Other exceptions propagate.
+    """
+    out: dict[str, float | str] = {}
+
+    def call(name, fn, *args):
+        try:
+            out[name] = fn(*args)
+        except SkipNotImplemented as exc:
+            out[name] = f"skipped: {exc}"
+
+    for name, obj in sorted(vars(module).items()):
+        if isinstance(obj, type) and obj.__module__ == module.__name__:
+            tracks = sorted(a for a in dir(obj) if a.startswith("track_"))
+            if not tracks:
+                continue
+            instance = obj()
+            has_cache = hasattr(instance, "setup_cache")
+            cache = instance.setup_cache() if has_cache else None
+            for track in tracks:
+                call(f"{name}.{track}", getattr(instance, track), *((cache,) if has_cache else ()))
+        elif name.startswith("track_") and callable(obj):
+            call(name, obj)
+    return out

@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterable
@@ -52,7 +53,7 @@ from collide.store import Store, StoreWriter, open_store, prompt_table
 
 log = logging.getLogger(__name__)
 
-IN_FLIGHT_PER_WORKER = 2  # shards queued per worker: one computing, one waiting (its tokens are small)
+IN_FLIGHT_PER_WORKER = 2  # shards given to a worker at once: one in its forward passes, one being written
 STORE_FACTS = ("layers", "d", "dtype", "positions", "keep_text")  # what a worker needs to write a shard
 
 
@@ -64,12 +65,17 @@ class _ShardFiles(StoreWriter):
         return dict(shard, write_s=write_s)
 
 
-@ray.remote
+@ray.remote(max_concurrency=IN_FLIGHT_PER_WORKER)
 class ExtractWorker:
-    """A Ray actor holding the model; computes and writes whole shards."""
+    """A Ray actor holding the model; computes and writes whole shards.
+
+    Two calls run at once, as the local writer thread does: one shard's files are written while
+    the next shard's forward passes run (one forward at a time: ``_forward`` is a lock).
+    """
 
     def __init__(self, model_cfg: ModelConfig):
         self.lm = load_model(model_cfg)
+        self._forward = threading.Lock()
 
     def budget(self, longest: int, n_layers: int) -> int:
         """The automatic token budget on this worker's device (``auto_batch_tokens``)."""
@@ -77,11 +83,13 @@ class ExtractWorker:
 
     def shard(self, store_dir: str, facts: dict, spec: dict, budget: int, max_batch: int) -> dict:
         """Forward shard ``spec["index"]`` and write its files; returns its manifest entry (+ write_s)."""
-        seqs, t0 = spec["tokens"], time.perf_counter()
-        states, positions, wait, budget = forward_shard_adaptive(
-            self.lm, seqs, facts["layers"], budget, max_batch, None, facts["dtype"], facts["positions"] == "all")
-        wait()
-        info = dict(spec["info"], batch_tokens=budget, forward_s=round(time.perf_counter() - t0, 6))
+        seqs = spec["tokens"]
+        with self._forward:
+            t0 = time.perf_counter()
+            states, positions, wait, budget = forward_shard_adaptive(
+                self.lm, seqs, facts["layers"], budget, max_batch, None, facts["dtype"], facts["positions"] == "all")
+            wait()
+            info = dict(spec["info"], batch_tokens=budget, forward_s=round(time.perf_counter() - t0, 6))
         table = prompt_table(spec["first"], seqs, spec["sources"], spec["texts"])
         chaos_point(f"shard-{spec['index']}")
         snapshot = dict(facts, shards=[{}] * spec["index"], counts=dict(n_prompts=spec["first"]))

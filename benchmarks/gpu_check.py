@@ -1,0 +1,231 @@
+"""``make gpu-check``: every GPU-only check of collide in one command, at most 8 minutes on a lent GPU.
+
+    PYTHONPATH=. python3 benchmarks/gpu_check.py [--out benchmarks/results] [--cpu-smoke]
+
+Writes ``<out>/gpu-<UTC date>.json`` (``--cpu-smoke``: ``cpu-smoke.json``) with one entry per section:
+
+1. ``tests``: the GPU-only tests (``tests/test_search_gpu.py``: the search on the device and its
+   error bounds) through pytest, with its summary line and exit status;
+2. ``prefix_attention``: cached continuations vs full forwards of prefix+token on the device (tiny
+   random Llama and Gemma-3), max relative difference of the last-layer states;
+3. ``error_bound``: the screening GEMM's worst observed error over its rigorous bound, fp32 and
+   tf32x3 (``collide.search.gpu_bound_check.worst_error_ratio``; ``passed`` when at most its LIMIT),
+   or ``absent`` while it has not landed;
+4. ``search``: ``min_pairwise`` at n=1e5, d=4096, fp32 and tf32x3 (suite.bench_search.gpu_search);
+5. ``extraction_mfu``: ``extract_to_store`` of 4096 prompts of 9-33 tokens through a random
+   Llama-3.1-8B-shaped model in bf16 (all 33 layers kept), as model flops per second (2 x the
+   non-embedding parameters per token) over the GPU's bf16 dense peak and over a bf16 8192^3
+   matmul timed in the same run; also plain HF forward over the same batches;
+6. ``exhaustive``: one prompt x the whole 262,144-token vocabulary of a random Gemma-3-270M-shaped
+   model at its last layer: continuation states/s and the certified search over C(262144, 2) pairs;
+7. ``equal_states``: the diagnostic of benchmarks/equal_states.py (1,000 prompts, both builds);
+8. ``inversion``: the ``track_*`` ratios of ``benchmarks/suite/bench_invert.py`` (quick size) once
+   ``collide.invert`` and that module have landed, else ``absent`` and which is missing.
+
+Without CUDA every GPU section is skipped with a message and nothing is written; ``--cpu-smoke``
+then runs the equal-states diagnostic on 24 prompts on the CPU at toy widths (``equal_states.SMOKE``) and writes ``cpu-smoke.json`` (each
+GPU section ``{"skipped": "no CUDA device"}``), to check the script's logic in seconds. A section that raises records its error and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # appended: an installed collide (with its collide.conf) comes first
+    sys.path.append(str(REPO))
+
+from benchmarks import equal_states  # noqa: E402
+from benchmarks.suite.common import run_tracks, timed  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 flop/s by GPU name fragment
+LLAMA8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+NO_CUDA = {"skipped": "no CUDA device"}
+
+
+def gpu_tests() -> dict:
+    """pytest on the GPU-only test files: exit status and summary line."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_search_gpu.py"],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    lines = proc.stdout.strip().splitlines()
+    return {"returncode": proc.returncode, "summary": lines[-1] if lines else proc.stderr[-500:],
+            "failures": [line for line in lines if line.startswith("FAILED")][:20]}
+
+
+def prefix_attention_check(device: str = "cuda") -> dict:
+    """Max relative difference, cached steps vs full forwards, on ``device`` for tiny Llama and Gemma-3."""
+    from collide.config import ModelConfig
+    from collide.continuations import continuation_states, full_forward_states
+    from collide.models import load_model
+
+    out = {}
+    for family in ("llama", "gemma3_text"):
+        lm = load_model(ModelConfig(name="tiny", source=f"random:{family}", family=family, device=device))
+        prefix, tokens, layers = [256] + list(b"a prefix longer than the window"), list(range(64)), [lm.n_layers]
+        cached = torch.cat([b.states[lm.n_layers] for b in continuation_states(lm, prefix, tokens, layers, 32)])
+        full = torch.cat([b.states[lm.n_layers] for b in full_forward_states(lm, prefix, tokens, layers, 32)])
+        rel = float(((cached - full).norm(dim=1) / full.norm(dim=1)).max())
+        out[family] = {"max_rel_diff": rel, "ok": rel < 1e-5}
+    return out
+
+
+def error_bound(device: str = "cuda") -> dict:
+    """``collide.search.gpu_bound_check.worst_error_ratio`` in fp32 and tf32x3 (fp32 only off CUDA), or absent."""
+    if importlib.util.find_spec("collide.search.gpu_bound_check") is None:
+        return {"absent": "collide.search.gpu_bound_check (worst_error_ratio) has not landed"}
+    from collide.search.gpu_bound_check import worst_error_ratio
+
+    precisions = ("fp32", "tf32x3") if device.startswith("cuda") else ("fp32",)
+    out = {p: worst_error_ratio(device, p) for p in precisions}
+    return {**out, "passed": all(r["passed"] for r in out.values())}
+
+
+def extraction_mfu(n_prompts: int = 4096, batch_tokens: int = 16384, device: str = "cuda", **shape) -> dict:
+    """Extraction of a random Llama-3.1-8B-shaped bf16 model as a fraction of the bf16 peak (see docstring).
+
+    ``shape`` overrides LLAMA8B's sizes (a CPU dry run of the code path uses toy ones)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from benchmarks.suite.bench_extract import extract_once, plain_hf_once, synthetic
+    from collide.models import LoadedModel, byte_tokenizer, find_blocks, find_final_norm
+
+    spec = {**LLAMA8B, **shape}
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec, bos_token_id=256, pad_token_id=257)
+    with torch.device(device):  # the weights' values do not matter for timing; built in place, seconds
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval().requires_grad_(False)
+    decoder, blocks = find_blocks(model)
+    lm = LoadedModel(model=model, tokenizer=byte_tokenizer(), name="llama3-8b-random", source="random",
+                     revision=None, dtype="bf16", device=torch.device(device), final_norm="post", decoder=decoder,
+                     blocks=blocks, final_norm_module=find_final_norm(decoder))
+    prompts = synthetic(n_prompts, 8, 32)
+    tokens = sum(len(p.token_ids) for p in prompts)
+    params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel() \
+        - (0 if config.tie_word_embeddings else model.get_output_embeddings().weight.numel())
+    flops = 2.0 * params * tokens  # decoder matmuls; attention over <= 33 tokens adds under 1%
+    plain_hf_once(lm, prompts[:512], 1024, batch_tokens, 512)  # warm-up
+    t_plain = plain_hf_once(lm, prompts, 4096, batch_tokens, 512)
+    t_ours = extract_once(lm, prompts, 4096, batch_tokens, 512)
+    side = 8192 if device == "cuda" else 512
+    a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    torch.mm(a, a)
+    sync()
+    t_mm = min(timed(lambda: (torch.mm(a, a), sync()))[0] for _ in range(5))
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    matmul_rate = 2.0 * side**3 / t_mm
+    del model, lm, a
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"prompts": n_prompts, "tokens": tokens, "non_embedding_params": params, "extract_s": t_ours,
+            "plain_hf_s": t_plain, "extract_prompts_per_s": n_prompts / t_ours,
+            "extract_time_vs_plain_hf": t_ours / t_plain, "matmul_bf16_tflops": matmul_rate / 1e12,
+            "extract_mfu_vs_peak": flops / t_ours / peak if peak else None, "peak_bf16_tflops": (peak or 0) / 1e12,
+            "extract_mfu_vs_matmul": flops / t_ours / matmul_rate}
+
+
+def exhaustive_one_set(device: str = "cuda", config=None) -> dict:
+    """One prompt x the whole vocabulary of the random Gemma-3-270M shape (or ``config``) at its last layer,
+    certified."""
+    import numpy as np
+
+    from collide.continuations import continuation_states
+    from collide.models import LoadedModel, byte_tokenizer, find_blocks, find_final_norm
+    from collide.search import min_pairwise
+
+    model = equal_states.build("cpu_then_moved", device, config)
+    decoder, blocks = find_blocks(model)
+    lm = LoadedModel(model=model, tokenizer=byte_tokenizer(), name="gemma3-270m-random", source="random",
+                     revision=None, dtype="fp32", device=torch.device(device), final_norm="post", decoder=decoder,
+                     blocks=blocks, final_norm_module=find_final_norm(decoder))
+    n = model.get_input_embeddings().weight.shape[0]
+    prefix, layer = [256] + list(b"The injectivity of language models, tested exhaustively."), lm.n_layers
+    t_ext, blocks_out = timed(lambda: list(continuation_states(lm, prefix, np.arange(n), [layer], 16384)))
+    states = torch.cat([b.states[layer] for b in blocks_out]).to(device)
+    t_search, res = timed(lambda: min_pairwise(states, 1e-6, "torch", block_rows=16384))
+    del model, lm, states
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"continuations": n, "pairs": n * (n - 1) // 2, "extract_s": t_ext, "search_s": t_search,
+            "continuations_per_s": n / t_ext, "pairs_per_s": n * (n - 1) / 2 / t_search,
+            "certified": res.certified, "min_distance": res.distance, "n_collisions": res.n_collisions}
+
+
+def inversion() -> dict:
+    """The track_* ratios of benchmarks/suite/bench_invert.py at the quick size on this machine, or absent."""
+    if importlib.util.find_spec("collide.invert") is None:
+        return {"absent": "collide.invert has not landed"}
+    if importlib.util.find_spec("benchmarks.suite.bench_invert") is None:
+        return {"absent": "collide.invert exists but its benchmark, benchmarks/suite/bench_invert.py, has not landed"}
+    os.environ.setdefault("COLLIDE_BENCH_SIZE", "quick")
+    return {"tracks": run_tracks(importlib.import_module("benchmarks.suite.bench_invert"))}
+
+
+def section(name: str, fn, out: dict) -> None:
+    """Run one section into out[name]; an exception is recorded, not raised."""
+    print(f"== {name}", flush=True)
+    tic = time.perf_counter()
+    try:
+        out[name] = fn()
+    except Exception as exc:  # a broken section must not cost the others their loan
+        out[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+    out[name]["seconds"] = round(time.perf_counter() - tic, 2)
+    print(json.dumps(out[name], default=str)[:600], flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--cpu-smoke", action="store_true", help="without CUDA: the diagnostic on 24 CPU prompts")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    now = datetime.now(timezone.utc)
+    out: dict = {"date": now.isoformat(timespec="seconds"), "torch": torch.__version__,
+                 "gpu": torch.cuda.get_device_name() if cuda else None, "command": "make gpu-check"}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                       text=True).stdout.strip() or None
+    except Exception as exc:  # versions are informational
+        out["versions_error"] = str(exc)
+    if not cuda:
+        print("gpu_check: no CUDA device: every GPU section is skipped", flush=True)
+    from benchmarks.suite.bench_search import gpu_search
+
+    sections = [("tests", gpu_tests), ("prefix_attention", prefix_attention_check), ("error_bound", error_bound),
+                ("search", lambda: gpu_search(100_000)), ("extraction_mfu", extraction_mfu),
+                ("exhaustive", exhaustive_one_set), ("equal_states", lambda: equal_states.diagnose("cuda", 1000))]
+    for name, fn in sections:
+        if cuda:
+            section(name, fn, out)
+        else:
+            out[name] = dict(NO_CUDA)
+    if not cuda and args.cpu_smoke:
+        section("equal_states", lambda: equal_states.diagnose("cpu", 24, config=equal_states.gemma_config(
+            **equal_states.SMOKE)), out)
+    section("inversion", inversion, out)
+    if not cuda and not args.cpu_smoke:
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / (f"gpu-{now:%Y-%m-%d}.json" if cuda else "cpu-smoke.json")
+    path.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(f"gpu_check: wrote {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
