@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -43,13 +44,13 @@ from collide.search.api import LayerResult, _check, _result, _search_context, as
     resolve_device
 from collide.search.blocks import finite_rows, make_block, right_operand, sum_rows
 from collide.search.symmetric import PairSearch
-from collide.store import open_store
+from collide.store import MANIFEST, open_store
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_WORKER = 2  # tasks queued per worker: one running, one whose inputs are being read
 
-_STORES: dict = {}  # worker process cache: store path -> Store (its files are sha256-checked once)
+_STORES: dict = {}  # worker process cache: (path, manifest mtime, size) -> Store (files sha256-checked once)
 
 
 @dataclass
@@ -64,9 +65,11 @@ class BlockSpec:
 
 def _store(path: str, first_id: int, stop_id: int):
     """The store view [first_id, stop_id) at ``path``, from this worker's cache."""
-    if path not in _STORES:
-        _STORES[path] = open_store(path)
-    return _STORES[path].select_range(first_id, stop_id)
+    stat = os.stat(os.path.join(path, MANIFEST))
+    key = (path, stat.st_mtime_ns, stat.st_size)  # a store rewritten at the same path is opened afresh
+    if key not in _STORES:
+        _STORES[key] = open_store(path)
+    return _STORES[key].select_range(first_id, stop_id)
 
 
 def _read(view, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +161,7 @@ class _Reduction:
 
 def _panels(view, layer: int, block_rows: int, panel_rows: int, opts: dict, max_retries: int):
     """Scan round: (prompt ids, valid rows, invalid rows, mu, panels of BlockSpecs)."""
-    path, first, stop = str(view.path), view.first_id, view.stop_id
+    path, first, stop = str(view.path.resolve()), view.first_id, view.stop_id
     bounds = [(s, min(s + panel_rows, view.n_rows)) for s in range(0, view.n_rows, panel_rows)]
     refs = [scan_panel.options(**opts, name="collide-scan").remote(path, first, stop, layer, a, b, block_rows)
             for a, b in bounds]
@@ -223,7 +226,7 @@ def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConf
         red = _Reduction(len(valid_rows), store.d, threshold, search_cfg)
         pairs = [(p, q) for q in range(len(panels)) for p in range(q + 1)]
         engine = [_engine_rows(panel) for panel in panels]
-        path, first, stop, mu_ref = str(store.path), store.first_id, store.stop_id, ray.put(mu)
+        path, first, stop, mu_ref = str(store.path.resolve()), store.first_id, store.stop_id, ray.put(mu)
         limit = IN_FLIGHT_PER_WORKER * max(1, cluster_cfg.num_workers)
         in_flight: dict = {}
         bar = None
