@@ -276,7 +276,7 @@ class ProbeConfig:
     test_fraction: float = 0.2  # share of the prompts held out for the reported accuracies
     val_fraction: float = 0.1  # share of the prompts held out of the fit to choose the ridge strength
     # ridge strengths tried, as multiples of the mean eigenvalue of the (standardised) training Gram matrix
-    alphas: List[float] = default(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    alphas: List[float] = default(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     seed: int = 0  # seed of the prompt-level split
     out: Optional[str] = None  # output directory of probe.{json,md} and figures/; None = the store's parent
     figures: bool = True  # write figures/probe_accuracy.png

@@ -241,6 +241,8 @@ def probe_figure(result: dict, path: Path) -> Path:
     fig = _new_figure((10.0, 4.5))
     axes = fig.subplots(1, 2, sharey=True)
     baselines = {b["tau"]: b for b in result["baselines"]}
+    top = max([e["top5"] for e in result["results"]] + [b[m]["top5"] for b in baselines.values()
+                                                         for m in ("bigram", "most_frequent")])
     for ax, metric in zip(axes, ("top1", "top5")):
         for i, tau in enumerate(result["taus"]):
             color = f"C{i % 10}"
@@ -253,7 +255,7 @@ def probe_figure(result: dict, path: Path) -> Path:
         ax.set_xlabel("layer (0 = embeddings)")
         ax.set_title(f"{metric[:3]}-{metric[3:]} accuracy of the token at t+tau", fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=MAX_TICKS))
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, min(1.0, 1.15 * top + 0.02))
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("accuracy on held-out prompts")
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)

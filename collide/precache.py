@@ -144,6 +144,8 @@ def train(cfg: PrecacheConfig, mode: str) -> tuple[TinyGPT, list[dict]]:
         if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.steps:
             curve.append({"step": step + 1, "train_mse": sum(running) / len(running)})
             running = []
+            if len(curve) % 5 == 0:
+                log.info("%s: step %d/%d, train MSE %.4f", mode, step + 1, cfg.steps, curve[-1]["train_mse"])
     return model, curve
 
 

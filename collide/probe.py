@@ -381,12 +381,12 @@ def parse_args(argv: list[str]) -> ProbeConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    paths = [a for a in argv if "=" not in a]
+    paths = [a for a in argv if "=" not in a or Path(a).exists()]  # run directories are named key=value,...
     if len(paths) != 1:
         raise CollideError(f"expected one RUN (a run or store directory) and key=value overrides, got {argv!r}; "
                            "usage: collide probe RUN [layers=...] [taus=[1,2,3,4]] [vocab=1024] [out=DIR]")
     overrides = [f"layers='{a[7:]}'" if a.startswith("layers=") and ":" in a and "'" not in a else a
-                 for a in argv if "=" in a]
+                 for a in argv if a not in paths]
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(ProbeConfig), OmegaConf.from_dotlist(overrides),
                               {"source": paths[0]})
