@@ -9,8 +9,8 @@ cores, best of interleaved repetitions:
 - ``track_exact_nn_overhead_random``: ``min_pairwise`` on ``bench_search.llm_like`` rows (4 massive
   dimensions ~1500, norms ~3000), n=20000 (tiny: 1500), d=576;
 - ``track_exact_nn_overhead_smollm2``: ``search_store`` over layers 1, 10, 20 and 30 of a store of
-  the embedded SmolLM2-135M (d=576) on 2000 stdlib-docs prompts (tiny: 48; the corpus holds 2114
-  distinct prompts). Building the store (model load and extraction) takes a few minutes on 2 cores.
+  the embedded SmolLM2-135M (d=576) on 1500 stdlib-docs prompts (tiny: 48; the corpus yields about
+  2000 distinct prompts). Building the store (model load and extraction) takes a few minutes on 2 cores.
 
 ``nearest=False`` does less than the search before exact nearest neighbours did (that one
 re-ranked each row's screened nearest neighbour once, an upper bound): the ratio overstates the
@@ -46,7 +46,7 @@ def smollm2_overhead() -> float:
 
     from .common import smollm2_store
 
-    n, reps = pick(48, 2000, 2000), pick(2, 3, 3)
+    n, reps = pick(48, 1500, 1500), pick(2, 3, 3)
     with tempfile.TemporaryDirectory(prefix="collide_bench_exact_nn_") as tmp:
         store = smollm2_store(Path(tmp) / "store", n, SMOLLM2_LAYERS)
 
