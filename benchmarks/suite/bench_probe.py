@@ -1,7 +1,7 @@
 """asv benchmark of the future-token probe (``collide.probe``): its cost over the Gram matrices it needs.
 
 Synthetic prompts shaped like the SmolLM2 target (2,000 prompts of 9..33 tokens, BOS included,
-d=576, 5 layers, taus 1..4; tiny: 200 prompts, d=64, 2 layers; full: 8,000 prompts): Zipf-
+d=576, 5 layers, taus 1..4; tiny: 100 prompts, d=32, 2 layers; full: 8,000 prompts): Zipf-
 distributed token ids over a 49,152-token vocabulary, and states holding a noisy embedding of the
 token at t and of the token at t+1. ``probe_states`` (split, baselines, standardisation, two ridge
 fits per layer and tau, validation over 5 strengths, test scoring) is timed against the floor of
@@ -37,7 +37,7 @@ def measure() -> dict[str, float]:
     from collide.config import ProbeConfig
     from collide.probe import probe_states
 
-    n_prompts, d, layers = pick((200, 64, [0, 1]), (2000, 576, [0, 8, 16, 24, 30]), (8000, 576, [0, 8, 16, 24, 30]))
+    n_prompts, d, layers = pick((100, 32, [0, 1]), (2000, 576, [0, 8, 16, 24, 30]), (8000, 576, [0, 8, 16, 24, 30]))
     cfg = ProbeConfig(source="bench")
     tokens, layer_states = synthetic(n_prompts, d, layers)
     x = torch.from_numpy(np.concatenate([s for _, s in layer_states(layers[0])]))
