@@ -331,7 +331,7 @@ class InvertConfig:
     batch: int = 64  # candidate tokens verified per batched single-token step
     lr: float = 1.0  # gradient policy: SGD learning rate of the continuous proxy (the paper's 1.0)
     grad_steps: int = 1  # gradient policy: SGD steps on the proxy before each batch of candidates
-    snap_every: int = 50  # gradient policy: proposals between snaps of the proxy onto a token's row (the paper's K)
+    snap_every: int = 50  # gradient policy: SGD steps between snaps of the proxy onto a token's row (the paper's K)
     seed: int = 0  # seed of the proxy's starting token (gradient) and of the permutation (random)
     epsilon: Optional[float] = None  # acceptance radius, L2 (not squared); None = the rule of collide.invert.sipit
     on_miss: OnMiss = OnMiss.stop  # no candidate within epsilon: stop that prompt, or go on with the best candidate

@@ -14,7 +14,7 @@ from collide.invert.__main__ import main, run
 from collide.invert.sipit import Inverter, epsilon_rule
 from collide.models import load_model
 
-PROMPTS = [b"Injective maps.", b"A cat sat here", b"zebra 42?"]
+PROMPTS = [b"Injects", b"A cat.", b"zebra 4"]  # short: each position of a tiny model costs a step
 
 
 def tiny_cfg(family: str, dtype: str = "fp32") -> ModelConfig:
@@ -56,7 +56,7 @@ def test_every_layer_inverted_exactly(models, family):
     ids = token_ids(PROMPTS[0])
     hidden = plain_states(lm, ids)
     for layer in range(lm.n_layers + 1):
-        results = invert(lm, hidden[layer], layer)
+        results = invert(lm, hidden[layer], layer, batch=320)  # one gradient step and one batched step per position
         assert [r.token for r in results] == ids, (family, layer)
         assert all(r.recovered and r.distance <= r.epsilon for r in results)
         assert results[0].known and results[0].tried == 1  # BOS verified, not searched
@@ -222,3 +222,45 @@ def test_main_prints_one_line_errors(tmp_path, capsys):
     assert main([str(tmp_path / "missing.npy"), "model=tiny-random", "layer=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("collide: error: SOURCE") and err.count("\n") == 1
+
+
+def test_paper_baseline_recovers_the_same_prefix(models):
+    from collide.invert.paper import invert_prompt
+
+    lm = models("gpt2")
+    ids = token_ids(b"ab")
+    results = invert_prompt(lm, plain_states(lm, ids)[4], 4)
+    assert [r.token for r in results] == ids and all(1 <= r.proposals <= 320 for r in results)
+
+
+def write_store(path, lm, texts, layers, positions="all"):
+    """A complete collide store of ``texts`` (byte-tokenized) with the tiny model's states at ``layers``."""
+    from dataclasses import asdict
+
+    from collide.store import StoreWriter, prompt_table
+
+    ids = [token_ids(t) for t in texts]
+    every = {k: [plain_states(lm, i)[k] for i in ids] for k in layers}
+    model = asdict(tiny_cfg("llama"))
+    header = dict(model=model, dtype="fp32", positions=positions, final_norm="post", layer_convention="t",
+                  layers=layers, d=lm.d, keep_text=False, n_prompts=len(ids), n_layers=lm.n_layers,
+                  shard_rows=128, batch_tokens=64, max_batch_size=8)
+    writer = StoreWriter.open(path, {"model": model}, header)
+    last = {k: np.stack([s[-1] for s in every[k]]) for k in layers}
+    full = {k: np.concatenate(every[k]) for k in layers} if positions == "all" else None
+    writer.commit_shard(prompt_table(0, ids, ["s"] * len(ids)), last, positions=full)
+    writer.finish()
+    return ids
+
+
+def test_store_source_scored_against_its_true_tokens(models, tmp_path):
+    lm = models("llama")
+    ids = write_store(tmp_path / "store", lm, [b"abc", b"Zq!"], [1, 4])
+    doc = run(InvertConfig(source=str(tmp_path / "store"), out=str(tmp_path / "out"), progress=False))
+    assert doc["layer"] == 4 and doc["model"]["source"] == "random:llama"  # the store's deepest layer and model
+    assert [p["recovered_ids"] for p in doc["prompts"]] == ids and all(p["exact"] for p in doc["prompts"])
+    assert doc["summary"]["token_accuracy"] == 1.0 and doc["summary"]["exact_prompts"] == 2
+    assert "2 of 2 recovered exactly" in (tmp_path / "out" / "inversion.md").read_text()
+    write_store(tmp_path / "last", lm, [b"abc"], [1], positions="last")
+    with pytest.raises(CollideError, match="positions=all"):
+        run(InvertConfig(source=str(tmp_path / "last"), out=str(tmp_path / "out2"), progress=False))

@@ -11,8 +11,9 @@ Policies (which untried candidates to verify next):
   starts at a random token's row; each iteration takes ``grad_steps`` steps of gradient descent
   (learning rate ``lr``, gradient clipped to L2 norm 1) on ½‖F(e) − ĥ_t‖² (L2 squared, summed
   over coordinates; F = the state at position t of prefix + e), then proposes the ``batch``
-  untried tokens whose input-embedding rows are nearest to e (L2). Every ``snap_every``
-  proposals e is snapped to the nearest untried token's row (no gradient through the snap).
+  untried tokens whose input-embedding rows are nearest to e (L2). Every ``snap_every`` SGD
+  steps (the paper's K proposals: one step per proposal there) e is snapped to the nearest
+  untried token's row (no gradient through the snap).
 * ``random`` (the paper's Alg. 2, its brute-force baseline): a seeded random permutation of the vocabulary.
 * ``exhaustive``: every token, so that the margin Δ (the distance from ĥ_t to the nearest state
   of any *other* token) is known; Δ > 2ε certifies that the recovered token is the only one within ε.
@@ -143,9 +144,10 @@ class Inverter:
         cfg, rows = self.cfg, self.rows
         goal = target.to(self.lm.device, torch.float32)
         e = rows[int(self.first_of_group[rng.integers(self.n_distinct)])].clone()
-        since_snap = 0
+        steps = 0
         while not bool(tried.all()):
             for _ in range(cfg.grad_steps):
+                steps += 1
                 e.requires_grad_(True)
                 state = prefix.embeds_state(e * self.embed_scale, self.layer).float()
                 loss = 0.5 * ((state - goal) ** 2).sum()
@@ -160,11 +162,10 @@ class Inverter:
             n = min(cfg.batch, int((~tried).sum()))
             batch = torch.topk(scores, n, largest=False).indices
             yield batch
-            since_snap += n
-            if since_snap >= cfg.snap_every and not bool(tried.all()):
+            if steps >= cfg.snap_every and not bool(tried.all()):
                 scores[batch] = math.inf
                 e = rows[int(scores.argmin())].clone()
-                since_snap = 0
+                steps = 0
 
     # ----------------------------------------------------------------- one position
 

@@ -22,7 +22,6 @@ tokenizer adds one) at layer k = HF ``hidden_states[k]``. States are returned as
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,30 +165,12 @@ def read_parquet(path: Path) -> Source:
     return Source(path, "parquet", len(keys), d, "fp32", _read=read)
 
 
-def store_dir(path: Path) -> Optional[Path]:
-    """The store that ``path`` is or names (a run directory's ``store.json`` record or ``store/``), or None."""
-    from collide.store import MANIFEST
-
-    if (path / MANIFEST).is_file():
-        return path
-    record = path / "store.json"
-    if record.is_file():
-        try:
-            target = Path(json.loads(record.read_text())["path"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CollideError(f"{record} is not a store record with a \"path\" key ({exc}); pass the store "
-                               "directory itself as SOURCE") from exc
-        return target if target.is_absolute() or target.exists() else path / target
-    if (path / "store" / MANIFEST).is_file():
-        return path / "store"
-    return None
-
-
 def read_store(path: Path, layer: Optional[int]) -> Source:
-    """A collide store made with ``store.positions=all``; ``layer`` None = the deepest stored layer."""
-    from collide.store import open_store
+    """A collide store made with ``store.positions=all``, or the run that used one; ``layer`` None = the deepest
+    stored layer."""
+    from collide.store.reader import open_run_store
 
-    store = open_store(path)
+    store = open_run_store(path)
     if store.positions != "all":
         raise CollideError(f"the store {path} keeps only last-token states (positions=last); inversion needs the "
                            "state at every position: extract one with `python -m collide store.positions=all "
@@ -218,11 +199,7 @@ def open_source(spec: str, layer: Optional[int]) -> Source:
         raise CollideError(f"SOURCE {spec} does not exist; pass a store or run directory, or a .npy, .safetensors "
                            "or .parquet file of per-position states")
     if path.is_dir():
-        found = store_dir(path)
-        if found is None:
-            raise CollideError(f"{path} is neither a collide store (no manifest.json) nor a run directory naming one "
-                               "(store.json or store/); pass the store directory")
-        return read_store(found, layer)
+        return read_store(path, layer)
     if path.stat().st_size == 0:
         raise _empty(path)
     readers = {".npy": read_npy, ".safetensors": read_safetensors, ".parquet": read_parquet}
