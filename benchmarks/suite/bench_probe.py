@@ -4,7 +4,7 @@ Synthetic prompts shaped like the SmolLM2 target (2,000 prompts of 9..33 tokens,
 d=576, 5 layers, taus 1..4; tiny: 100 prompts, d=32, 2 layers; full: 8,000 prompts): Zipf-
 distributed token ids over a 49,152-token vocabulary, and states holding a noisy embedding of the
 token at t and of the token at t+1. ``probe_states`` (split, baselines, standardisation, two ridge
-fits per layer and tau, validation over 5 strengths, test scoring) is timed against the floor of
+fits per layer and tau, validation over 6 strengths, test scoring) is timed against the floor of
 any closed-form probe: one fp32 Gram matrix X^T X over every position of every layer, tau pair
 (``torch.mm``), in the same run. ``track_probe_time_vs_gram`` = probe seconds / Gram seconds,
 lower is better; best of 2 each. The probe's accuracy is a test (tests/test_probe.py).
