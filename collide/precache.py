@@ -277,7 +277,8 @@ def parse_args(argv: list[str]) -> PrecacheConfig:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrecacheConfig), OmegaConf.from_dotlist(argv)))
     except OmegaConfBaseException as exc:
         first = str(exc).strip().splitlines()[0]
-        raise CollideError(f"bad override in {argv}: {first}; keys: {list(PrecacheConfig.__dataclass_fields__)}") from None
+        raise CollideError(f"bad override in {argv}: {first}; "
+                           f"keys: {list(PrecacheConfig.__dataclass_fields__)}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

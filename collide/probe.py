@@ -116,7 +116,8 @@ def check_taus(taus: list[int], tokens: list[np.ndarray], part: np.ndarray) -> N
 
 
 def topk_hits(ranked: np.ndarray, target: np.ndarray) -> tuple[float, float]:
-    """(top-1, top-5 accuracy) of rankings ``ranked`` (n, m) best first (m >= 1; -1 = no guess), against ``target`` (n,)."""
+    """(top-1, top-5 accuracy) of rankings ``ranked`` (n, m), best first (m >= 1; -1 = no guess), against
+    ``target`` (n,)."""
     if len(target) == 0:
         return float("nan"), float("nan")
     hit = ranked[:, :TOP] == target[:, None]
@@ -338,7 +339,7 @@ def markdown(result: dict) -> str:
                      f"{b['most_frequent']['top1']:.3f} / {b['most_frequent']['top5']:.3f} | "
                      f"{b['bigram']['top1']:.3f} / {b['bigram']['top5']:.3f} |")
     by = {(e["layer"], e["tau"]): e for e in result["results"]}
-    lines += ["", f"Probe accuracy, top-1 / top-5 (rows: layers, 0 = embeddings; columns: tau):", "",
+    lines += ["", "Probe accuracy, top-1 / top-5 (rows: layers, 0 = embeddings; columns: tau):", "",
               "| layer | " + " | ".join(f"tau={t}" for t in taus) + " |", "|---" * (len(taus) + 1) + "|"]
     for k in result["layers"]:
         cells = [f"{by[k, t]['top1']:.3f} / {by[k, t]['top5']:.3f}" for t in taus]
@@ -393,7 +394,8 @@ def parse_args(argv: list[str]) -> ProbeConfig:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         first = str(exc).strip().splitlines()[0]
-        raise CollideError(f"bad override in {overrides}: {first}; keys: {list(ProbeConfig.__dataclass_fields__)}") from None
+        raise CollideError(f"bad override in {overrides}: {first}; "
+                           f"keys: {list(ProbeConfig.__dataclass_fields__)}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

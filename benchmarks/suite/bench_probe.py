@@ -21,7 +21,8 @@ def synthetic(n_prompts: int, d: int, layers: list[int], seed: int = 0):
     """(token ids per prompt, layer_states(k)) with Zipf tokens and states that encode tokens t and t+1."""
     rng = np.random.default_rng(seed)
     vocab = 49_152
-    tokens = [np.concatenate([[1], np.minimum(rng.zipf(1.3, rng.integers(8, 33)), vocab - 1)]) for _ in range(n_prompts)]
+    tokens = [np.concatenate([[1], np.minimum(rng.zipf(1.3, rng.integers(8, 33)), vocab - 1)])
+              for _ in range(n_prompts)]
     emb = rng.standard_normal((vocab, d), dtype=np.float32)
     states = {}
     for k in layers:
