@@ -46,11 +46,12 @@ test-fast: $(STAMP)
 # than 10% above the previous recorded commit's fails. BENCH_SIZE=full is the nightly size.
 BENCH_SIZE ?= quick
 BENCH_MACHINE ?= $(shell hostname)-$(BENCH_SIZE)
+BENCH_COMMIT := $(shell git rev-parse HEAD 2>/dev/null)
 bench: $(STAMP)
 	$(BIN)/asv machine --yes --machine $(BENCH_MACHINE) >/dev/null
-	COLLIDE_BENCH_SIZE=$(BENCH_SIZE) $(BIN)/asv run --python=same --set-commit-hash=$$(git rev-parse HEAD) \
+	COLLIDE_BENCH_SIZE=$(BENCH_SIZE) $(BIN)/asv run --python=same --set-commit-hash=$(BENCH_COMMIT) \
 	  --machine $(BENCH_MACHINE) --show-stderr $(ARGS)
-	$(BIN)/python benchmarks/gate.py --machine $(BENCH_MACHINE)
+	$(BIN)/python benchmarks/gate.py --machine $(BENCH_MACHINE) --commit $(BENCH_COMMIT)
 
 # On a lent GPU machine (its own python3, no .venv): the GPU tests, benchmarks and diagnostics in at
 # most 8 minutes, into benchmarks/results/gpu-<date>.json. Carry .whl (made here by `make gpu-wheels`);
