@@ -178,7 +178,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip(), "\n\nkeys:", *(f"  {line}" for line in InvertConfig.__dataclass_fields__), sep="\n")
         return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.basicConfig(level=logging.INFO, force=True,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         run(parse_args(argv), command=shlex.join(["python", "-m", "collide.invert", *argv]))
     except CollideError as exc:

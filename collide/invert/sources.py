@@ -128,7 +128,8 @@ def read_safetensors(path: Path) -> Source:
 
 
 def read_parquet(path: Path) -> Source:
-    """Row per prompt (``states`` [, ``token_ids``, ``text``]) or row per position (``prompt_id``, ``position``, ``state``)."""
+    """One row per prompt (``states`` [, ``token_ids``, ``text``]) or per position (``prompt_id``, ``position``,
+    ``state``)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
