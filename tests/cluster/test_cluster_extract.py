@@ -34,8 +34,9 @@ def test_retries_exhausted_is_one_line_and_the_store_resumes(ray_local, chaos_di
         ray_extract(tiny_llama, tmp_path / "store", dataclasses.replace(one_worker, max_retries=0))
     message = str(err.value)
     assert message.startswith("extraction of shard") and "cluster.max_retries=0" in message and "\n" not in message
-    partial = open_store(tmp_path / "store")
-    assert not partial.complete and len(partial.shards) == 3
+    partial = open_store(tmp_path / "store")  # the shards before the lost one (the write of shard 2 may be lost too)
+    assert not partial.complete and len(partial.shards) <= 3
+    assert [s["files"] for s in partial.shards] == [s["files"] for s in local_store.shards[:len(partial.shards)]]
     assert_same_store(local_store, ray_extract(tiny_llama, tmp_path / "store", one_worker))
 
 
