@@ -93,12 +93,13 @@ def scan_panel(path: str, first_id: int, stop_id: int, layer: int, start: int, s
 
 @ray.remote
 def search_tile(path: str, first_id: int, stop_id: int, layer: int, panel_p: list[BlockSpec],
-                panel_q: list[BlockSpec] | None, mu: np.ndarray, nn_seed: np.ndarray, threshold: float, cfg: dict,
-                budget: int, threads: int, tag: str):
+                panel_q: list[BlockSpec] | None, mu: np.ndarray, nn_seed: np.ndarray, tau_seed: float,
+                threshold: float, cfg: dict, budget: int, threads: int, tag: str):
     """Screen every pair of rows in panels P x Q with the local engine (``panel_q=None``: the pairs
     within P, each once).
 
-    ``nn_seed``: squared exact nn distances known so far for the rows of P then Q, engine order.
+    ``nn_seed``: squared exact nn distances known so far for the rows of P then Q, engine order;
+    ``tau_seed``: the smallest squared exact distance known so far (used with ``nearest`` off).
     Returns the partial result that ``_Reduction.merge`` takes.
     """
     view = _store(path, first_id, stop_id)
@@ -115,8 +116,12 @@ def search_tile(path: str, first_id: int, stop_id: int, layer: int, panel_p: lis
             blocks.append(make_block(xv, torch.from_numpy(spec.valid + spec.start).to(dev), local, mu_t))
             local += len(spec.valid)
         chaos_point(tag)
-        state = PairSearch(local, view.d, dev, threshold, cfg["precision"], budget, cfg["block_rows"])
-        state.nn_exact.copy_(torch.tensor(nn_seed))
+        state = PairSearch(local, view.d, dev, threshold, cfg["precision"], budget, cfg["block_rows"],
+                           nearest=cfg["nearest"])
+        if cfg["nearest"]:
+            state.nn_exact.copy_(torch.tensor(nn_seed))
+        else:  # minimum and collisions only: prune with the best exact distance known so far
+            state.tau = tau_seed
         left, right = blocks[:len(panel_p)], blocks if same else blocks[len(panel_p):]
         for jb, bj in enumerate(right):
             rhs = right_operand(bj.left, view.d)
@@ -140,7 +145,8 @@ class _Reduction:
     """The running merge of tile results, held in a PairSearch so that the local ``_result`` builds the answer."""
 
     def __init__(self, m: int, d: int, threshold: float, cfg: SearchConfig):
-        self.state = PairSearch(m, d, torch.device("cpu"), threshold, cfg.precision, cfg.max_candidates, 1)
+        self.state = PairSearch(m, d, torch.device("cpu"), threshold, cfg.precision, cfg.max_candidates, 1,
+                                nearest=cfg.nearest)
         self.nn = np.full(m, math.inf)  # squared exact nn distance per engine row, so far
 
     def merge(self, part: dict, rows: np.ndarray) -> None:
@@ -217,7 +223,8 @@ def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConf
     if cluster_cfg.panel_blocks < 1:
         raise CollideError(f"cluster.panel_blocks={cluster_cfg.panel_blocks} must be >= 1")
     block_rows = search_cfg.block_rows
-    cfg = dict(device=search_cfg.device, precision=str(search_cfg.precision), block_rows=block_rows)
+    cfg = dict(device=search_cfg.device, precision=str(search_cfg.precision), block_rows=block_rows,
+               nearest=bool(search_cfg.nearest))
     threads = search_cfg.threads or max(1, int(cluster_cfg.cpus_per_worker))
     with ray_session(cluster_cfg, store.path):
         opts = remote_options(cluster_cfg, retries=True)
@@ -237,8 +244,8 @@ def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConf
             rows = engine[p] if p == q else np.concatenate([engine[p], engine[q]])
             budget = max(search_cfg.max_candidates - red.state.n_candidates, 0)
             ref = search_tile.options(**opts, name="collide-tile").remote(
-                path, first, stop, layer, panels[p], None if p == q else panels[q], mu_ref, red.nn[rows], threshold,
-                cfg, budget, threads, f"tile-{p}-{q}")
+                path, first, stop, layer, panels[p], None if p == q else panels[q], mu_ref, red.nn[rows],
+                red.state.tau, threshold, cfg, budget, threads, f"tile-{p}-{q}")
             in_flight[ref] = (rows, f"tile ({p}, {q}) of layer {layer}")
             while len(in_flight) >= limit or (t == len(pairs) - 1 and in_flight):
                 done, _ = ray.wait(list(in_flight), num_returns=1)

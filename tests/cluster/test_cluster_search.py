@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from collide.cluster import search_store_ray
@@ -27,3 +28,10 @@ def test_ray_search_of_a_view_with_one_panel(ray_local, search_store_300):
     view = search_store_300.select(100)
     one_panel = dataclasses.replace(CLUSTER, panel_blocks=64)
     assert_same(search_store(view, 1, 1e-6, SEARCH), search_store_ray(view, 1, 1e-6, SEARCH, one_panel))
+
+
+def test_ray_search_without_nearest_equals_local(ray_local, search_store_300):
+    no_nn = dataclasses.replace(SEARCH, nearest=False)
+    local = search_store(search_store_300, 1, 1e-6, no_nn)
+    assert_same(local, search_store_ray(search_store_300, 1, 1e-6, no_nn, CLUSTER))
+    assert np.isnan(local.result.nn_distance).all() and local.result.distance > 0
