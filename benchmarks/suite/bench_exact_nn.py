@@ -36,19 +36,26 @@ def random_overhead() -> float:
     return best["nearest=True"] / best["nearest=False"]
 
 
-def smollm2_overhead() -> float:
-    """Seconds with nearest / seconds without, ``search_store`` over SMOLLM2_LAYERS of a SmolLM2 store."""
+def smollm2_overhead(n: int | None = None) -> float:
+    """Seconds with nearest / seconds without, ``search_store`` over SMOLLM2_LAYERS of a store of the
+    first ``n`` (default: by size) distinct stdlib-docs prompts of SmolLM2."""
     import tempfile
     from pathlib import Path
 
-    from collide.config import SearchConfig
+    from collide.config import ExtractConfig, SearchConfig, StoreConfig
+    from collide.corpus import iter_prompts, load_corpus_config
+    from collide.extract import extract_to_store
     from collide.search import search_store
 
-    from .common import smollm2_store
+    from .common import smollm2
 
-    n, reps = pick(48, 1500, 1500), pick(2, 3, 3)
+    n, reps = n or pick(48, 1500, 1500), pick(2, 3, 3)
+    lm = smollm2()
     with tempfile.TemporaryDirectory(prefix="collide_bench_exact_nn_") as tmp:
-        store = smollm2_store(Path(tmp) / "store", n, SMOLLM2_LAYERS)
+        # the whole stream: its first n prompts may hold duplicates, the store takes n distinct ones
+        store = extract_to_store(lm, iter_prompts(load_corpus_config("stdlib-docs"), lm.tokenizer), SMOLLM2_LAYERS,
+                                 Path(tmp) / "store", n, {"bench": "exact_nn", "n": n}, StoreConfig(shard_rows=256),
+                                 ExtractConfig(batch_tokens=2048, progress=False))
 
         def search(nearest: bool):
             cfg = SearchConfig(progress=False, threads=threads(), nearest=nearest)
