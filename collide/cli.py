@@ -18,6 +18,7 @@ import sys
 import typing
 from dataclasses import MISSING as NO_DEFAULT, dataclass, fields, is_dataclass
 from enum import Enum
+from pathlib import Path
 
 from collide.errors import CollideError
 
@@ -140,8 +141,9 @@ def compose(name: str, argv: list[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     command = COMMANDS[name]
-    positional = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
+    # run directories are named key=value,...: an existing path is positional even with '=' in its name
+    positional = [a for a in argv if "=" not in a or Path(a).exists()]
+    overrides = [a for a in argv if a not in positional]
     if command.positional is None:
         if positional:
             raise CollideError(f"`collide {name}` takes only key=value overrides, got {positional}; "

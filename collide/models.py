@@ -222,6 +222,21 @@ def parse_layers(spec, n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
+def select_layers(spec, available: list[int]) -> list[int]:
+    """The stored layers ``spec`` asks for, read as ``parse_layers`` reads it: "all" and a range "a:b"
+    take the ``available`` layers (a store's) within it; an int or a list must name available layers."""
+    if spec == "all" or spec is None:
+        return list(available)
+    wanted = parse_layers(spec, max(available))
+    if isinstance(spec, str) and ":" in spec:
+        wanted = [k for k in wanted if k in available]
+    missing = [k for k in wanted if k not in available]
+    if missing or not wanted:
+        raise CollideError(f"layers={spec!r}: the store holds layers {list(available)}, not {missing or spec}; "
+                           "pick layers among those")
+    return wanted
+
+
 class _StopForward(Exception):
     """Raised by a hook once the deepest selected layer has been captured."""
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from collide.atomic import atomic_write_json, atomic_write_text
 from collide.config import PrecacheConfig
 from collide.errors import CollideError
 
@@ -257,39 +257,15 @@ def _run(cfg: PrecacheConfig, command: str | None) -> dict:
     result["seconds"], result["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "precache.json").write_text(json.dumps(result, indent=1))
-    (out / "precache.md").write_text(markdown(result))
+    atomic_write_json(out / "precache.json", result)
+    atomic_write_text(out / "precache.md", markdown(result))
     if cfg.figures:
         precache_figure(result, out / "figures" / "precache_r2.png")
     log.info("wrote %s (%.0f s)", out / "precache.json", result["seconds"])
     return result
 
 
-def parse_args(argv: list[str]) -> PrecacheConfig:
-    """key=value overrides merged into the typed PrecacheConfig (no positional argument)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+if __name__ == "__main__":  # python -m collide.precache ... = collide precache ...
+    from collide.cli import module_main
 
-    stray = [a for a in argv if "=" not in a]
-    if stray:
-        raise CollideError(f"unexpected argument(s) {stray}; usage: collide precache [out=DIR] [steps=N] [modes=[...]]")
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrecacheConfig), OmegaConf.from_dotlist(argv)))
-    except OmegaConfBaseException as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CollideError(f"bad override in {argv}: {first}; "
-                           f"keys: {list(PrecacheConfig.__dataclass_fields__)}") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    try:
-        run(parse_args(sys.argv[1:] if argv is None else argv))
-    except CollideError as exc:
-        print(f"collide: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    module_main("precache")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -286,40 +285,15 @@ def probe_states(tokens: list[np.ndarray], ids: np.ndarray, layer_states: LayerS
 # --------------------------------------------------------------------------- store, outputs, command line
 
 
-def resolve_source(source: str) -> tuple[Path, Path]:
-    """(store directory, default output directory) of SOURCE: a store (output: its parent), or a run
-    directory whose store.json names its store, or that holds ``store/`` (output: the run directory)."""
-    from collide.store import MANIFEST
+def open_all_positions(source: str):
+    """The store that SOURCE is or that the run SOURCE used; CollideError unless it keeps every position."""
+    from collide.store import open_run_store
 
-    path = Path(source)
-    if (path / MANIFEST).is_file():
-        return path, path.parent
-    record = path / "store.json"
-    if record.is_file():
-        try:
-            store_dir = Path(json.loads(record.read_text())["path"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CollideError(f"cannot read the store's path from {record}: {exc!r}; pass the store directory "
-                               "itself") from exc
-        if (store_dir / MANIFEST).is_file():
-            return store_dir, path
-        raise CollideError(f"{record} names the store {store_dir}, which holds no {MANIFEST}; it was moved or "
-                           "deleted: pass the store directory itself, or rerun the run's command to rebuild it")
-    if (path / "store" / MANIFEST).is_file():
-        return path / "store", path
-    raise CollideError(f"{source} is neither a collide store (no {MANIFEST}) nor a run directory (no store.json); "
-                       "pass the run directory or the store directory")
-
-
-def open_all_positions(store_dir: Path):
-    """The store at ``store_dir``; CollideError unless it keeps the state at every position."""
-    from collide.store import open_store
-
-    store = open_store(store_dir)
+    store = open_run_store(source)
     if store.positions != "all":
-        raise CollideError(f"the store {store_dir} keeps only each prompt's last-token state (positions=last); "
-                           "a probe reads every position: extract again with store.positions=all, e.g. `python -m "
-                           "collide model=smollm2 n_prompts=2000 store.positions=all layers=[0,8,16,24,30]`")
+        raise CollideError(f"the store {store.path} keeps only each prompt's last-token state (positions=last); "
+                           "a probe reads every position: extract again with store.positions=all, e.g. `collide run "
+                           "model=smollm2 n_prompts=2000 store.positions=all layers=[0,8,16,24,30]`")
     return store
 
 
@@ -352,12 +326,14 @@ def run(cfg: ProbeConfig, command: str | None = None) -> dict:
     """Probe the store of ``cfg.source`` and write probe.json, probe.md and the figure; returns probe.json's dict.
 
     ``command``: the command line that asked for it, recorded in probe.json."""
+    from collide.atomic import atomic_write_json, atomic_write_text
     from collide.figures import probe_figure
-    from collide.search.__main__ import select_layers
+    from collide.models import select_layers
 
     t0 = time.perf_counter()
-    store_dir, default_out = resolve_source(cfg.source)
-    store = open_all_positions(store_dir)
+    store = open_all_positions(cfg.source)
+    store_dir = store.path
+    default_out = store_dir.parent if Path(cfg.source).resolve() == store_dir.resolve() else Path(cfg.source)
     layers = select_layers(cfg.layers, store.layers)
     table = store.prompts(["prompt_id", "token_ids"])
     ids = table.column("prompt_id").to_numpy()
@@ -369,44 +345,15 @@ def run(cfg: ProbeConfig, command: str | None = None) -> dict:
     result["seconds"] = time.perf_counter() - t0
     out = Path(cfg.out) if cfg.out else default_out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps(result, indent=1))
-    (out / "probe.md").write_text(markdown(result))
+    atomic_write_json(out / "probe.json", result)
+    atomic_write_text(out / "probe.md", markdown(result))
     if cfg.figures:
         probe_figure(result, out / "figures" / "probe_accuracy.png")
     log.info("wrote %s (%.1f s)", out / "probe.json", result["seconds"])
     return result
 
 
-def parse_args(argv: list[str]) -> ProbeConfig:
-    """SOURCE and key=value overrides merged into the typed ProbeConfig."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+if __name__ == "__main__":  # python -m collide.probe ... = collide probe ...
+    from collide.cli import module_main
 
-    paths = [a for a in argv if "=" not in a or Path(a).exists()]  # run directories are named key=value,...
-    if len(paths) != 1:
-        raise CollideError(f"expected one RUN (a run or store directory) and key=value overrides, got {argv!r}; "
-                           "usage: collide probe RUN [layers=...] [taus=[1,2,3,4]] [vocab=1024] [out=DIR]")
-    overrides = [f"layers='{a[7:]}'" if a.startswith("layers=") and ":" in a and "'" not in a else a
-                 for a in argv if a not in paths]
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(ProbeConfig), OmegaConf.from_dotlist(overrides),
-                              {"source": paths[0]})
-        return OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CollideError(f"bad override in {overrides}: {first}; "
-                           f"keys: {list(ProbeConfig.__dataclass_fields__)}") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    try:
-        run(parse_args(sys.argv[1:] if argv is None else argv))
-    except CollideError as exc:
-        print(f"collide: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    module_main("probe")

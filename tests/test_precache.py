@@ -7,9 +7,15 @@ import json
 import pytest
 import torch
 
+from collide.cli import main as cli_main
 from collide.config import PrecacheConfig
 from collide.errors import CollideError
-from collide.precache import TinyGPT, main, make_batch, r2_probes, run
+from collide.precache import TinyGPT, make_batch, r2_probes, run
+
+
+def main(argv: list[str]) -> int:
+    """``collide precache ARGV``: the command line the user types."""
+    return cli_main(["precache", *argv])
 
 
 def small(**overrides) -> PrecacheConfig:

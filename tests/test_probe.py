@@ -7,11 +7,17 @@ import json
 import numpy as np
 import pytest
 
+from collide.cli import main as cli_main
 from collide.config import ProbeConfig
 from collide.errors import CollideError
-from collide.probe import Rows, baselines, main, probe_states, split_prompts
+from collide.probe import Rows, baselines, probe_states, split_prompts
 
 V, D = 40, 24  # synthetic vocabulary and state width
+
+
+def main(argv: list[str]) -> int:
+    """``collide probe ARGV``: the command line the user types."""
+    return cli_main(["probe", *argv])
 
 
 def planted(n_prompts: int = 240, seed: int = 0):
@@ -146,4 +152,4 @@ def test_store_without_every_position_names_the_fix(tmp_path, capsys):
 def test_bad_override_is_one_line(capsys):
     assert main(["somewhere", "vocab=many"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("collide: error: bad override") and err.count("\n") == 0
+    assert err.startswith("collide: error:") and "vocab" in err and err.count("\n") == 0

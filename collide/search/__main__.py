@@ -20,27 +20,9 @@ from pathlib import Path
 
 from collide.config import SearchCommandConfig
 from collide.errors import CollideError
+from collide.models import select_layers
 
 log = logging.getLogger("collide.search")
-
-
-def select_layers(spec, available: list[int]) -> list[int]:
-    """The layers asked for ("all", an int, a list or "a:b" inclusive), each of which the store must hold."""
-    if spec in ("all", None):
-        return list(available)
-    if isinstance(spec, str) and ":" in spec:
-        lo, hi = spec.split(":", 1)
-        lo, hi = int(lo) if lo else min(available), int(hi) if hi else max(available)
-        wanted = [k for k in available if lo <= k <= hi]
-    elif isinstance(spec, (int, str)):
-        wanted = [int(spec)]
-    else:
-        wanted = sorted({int(k) for k in spec})
-    missing = [k for k in wanted if k not in available]
-    if missing or not wanted:
-        raise CollideError(f"layers={spec!r}: the store holds layers {available}, not {missing or spec}; "
-                           "pick layers among those")
-    return wanted
 
 
 def run(cfg: SearchCommandConfig, command: str = "") -> dict:

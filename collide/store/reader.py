@@ -330,7 +330,7 @@ def open_run_store(path: str | os.PathLike) -> Store:
     if record_file.is_file():
         try:
             record = json.loads(record_file.read_text())
-            store_dir, n_prompts = Path(record["path"]), int(record["n_prompts"])
+            store_dir, n_prompts = Path(record["path"]), record.get("n_prompts")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CollideError(f"cannot read {record_file} ({exc!r}); rerun the run's own `collide run` command "
                                "to rewrite it (a complete store is only searched again)") from None
@@ -338,7 +338,7 @@ def open_run_store(path: str | os.PathLike) -> Store:
             raise CollideError(f"{record_file} names the store {store_dir}, which holds no {MANIFEST} (moved or "
                                "deleted?): pass the store directory itself, or rerun the run's command to rebuild it")
         store = open_store(store_dir)
-        return store.select(n_prompts) if store.n_rows > n_prompts else store
+        return store.select(int(n_prompts)) if n_prompts is not None and store.n_rows > n_prompts else store
     if (path / "store" / MANIFEST).is_file():
         return open_store(path / "store")
     raise CollideError(f"{path} is neither a collide store (no {MANIFEST}) nor a run directory (no {RUN_RECORD}); "
