@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # then sees it through --system-site-packages.
 TORCH_CPU := torch==2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
-EXTRAS := faiss,hub,embedded,test
+EXTRAS := faiss,hub,embedded,ray,test
 RUN_DIR ?= runs/default
 ARGS ?=
 
