@@ -10,7 +10,8 @@ import torch
 
 from collide.config import InvertConfig, ModelConfig
 from collide.errors import CollideError
-from collide.invert.__main__ import main, run
+from collide.cli import main as cli_main
+from collide.invert.__main__ import run
 from collide.invert.sipit import Inverter, epsilon_rule
 from collide.models import load_model
 
@@ -228,7 +229,7 @@ def test_bad_input_is_one_line(models, tmp_path, bad, match):
 
 
 def test_main_prints_one_line_errors(tmp_path, capsys):
-    assert main([str(tmp_path / "missing.npy"), "model=tiny-random", "layer=1"]) == 2
+    assert cli_main(["invert", str(tmp_path / "missing.npy"), "model=tiny-random", "layer=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("collide: error: SOURCE") and err.count("\n") == 1
 
@@ -276,15 +277,14 @@ def test_store_source_scored_against_its_true_tokens(models, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_smollm2_prompts_inverted_exactly():
+def test_real_smollm2_prompts_inverted_exactly(compose):
     """The embedded SmolLM2 (Q4_1 rows: 11 duplicates), two stdlib-docs windows cut to 3 tokens, layer L/4.
 
     The random policy with large batches: on this model the gradient policy's ranking gives no
     head start (docs/inversion.md), so each position costs about half the vocabulary either way."""
     from collide.corpus import iter_prompts, load_corpus_config
-    from collide.invert.__main__ import model_config, shipped_model
 
-    lm = load_model(model_config(shipped_model("smollm2")))
+    lm = load_model(compose(["model=smollm2"]).model)
     corpus = load_corpus_config("stdlib-docs")
     prompts = [list(p.token_ids)[:3] for _, p in zip(range(2), iter_prompts(corpus, lm.tokenizer))]
     layer = lm.n_layers // 4

@@ -1,4 +1,4 @@
-"""``python -m collide.invert SOURCE [layer=K] [model=NAME] [key=value ...]``: recover prompts from their states.
+"""``collide invert SOURCE [layer=K] [model=NAME] [key=value ...]``: recover prompts from their states.
 
 Keys: ``collide.config.InvertConfig`` (``--help`` lists them). SOURCE and the algorithm:
 ``collide.invert.sources`` and ``collide.invert.sipit``; outputs: ``collide.invert.output``;
@@ -8,15 +8,12 @@ the whole story with measured figures: ``docs/inversion.md``.
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from collide.config import InvertConfig, ModelConfig
 from collide.errors import CollideError
@@ -32,18 +29,6 @@ def model_config(model: dict, overrides: Optional[list[str]] = None) -> ModelCon
     if overrides:
         base = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
     return OmegaConf.to_object(base)
-
-
-def shipped_model(name: str) -> dict:
-    """``conf/model/<name>.yaml`` as a dict."""
-    from importlib.resources import files
-
-    from collide.corpus import available
-
-    path = files("collide.conf").joinpath("model", f"{name}.yaml")
-    if not path.is_file():
-        raise CollideError(f"unknown model {name!r}; choose one of {available('model')}")
-    return OmegaConf.to_container(OmegaConf.load(str(path)))
 
 
 def default_out(source: Source, layer: int, policy: str) -> Path:
@@ -148,45 +133,7 @@ def run(cfg: InvertConfig, command: Optional[str] = None) -> dict:
     return doc
 
 
-def parse_args(argv: list[str]) -> InvertConfig:
-    """SOURCE and ``key=value`` overrides -> InvertConfig; ``model=NAME`` picks ``conf/model/NAME.yaml``."""
-    positional = [a for a in argv if "=" not in a]
-    if len(positional) != 1:
-        raise CollideError(f"python -m collide.invert takes one SOURCE, got {positional or 'none'}; see --help")
-    pairs = [a for a in argv if "=" in a]
-    model_name = [a.split("=", 1)[1] for a in pairs if a.startswith("model=")]
-    model_keys = [a.removeprefix("model.") for a in pairs if a.startswith("model.")]
-    rest = [a for a in pairs if not a.startswith("model=") and not a.startswith("model.")]
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(InvertConfig), OmegaConf.from_dotlist(rest))
-        cfg.source = positional[0]
-        cfg = OmegaConf.to_object(cfg)
-        if model_name:
-            cfg.model = model_config(shipped_model(model_name[-1]), model_keys)
-        elif model_keys:
-            source = open_source(cfg.source, cfg.layer)
-            if source.model is None:
-                raise CollideError(f"model.* overrides need a model: add model=<name> for {source.path}")
-            cfg.model = model_config(source.model, model_keys)
-    except (OmegaConfBaseException, ValueError) as exc:
-        raise CollideError(f"{str(exc).strip().splitlines()[0]}; see `python -m collide.invert --help`") from None
-    return cfg
+if __name__ == "__main__":  # python -m collide.invert ... = collide invert ...
+    from collide.cli import module_main
 
-
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip(), "\n\nkeys:", *(f"  {line}" for line in InvertConfig.__dataclass_fields__), sep="\n")
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, force=True,
-                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    try:
-        run(parse_args(argv), command=shlex.join(["python", "-m", "collide.invert", *argv]))
-    except CollideError as exc:
-        print(f"collide: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    module_main("invert")
