@@ -65,7 +65,11 @@ def test_suite_module_tracks_run_at_the_tiny_size(name, monkeypatch):
     measured = {k: v for k, v in values.items() if not isinstance(v, str)}
     assert measured, f"every track_* of {name} skipped at the tiny size: {values}"
     for key, value in measured.items():
-        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+        owner, _, track = key.rpartition(".")
+        unit = getattr(getattr(getattr(module, owner), track) if owner else getattr(module, key), "unit",
+                       getattr(getattr(module, owner), "unit", "ratio") if owner else "ratio")
+        assert isinstance(value, float) and math.isfinite(value), (key, value)
+        assert value > 0 if unit == "ratio" else value >= 0, (key, unit, value)  # a cost ratio is never 0
 
 
 def test_gate_compares_with_the_nearest_recorded_ancestor():
