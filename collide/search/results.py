@@ -107,14 +107,14 @@ class LayerResult:
                          "distance": pa.array(np.asarray(c.distance, np.float64), pa.float64())})
 
     def write_collisions(self, path: str | Path) -> None:
-        """Write ``collision_table()`` (every collision, even none) to the Parquet file ``path``,
-        through a temporary name and a rename, so that a reader never sees half a file."""
+        """Write ``collision_table()`` (every collision, even none) to the Parquet file ``path``
+        atomically (collide.atomic), so that a reader never sees half a file."""
         import pyarrow.parquet as pq
 
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(self.collision_table(), tmp)
-        tmp.replace(path)
+        from collide.atomic import atomic_write
+
+        table = self.collision_table()
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
     def listed_collisions(self, max_listed: int) -> list[dict]:
         """The ``max_listed`` closest collisions as {"a", "b", "distance"}, a < b prompt ids, sorted by
