@@ -319,6 +319,17 @@ def store_header(lm: LoadedModel, layers: list[int], n_prompts: int, store_cfg: 
         max_batch_size=int(extract_cfg.max_batch_size))
 
 
+def finish_store(writer: StoreWriter, n_done: int, n_prompts: int, store_dir, seconds: float) -> Store:
+    """Mark the store complete once the stream gave ``n_prompts`` distinct prompts; else record where
+    the stream ended (the store stays resumable with a smaller n_prompts) and raise CollideError."""
+    if n_done < n_prompts:
+        writer.mark_stream_end(n_done)
+        raise CollideError(f"the corpus gave only {n_done} distinct prompts, fewer than n_prompts={n_prompts}; "
+                           f"set n_prompts<={n_done} or use a larger corpus (n_prompts={n_done} finishes the "
+                           f"store {store_dir} from the prompts already extracted)")
+    return writer.finish(seconds)
+
+
 def extract_to_store(lm: LoadedModel, prompts: Iterable[Prompt], layers: list[int], store_dir, n_prompts: int,
                      identity: dict, store_cfg: StoreConfig, extract_cfg: ExtractConfig) -> Store:
     """Extract the states of the first ``n_prompts`` distinct prompts into ``store_dir``.
@@ -388,12 +399,7 @@ def extract_to_store(lm: LoadedModel, prompts: Iterable[Prompt], layers: list[in
         finally:
             bar.close()
         seconds = time.perf_counter() - t_start
-        if first_id < n_prompts:
-            writer.mark_stream_end(first_id)
-            raise CollideError(f"the corpus gave only {first_id} distinct prompts, fewer than n_prompts={n_prompts}; "
-                               f"set n_prompts<={first_id} or use a larger corpus (n_prompts={first_id} finishes the "
-                               f"store {store_dir} from the prompts already extracted)")
-        store = writer.finish(seconds)
+        store = finish_store(writer, first_id, n_prompts, store_dir, seconds)
         log.info("extracted %d prompts into %s (%d this run, %d duplicates dropped) in %.1f s: %.1f prompts/s, "
                  "%.0f tokens/s", store.n_rows, os.fspath(store_dir), first_id - start_id,
                  store.manifest["counts"]["n_duplicates"], seconds, (first_id - start_id) / max(seconds, 1e-9),

@@ -47,7 +47,8 @@ from collide.cluster.session import chaos_point, ray_session, remote_options, ta
 from collide.config import ClusterConfig, ExtractConfig, ModelConfig, StoreConfig
 from collide.corpus import Prompt
 from collide.errors import CollideError
-from collide.extract import DistinctPrompts, auto_batch_tokens, forward_shard_adaptive, skip_committed, store_header
+from collide.extract import (DistinctPrompts, auto_batch_tokens, finish_store, forward_shard_adaptive, skip_committed,
+                             store_header)
 from collide.models import LoadedModel, load_model
 from collide.store import Store, StoreWriter, open_store, prompt_table
 
@@ -156,12 +157,7 @@ def extract_to_store_ray(lm: LoadedModel, prompts: Iterable[Prompt], layers: lis
             for worker in workers:
                 ray.kill(worker)
         seconds = time.perf_counter() - t_start
-        if first_id < n_prompts:
-            writer.mark_stream_end(first_id)
-            raise CollideError(f"the corpus gave only {first_id} distinct prompts, fewer than n_prompts={n_prompts}; "
-                               f"set n_prompts<={first_id} or use a larger corpus (n_prompts={first_id} finishes the "
-                               f"store {store_dir} from the prompts already extracted)")
-        store = writer.finish(seconds)
+        store = finish_store(writer, first_id, n_prompts, store_dir, seconds)
         log.info("extracted %d prompts into %s on %d Ray workers (%d this run) in %.1f s: %.1f prompts/s",
                  store.n_rows, os.fspath(store_dir), len(workers), first_id - start_id, seconds,
                  (first_id - start_id) / max(seconds, 1e-9))
