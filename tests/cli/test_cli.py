@@ -132,7 +132,7 @@ def test_tiny_run_writes_the_documented_outputs(tmp_path):
     search = subprocess.run([sys.executable, "-m", "collide.search", str(store_path(run)), "layers=[2]"],
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert search.returncode == 2
-    assert str(damaged) in error_line(search) and "collide.verify" in error_line(search)
+    assert str(damaged) in error_line(search) and "collide verify" in error_line(search)
 
 
 def test_ctrl_c_then_same_command_resumes(tmp_path):

@@ -11,13 +11,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from matplotlib.image import imread
-from report_fakes import FakeStore, brute_force, fake_run
+from tests.report.fakes import FakeStore, brute_force, fake_run
 
 from collide.config import ReportConfig
-from collide.report import add_section, print_summary, render_markdown, write_report
+from collide.report import add_section, print_summary, write_report
+from collide.report.markdown import render_markdown
 from collide.search.results import LayerResult, nn_percentiles
 
-SCHEMA = json.loads((files("collide") / "report_schema.json").read_text())
+SCHEMA = json.loads((files("collide.report") / "report_schema.json").read_text())
 N = 30  # prompts of the fake runs; layer 0 groups them by i mod 5: 5 groups of 6 identical states
 EMBEDDING_PAIRS = 5 * 6 * 5 // 2  # 5 x C(6, 2) colliding pairs at layer 0
 

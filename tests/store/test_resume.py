@@ -145,7 +145,7 @@ def same_store(a: Path, b: Path) -> None:
 
 def test_sigkill_at_several_points_then_resume_equals_an_uninterrupted_run(tmp_path):
     from collide.store import open_store, read_manifest
-    from collide.verify import verify_store
+    from collide.store.verify import verify_store
 
     stores = {spec: tmp_path / spec.replace(":", "-") for spec in KILLS}
     killed = {spec: spawn("kill", spec, str(path)) for spec, path in stores.items()}
@@ -179,7 +179,7 @@ def test_every_position_store_resumes_after_sigkill_with_identical_checksums(tmp
     """store.positions=all: 7 files a shard (prompts, 3 layers, 3 positions); kills after shard 1's
     commit and half-way through shard 1's 3rd file, then a resume equals an uninterrupted run."""
     from collide.store import read_manifest
-    from collide.verify import verify_store
+    from collide.store.verify import verify_store
 
     stores = {spec: tmp_path / (spec.replace(":", "-") + "-all") for spec in ("commit:1", "write:10")}
     killed = {spec: spawn("kill", spec, str(path)) for spec, path in stores.items()}
@@ -203,7 +203,7 @@ def test_every_position_store_resumes_after_sigkill_with_identical_checksums(tmp
 def test_ctrl_c_leaves_a_resumable_store(tmp_path, monkeypatch):
     import collide.extract as extract_mod
     from collide.store import read_manifest
-    from collide.verify import verify_store
+    from collide.store.verify import verify_store
 
     run_extraction(tmp_path / "baseline")
     real = extract_mod.last_token_states

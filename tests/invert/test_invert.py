@@ -11,7 +11,7 @@ import torch
 from collide.config import InvertConfig, ModelConfig
 from collide.errors import CollideError
 from collide.cli import main as cli_main
-from collide.invert.__main__ import run
+from collide.invert.driver import invert_source as run
 from collide.invert.sipit import Inverter, epsilon_rule
 from collide.models import load_model
 
@@ -235,7 +235,7 @@ def test_main_prints_one_line_errors(tmp_path, capsys):
 
 
 def test_paper_baseline_recovers_the_same_prefix(models):
-    from collide.invert.paper import invert_prompt
+    from benchmarks.suite.paper_sipit import invert_prompt
 
     lm = models("gpt2")
     ids = token_ids(b"ab")

@@ -1,4 +1,4 @@
-"""collide.probe: future-token probes on planted data, the baselines, the split and the bad inputs."""
+"""collide.experiments.probe: future-token probes on planted data, the baselines, the split and the bad inputs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from collide.cli import main as cli_main
 from collide.config import ProbeConfig
 from collide.errors import CollideError
-from collide.probe import Rows, baselines, probe_states, split_prompts
+from collide.experiments.probe import Rows, baselines, probe_states, split_prompts
 
 V, D = 40, 24  # synthetic vocabulary and state width
 

@@ -13,9 +13,10 @@ import pytest
 
 import collide.models
 from collide import cli
-from collide.__main__ import identity_hash, run, store_identity, store_location
+from collide.pipeline import run_pipeline as run
+from collide.store.identity import identity_hash, store_identity, store_location
 from collide.errors import CollideError
-from collide.models import parse_layers
+from collide.layers import parse_layers
 from collide.store import open_run_store, open_store
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

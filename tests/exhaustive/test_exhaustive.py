@@ -19,7 +19,7 @@ from scipy.spatial.distance import pdist
 from collide.config import ExhaustiveConfig, ModelConfig
 from collide.continuations import continuation_states, full_forward_states, input_groups
 from collide.errors import CollideError
-from collide.exhaustive import run
+from collide.exhaustive import exhaustive_test as run
 from collide.cli import compose as cli_compose, main as cli_main
 from collide.exhaustive.inputs import validate
 from collide.extract import BF16_RTOL
@@ -27,8 +27,8 @@ from collide.models import load_model
 from collide.search import min_pairwise
 from collide.store import open_store
 
-REPO = Path(__file__).resolve().parents[1]
-SCHEMA = json.loads((REPO / "collide" / "report_schema.json").read_text())
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA = json.loads((REPO / "collide" / "report" / "report_schema.json").read_text())
 FAMILIES = ["gpt2", "llama", "mistral", "phi3", "qwen2", "gemma3_text", "gemma3", "gpt_neo"]
 PREFIX = [256] + list(b"The injectivity of language models.")  # 36 tokens: past the tiny Gemma's window of 8
 
@@ -129,7 +129,7 @@ def tiny_overrides(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, compose, tiny_overrides):
     """A finished `python -m collide` run of the tiny random Llama on 40 stdlib-docs prompts."""
-    from collide.__main__ import run as run_collide
+    from collide.pipeline import run_pipeline as run_collide
 
     run_dir = tmp_path_factory.mktemp("run") / "tiny"
     run_collide(compose(tiny_overrides), run_dir, "python -m collide model=tiny-random n_prompts=40")
@@ -225,7 +225,7 @@ def test_selection_report_and_rerun(run_copy, compose, tiny_overrides):
     assert second["timings"]["extract_s"] == first["timings"]["extract_s"]
     assert (run_copy / "report.md").read_text().count("## Exhaustive continuation test") == 1
 
-    from collide.__main__ import run as run_collide  # the run's own command again rewrites its report
+    from collide.pipeline import run_pipeline as run_collide  # the run's own command again rewrites its report
 
     before = json.loads((run_copy / "report.json").read_text())
     run_collide(compose(tiny_overrides), run_copy, "python -m collide model=tiny-random n_prompts=40")

@@ -1,4 +1,4 @@
-"""collide.precache: the synthetic task, myopic gradients, the R^2 probes and a shortened run."""
+"""collide.experiments.precache: the synthetic task, myopic gradients, the R^2 probes and a shortened run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from collide.cli import main as cli_main
 from collide.config import PrecacheConfig
 from collide.errors import CollideError
-from collide.precache import TinyGPT, make_batch, r2_probes, run
+from collide.experiments.precache import TinyGPT, make_batch, r2_probes, run_experiment as run
 
 
 def main(argv: list[str]) -> int:

@@ -14,10 +14,10 @@ import pytest
 
 from collide.config import SearchConfig
 from collide.search import min_pairwise, search_store
-from collide.search.__main__ import main
+from collide.cli import main
 from collide.store import StoreWriter, open_store, prompt_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 D = 16
 
 
@@ -115,7 +115,7 @@ def test_search_store_reports_prompt_ids_and_a_collision_table(store):
 def test_cli_searches_every_layer_and_writes_json(store, tmp_path, capsys):
     path, full = store
     out = tmp_path / "s.json"
-    assert main([str(path), "layers=[0,2]", "threshold=1e-6", "search.block_rows=25", "search.progress=false",
+    assert main(["search", str(path), "layers=[0,2]", "threshold=1e-6", "search.block_rows=25", "search.progress=false",
                  f"out={out}", "max_listed=1"]) == 0
     summary = json.loads(out.read_text())
     assert [e["layer"] for e in summary["layers"]] == [0, 2]
@@ -134,19 +134,19 @@ def test_cli_searches_every_layer_and_writes_json(store, tmp_path, capsys):
 
 def test_cli_default_output_next_to_the_store_and_layer_range(store, capsys):
     path, _ = store
-    assert main([str(path), "layers=1:2", "search.progress=false"]) == 0
+    assert main(["search", str(path), "layers=1:2", "search.progress=false"]) == 0
     summary = json.loads((path.parent / "search.json").read_text())
     assert [e["layer"] for e in summary["layers"]] == [2]
 
 
 def test_cli_errors_are_one_line_with_exit_2(store, capsys):
     path, _ = store
-    assert main([str(path), "search.blok_rows=5"]) == 2
+    assert main(["search", str(path), "search.blok_rows=5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("collide: error:") and "blok_rows" in err and "\n" not in err
-    assert main([str(path), "layers=[1]"]) == 2
+    assert main(["search", str(path), "layers=[1]"]) == 2
     assert "holds layers [0, 2]" in capsys.readouterr().err
-    assert main([str(path.parent / "nope")]) == 2
+    assert main(["search", str(path.parent / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
 
 

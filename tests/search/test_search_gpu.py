@@ -18,7 +18,7 @@ import collide.search.symmetric as symmetric
 from collide.search import min_pairwise
 from collide.search.api import numerics
 from collide.search.bounds import screening_constant
-from collide.search.gpu_bound_check import worst_error_ratio
+from benchmarks.gpu_bound_check import worst_error_ratio
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 PRECISIONS = ("fp32", "tf32x3")

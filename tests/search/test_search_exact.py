@@ -15,7 +15,7 @@ import torch
 from collide.config import SearchConfig
 from collide.errors import CollideError
 from collide.search import min_pairwise, search_store
-from collide.search.gpu_bound_check import worst_error_ratio
+from benchmarks.gpu_bound_check import worst_error_ratio
 
 pytest.importorskip("faiss")
 ENGINES = ("torch", "faiss")
@@ -209,7 +209,7 @@ def test_empty_and_single_row_agree_across_backends(n):
 
 
 def test_worst_error_ratio_on_cpu_fp32_is_under_half_and_not_vacuous():
-    """The GPU check's measurement (collide.search.gpu_bound_check), here on the CPU engine in fp32."""
+    """The GPU check's measurement (benchmarks.gpu_bound_check), here on the CPU engine in fp32."""
     r = worst_error_ratio("cpu", "fp32", dims=(8, 64, 576), n=256)
     assert r["passed"] and 0.01 < r["worst_ratio"] <= 0.5, r
     assert set(r["ratios"]) == {f"{f}_d{d}" for f in ("massive", "cancel", "mixed") for d in (8, 64, 576)}

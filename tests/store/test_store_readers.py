@@ -16,10 +16,10 @@ import torch
 
 from collide.errors import CollideError
 from collide.store import StoreWriter, decode_states, encode_states, open_store
-from collide.verify import verify_store
+from collide.store.verify import verify_store
 from test_store import D, header, shard_data, write_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def edge_values() -> np.ndarray:

@@ -16,11 +16,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import collide.store.writer as store_mod
+from collide import cli
 from collide.errors import CollideError
 from collide.store import StoreWriter, open_store, prompt_table
-from collide.verify import verify_store
+from collide.store.verify import verify_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 D = 8
 
 
@@ -178,7 +179,7 @@ def test_resume_keeps_the_stored_batching_and_removes_strays(tmp_path):
     assert not stray.exists() and not (tmp_path / "s" / "prompts" / "part-00001.parquet.tmp").exists()
 
 
-def test_verify_ok_then_names_a_corrupted_and_a_truncated_file(tmp_path):
+def test_verify_ok_then_names_a_corrupted_and_a_truncated_file(tmp_path, capsys):
     write_store(tmp_path / "s")
     assert verify_store(tmp_path / "s") == []
     corrupted = tmp_path / "s" / "layer=3" / "part-00001.parquet"
@@ -196,15 +197,16 @@ def test_verify_ok_then_names_a_corrupted_and_a_truncated_file(tmp_path):
         store.layer(3)
     with pytest.raises(CollideError, match=str(truncated)):
         store.texts([store.shards[2]["first_prompt_id"]])
-    run = subprocess.run([sys.executable, "-m", "collide.verify", str(tmp_path / "s")], capture_output=True, text=True)
-    assert run.returncode == 1
-    assert str(corrupted) in run.stdout and str(truncated) in run.stdout and "FAILED" in run.stdout
+    assert cli.main(["verify", str(tmp_path / "s")]) == 1
+    printed = capsys.readouterr().out
+    assert str(corrupted) in printed and str(truncated) in printed and "FAILED" in printed
 
 
-def test_verify_cli_ok_and_checks_ids_against_the_prompts_file(tmp_path):
+def test_verify_cli_ok_and_checks_ids_against_the_prompts_file(tmp_path, capsys):
     write_store(tmp_path / "s")
-    run = subprocess.run([sys.executable, "-m", "collide.verify", str(tmp_path / "s")], capture_output=True, text=True)
-    assert run.returncode == 0 and run.stdout.startswith("OK ") and "25 prompts" in run.stdout
+    assert cli.main(["verify", str(tmp_path / "s")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("OK ") and "25 prompts" in printed
     # A layer file rewritten with other ids and its manifest entry updated: the checksum passes,
     # the id check does not.
     rel = "layer=0/part-00001.parquet"
@@ -276,7 +278,7 @@ def test_open_store_errors_name_the_path(tmp_path):
 
 
 def test_reader_needs_neither_torch_nor_transformers():
-    code = ("import sys, collide.store, collide.verify; "
+    code = ("import sys, collide.store, collide.store.verify; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

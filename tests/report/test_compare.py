@@ -8,9 +8,10 @@ import sys
 
 import pytest
 from matplotlib.image import imread
-from report_fakes import fake_run
+from tests.report.fakes import fake_run
 
-from collide.compare import compare, main
+from collide.report.__main__ import main
+from collide.report.compare import compare
 from collide.config import ReportConfig
 from collide.errors import CollideError
 from collide.report import write_report
