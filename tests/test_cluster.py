@@ -27,6 +27,8 @@ def test_cluster_local_never_imports_ray():
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
+@pytest.mark.slow  # minutes: a nested pytest over tests/cluster with a local Ray instance
+@pytest.mark.ray
 def test_ray_suite_in_a_loopback_only_namespace():
     problem = namespace_problem()
     if problem:

@@ -54,6 +54,13 @@ def search_store_300(tiny_llama, tmp_path_factory):
     return extract_to_store(tiny_llama, synthetic(400), LAYERS, path, 300, identity(300), STORE, QUIET)
 
 
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.ray)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if "ray" in globals() and ray.is_initialized():
         ray.shutdown()
