@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # CPU machines get the CPU build of torch (never the multi-GB CUDA one): from PyTorch's CPU index
 # when it answers, else plain `pip install torch==2.13.0` (a CPU build where a local wheel is
-# configured, as on our CI). A machine whose Python already has a CUDA torch keeps it: the venv
+# configured, as on CI). A machine whose Python already has a CUDA torch keeps it: the venv
 # then sees it through --system-site-packages.
 TORCH_CPU := torch==2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
@@ -53,8 +53,8 @@ bench: $(STAMP)
 	  --machine $(BENCH_MACHINE) --show-stderr $(ARGS)
 	$(BIN)/python benchmarks/gate.py --machine $(BENCH_MACHINE) --commit $(BENCH_COMMIT)
 
-# On a lent GPU machine (its own python3, no .venv): the GPU tests, benchmarks and diagnostics in at
-# most 8 minutes, into benchmarks/results/gpu-<date>.json. Carry .whl (made here by `make gpu-wheels`);
+# On a GPU machine (its own python3, no .venv): the GPU tests, benchmarks and diagnostics in at
+# most 8 minutes, into benchmarks/results/gpu-<date>.json. Bring .whl (made by `make gpu-wheels` where .venv is);
 # collide itself is installed from this tree into GPU_SITE too (its conf/ is the package collide.conf).
 GPU_SITE := /tmp/collide-gpu-site
 gpu-check:
@@ -64,7 +64,7 @@ gpu-check:
 	  --target $(GPU_SITE) . || echo "gpu-check: collide could not be installed; sections that need collide.conf fail"
 	PYTHONPATH=$(GPU_SITE):. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py $(ARGS)
 
-# The pure-Python packages the GPU machine lacks, as wheels in .whl/ (git-ignored; carry it).
+# The pure-Python packages the GPU machine lacks, as wheels in .whl/ (git-ignored; copy it to the GPU machine).
 gpu-wheels: $(STAMP)
 	$(BIN)/pip wheel -q --no-deps -w .whl \
 	  $$($(BIN)/pip freeze | grep -iE '^(hydra-core|omegaconf|antlr4-python3-runtime)==')

@@ -1,6 +1,6 @@
 """Diagnostic: exactly-equal last-token states of distinct prompts in a random Gemma-3-270M-shaped model.
 
-The open question (issue 13): a 1,000-prompt run on random weights shaped like Gemma-3-270M
+The open question: a 1,000-prompt run on random weights shaped like Gemma-3-270M
 (``benchmarks/gemma3_270m_config.json``) reported 35 exactly-equal state pairs at layer 18 when the
 model was built on the GPU (``AutoModelForCausalLM.from_config`` inside ``with torch.device("cuda")``),
 then saved and loaded back by the run, where the CPU gave none. This module builds the same model

@@ -1,16 +1,16 @@
-"""``make gpu-check``: every GPU-only check of collide in one command, at most 8 minutes on a lent GPU.
+"""``make gpu-check``: every GPU-only check of collide in one command, at most 8 minutes on one GPU.
 
     PYTHONPATH=. python3 benchmarks/gpu_check.py [--out benchmarks/results] [--cpu-smoke]
 
 Writes ``<out>/gpu-<UTC date>.json`` (``--cpu-smoke``: ``cpu-smoke.json``) with one entry per section:
 
-1. ``tests``: the GPU-only tests (``tests/test_search_gpu.py``: the search on the device and its
+1. ``tests``: the GPU-only tests (``tests/search/test_search_gpu.py``: the search on the device and its
    error bounds) through pytest, with its summary line and exit status;
 2. ``prefix_attention``: cached continuations vs full forwards of prefix+token on the device (tiny
    random Llama and Gemma-3), max relative difference of the last-layer states;
 3. ``error_bound``: the screening GEMM's worst observed error over its rigorous bound, fp32 and
    tf32x3 (``collide.search.gpu_bound_check.worst_error_ratio``; ``passed`` when at most its LIMIT),
-   or ``absent`` while it has not landed;
+   or ``absent`` where that module is missing;
 4. ``search``: ``min_pairwise`` at n=1e5, d=4096, fp32 and tf32x3 (suite.bench_search.gpu_search);
 5. ``extraction_mfu``: ``extract_to_store`` of 4096 prompts of 9-33 tokens through a random
    Llama-3.1-8B-shaped model in bf16 (all 33 layers kept), as model flops per second (2 x the
@@ -19,8 +19,8 @@ Writes ``<out>/gpu-<UTC date>.json`` (``--cpu-smoke``: ``cpu-smoke.json``) with 
 6. ``exhaustive``: one prompt x the whole 262,144-token vocabulary of a random Gemma-3-270M-shaped
    model at its last layer: continuation states/s and the certified search over C(262144, 2) pairs;
 7. ``equal_states``: the diagnostic of benchmarks/equal_states.py (1,000 prompts, both builds);
-8. ``inversion``: the ``track_*`` ratios of ``benchmarks/suite/bench_invert.py`` (quick size) once
-   ``collide.invert`` and that module have landed, else ``absent`` and which is missing.
+8. ``inversion``: the ``track_*`` ratios of ``benchmarks/suite/bench_invert.py`` (quick size), or
+   ``absent`` and which is missing when ``collide.invert`` or that module is.
 
 Without CUDA every GPU section is skipped with a message and nothing is written; ``--cpu-smoke``
 then runs the equal-states diagnostic on 24 prompts on the CPU at toy widths (``equal_states.SMOKE``) and writes ``cpu-smoke.json`` (each
@@ -179,7 +179,7 @@ def section(name: str, fn, out: dict) -> None:
     tic = time.perf_counter()
     try:
         out[name] = fn()
-    except Exception as exc:  # a broken section must not cost the others their loan
+    except Exception as exc:  # a broken section must not stop the others
         out[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
     out[name]["seconds"] = round(time.perf_counter() - tic, 2)
     print(json.dumps(out[name], default=str)[:600], flush=True)

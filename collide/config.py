@@ -1,6 +1,6 @@
 """Typed config schema of collide.
 
-Every YAML file under ``conf/`` is validated against these dataclasses (registered in
+Every YAML file under ``collide/conf/`` is validated against these dataclasses (registered in
 Hydra's ConfigStore), so a misspelt key or a value outside a fixed set (the Enums below) fails
 when the config is composed, with its name. The groups mirror the pipeline stages:
 model -> corpus -> extract -> store -> search -> report; cluster says where the work runs.
@@ -343,7 +343,7 @@ class InvertConfig:
 
 
 def register_configs() -> None:
-    """Register ``collide_schema`` (extended by ``conf/config.yaml``; its groups are typed through it)."""
+    """Register ``collide_schema`` (extended by ``collide/conf/run.yaml``; its groups are typed through it)."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="collide_schema", node=CollideConfig)

@@ -12,7 +12,7 @@ Conventions (as in ``collide.models``):
   layer L is read after the final norm);
 * a state is the hidden state at the appended token, i.e. position P of the sequence
   ``prefix + [token]``, which is exactly what a full forward of that sequence gives at its last
-  token (within fp32 round-off; ``tests/test_exhaustive.py`` checks it on each tiny architecture);
+  token (within fp32 round-off; ``tests/exhaustive/test_exhaustive.py`` checks it on each tiny architecture);
 * the prefix is fed as is: it holds the model's BOS where the run's prompts did.
 
 Exactness property: a token enters the model only through its input-embedding row, so tokens

@@ -195,7 +195,7 @@ def windows(docs: Iterable[tuple[str, str]], tokenizer, cfg: CorpusConfig) -> It
 
 
 def load_corpus_config(name: str) -> CorpusConfig:
-    """The shipped ``conf/corpus/<name>.yaml``, validated against CorpusConfig."""
+    """The shipped ``collide/conf/corpus/<name>.yaml``, validated against CorpusConfig."""
     path = files("collide.conf").joinpath("corpus", f"{name}.yaml")
     if not path.is_file():
         raise CollideError(f"unknown corpus {name!r}; choose one of {available('corpus')}")

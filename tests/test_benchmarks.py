@@ -50,7 +50,7 @@ def test_planted_collisions_are_found_and_nothing_else():
     assert (res.distance, res.pair) == (float(np.float32(1e-7)), (11, 1499))
 
 
-@pytest.mark.slow  # about a minute in all with the other engineers' modules (bench_exact_nn loads SmolLM2)
+@pytest.mark.slow  # about a minute in all (bench_exact_nn loads SmolLM2)
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.ray) if n == "bench_ray" else n for n in SUITE])
 def test_suite_module_tracks_run_at_the_tiny_size(name, monkeypatch):
     if name == "bench_ray":

@@ -1,4 +1,4 @@
-"""Every config in conf/ composes, validates, and (for models) loads from a tiny stand-in."""
+"""Every config in collide/conf/ composes, validates, and (for models) loads from a tiny stand-in."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ subprocess on SmolLM2 over the stdlib docs, all 31 layers, 64 prompts (full: 100
 ``make run``; tiny: the tests' tiny random Llama, 32 prompts), with fixed batching
 (``extract.batch_tokens=2048 extract.max_batch_size=32``) so that reruns compare.
 
-The run's exactness (every layer certified, collisions found) is tested by tests/test_cli.py.
+The run's exactness (every layer certified, collisions found) is tested by tests/cli/test_cli.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""asv benchmarks of the cost of exact nearest-neighbour distances (issue 9, item 1).
+"""asv benchmarks of the cost of exact nearest-neighbour distances.
 
 The certified search reports every row's exact nearest-neighbour distance (``search.nearest``,
 the default); without it, only the minimum and the collisions. Each ``track_*`` is the ratio of

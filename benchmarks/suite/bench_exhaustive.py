@@ -9,7 +9,7 @@ tiny: the tests' tiny random Llama on 33 bytes. The value is the median over 3 b
 (full: 5) of the per-round ratio, so that load changes between rounds cancel out.
 
 That both paths give the same states, and that a planted duplicate embedding row collides at
-every layer, are tests (tests/test_exhaustive.py). The GPU run of the whole test on a Gemma-3
+every layer, are tests (tests/exhaustive/test_exhaustive.py). The GPU run of the whole test on a Gemma-3
 270M-shaped model is in ``make gpu-check`` (benchmarks/gpu_check.py).
 """
 

@@ -7,7 +7,7 @@ token at t and of the token at t+1. ``probe_states`` (split, baselines, standard
 fits per layer and tau, validation over 6 strengths, test scoring) is timed against the floor of
 any closed-form probe: one fp32 Gram matrix X^T X over every position of every layer, tau pair
 (``torch.mm``), in the same run. ``track_probe_time_vs_gram`` = probe seconds / Gram seconds,
-lower is better; best of 2 each. The probe's accuracy is a test (tests/test_probe.py).
+lower is better; best of 2 each. The probe's accuracy is a test (tests/experiments/test_probe.py).
 """
 
 from __future__ import annotations

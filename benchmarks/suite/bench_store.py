@@ -12,7 +12,7 @@ back; n, d, shard rows = 16384, 576, 2048 (full: 65536, 1024, 4096; tiny: 2048, 
 - ``iter_blocks_time_vs_raw_parquet``: the same for streaming the layer with ``Store.iter_blocks``.
 
 Reads come from the page cache (the files were just written): they measure decoding, not the disk.
-Each is the best of 3. Round trip and checksums are tests (tests/test_store.py).
+Each is the best of 3. Round trip and checksums are tests (tests/store/test_store.py).
 """
 
 from __future__ import annotations

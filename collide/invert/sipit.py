@@ -43,7 +43,7 @@ from collide.models import LoadedModel
 # by reassociation only: measured at most 9e-7 relative (L2) on the tiny GPT-2/Llama/Gemma-3
 # models at every layer and 1.5e-6 on SmolLM2 at layers 7 and 15 (docs/inversion.md); 1e-4 leaves a 68x margin
 # and stays far below the relative margins between distinct tokens' states (0.2-0.8 on the tiny
-# models, see tests/test_invert.py). bf16/fp16: extract.BF16_RTOL, the measured bound between a
+# models, see tests/invert/test_invert.py). bf16/fp16: extract.BF16_RTOL, the measured bound between a
 # batched and an unpadded forward in bf16, which a cached step obeys too (tests).
 RTOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}
 # Rounding of the stored states to their storage dtype (half an ulp, relative, in L2 at most).

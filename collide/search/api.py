@@ -38,13 +38,8 @@ def pick_backend(backend: str, device) -> str:
 
     Rule for "auto": always "torch" (the symmetric engine), on CPU and on CUDA. It computes each
     unordered pair once where a FAISS self-search computes both triangles, it certifies in one
-    pass (no k widening), and it streams layers larger than memory. Measured with
-    benchmarks/suite/bench_search.py (n=20000, d=576, LLM-like rows, 2 shared CPU cores, runs at load 0
-    to 9): the certified torch engine took 0.46-0.70x the time of a plain, uncertified FAISS
-    IndexFlatL2 k=2 self-search and ran at 0.77x of the sgemm roofline on a quiet machine; the
-    certified faiss backend took 1.5-4.7x as long as the torch engine. On an H100 (n=1e5, d=4096) the torch engine
-    took 0.94 s per layer in fp32 (0.88x of the cuBLAS sgemm roofline) and 0.57 s in tf32x3,
-    certified. ``device`` does not change the rule; it is accepted so that a rule for other
+    pass (no k widening), and it streams layers larger than memory (the measured figures, CPU and
+    GPU, are in benchmarks/results/). ``device`` does not change the rule; it is accepted so that a rule for other
     hardware can use it. "faiss" needs the faiss-cpu or faiss-gpu package.
     """
     if backend not in BACKENDS:

@@ -45,7 +45,7 @@ class Store:
         self.first_id: int = 0  # first prompt id of this view
         self.complete: bool = self.manifest["status"] == "complete"  # False while extraction is unfinished
         self.keep_text: bool = bool(self.manifest.get("keep_text", True))  # prompts carry a text column
-        # files whose sha256 matched the manifest in this session: ``verified`` are files the caller
+        # files whose sha256 matched the manifest since this Store was opened: ``verified`` are files the caller
         # hashed itself (a StoreWriter, from the bytes on disk, as it listed them)
         self._verified: set[Path] = set(verified)
 

@@ -1,4 +1,4 @@
-"""Issue 9, "exact everywhere": every reported distance is the exact fp64 value, with a correctly
+"""Exact everywhere: every reported distance is the exact fp64 value, with a correctly
 rounded square root, on both engines, in memory and streamed from a store.
 
 Ground truth: a brute force over all pairs in fp64 with numpy's IEEE sqrt (``brute_nn``).

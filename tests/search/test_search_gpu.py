@@ -103,7 +103,7 @@ def test_identical_rows_and_budget(precision):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_worst_observed_error_is_at_most_half_the_bound(precision):
-    """Issue 9, item 6: adversarial rows (massive dimensions, near-cancelling sums, mixed exponents),
+    """The error bound on adversarial rows (massive dimensions, near-cancelling sums, mixed exponents),
     d up to 8192. For tf32x3 this tests the assumption on tensor-core accumulation (bounds.py)."""
     r = worst_error_ratio("cuda", precision)
     assert r["passed"] and 0.0 < r["worst_ratio"] <= 0.5, r
