@@ -69,6 +69,14 @@ class Precision(Choice):
     tf32x3 = "tf32x3"
 
 
+class Prune(Choice):
+    """Certified pruning of the search (collide/search/prune.py): auto (on for >= 4096 rows on CPU,
+    see collide.search.prune.choose), off (brute force) or pca (a k-dim PCA lower bound skips pairs)."""
+    auto = "auto"
+    off = "off"
+    pca = "pca"
+
+
 class ExhaustiveMode(Choice):
     """The continuation test: every token after the closest prompts, or the paper appendix's margin."""
     exhaustive = "exhaustive"
@@ -159,6 +167,9 @@ class SearchConfig:
     # Exact certified nearest-neighbour distance of every row (nn percentiles, boxplot);
     # false = minimum and collisions only (nn_distance is null), a little faster.
     nearest: bool = True
+    # Skip the pairs a certified PCA lower bound rules out (same answers): auto = on where measured to
+    # pay (CPU, >= 4096 valid rows; collide.search.prune.choose), off = brute force, pca = always.
+    prune: Prune = Prune.auto
 
 
 @dataclass

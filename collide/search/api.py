@@ -21,6 +21,7 @@ import torch
 from collide.errors import CollideError
 from collide.search.blocks import Block, finite_rows, make_block, sum_rows
 from collide.search.bounds import PRECISIONS
+from collide.search.prune import check_mode, choose, fits_in_memory, load_rows, off_info, pruned_search
 from collide.search.results import LayerResult, PairwiseResult, Pairs
 from collide.search.symmetric import PairSearch, search_blocks
 
@@ -215,7 +216,8 @@ def _result(state: PairSearch, n: int, valid_rows: np.ndarray, invalid_rows: np.
 
 def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="auto", block_rows: int = 4096,
                  precision: str = "fp32", k: int = 8, max_k: int = 1024, max_candidates: int = 50_000_000,
-                 threads: int = 0, progress: bool = False, nearest: bool = True) -> PairwiseResult:
+                 threads: int = 0, progress: bool = False, nearest: bool = True, prune: str = "auto"
+                 ) -> PairwiseResult:
     """Certified exact minimum pairwise L2 distance of the rows of x (n, d), every collision, and
     (``nearest``) every row's exact nearest-neighbour distance.
 
@@ -230,7 +232,9 @@ def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="a
     widest k-NN of the faiss engine. max_candidates: exact re-ranks allowed before the result is
     reported uncertified. threads: CPU threads (0 = all). progress: tqdm bar of pairs done (torch
     engine). nearest: certify each row's nearest-neighbour distance (False: minimum and collisions
-    only, nn_distance all nan; a little faster).
+    only, nn_distance all nan; a little faster). prune: "auto", "off" or "pca" (torch engine: skip the
+    pairs a certified PCA lower bound rules out, same answers; see prune.choose; recorded in
+    ``result.prune``).
     """
     tic = time.perf_counter()
     chosen = pick_backend(backend, device)
@@ -238,6 +242,7 @@ def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="a
     if chosen == "faiss" and precision != "fp32":
         raise CollideError(f"search.precision={precision!r}: the faiss backend screens in fp32 only")
     _check(threshold, block_rows, precision, k, max_k, max_candidates, dev)
+    check_mode(prune)
     xt = as_tensor(x)
     with _search_context(dev, precision, threads):
         if chosen == "faiss":
@@ -255,11 +260,18 @@ def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="a
         xv = xt if len(invalid_rows) == 0 else xt[valid_rows]
         m = xv.shape[0]
         mu = sum_rows(xv, block_rows) / max(m, 1)
-        blocks = [make_block(xv[s:s + block_rows], valid_rows[s:s + block_rows], s, mu)
-                  for s in range(0, m, block_rows)]
         state = PairSearch(m, d, dev, threshold, precision, max_candidates, block_rows, progress, nearest)
-        search_blocks(lambda stop: iter(blocks[:stop]), state)
-    return _result(state, n, valid_rows.cpu().numpy(), invalid_rows, "torch", tic)
+        use, why = choose(prune, m, dev)
+        if use:
+            prune_info = pruned_search(xv, valid_rows, mu, state)
+        else:
+            blocks = [make_block(xv[s:s + block_rows], valid_rows[s:s + block_rows], s, mu)
+                      for s in range(0, m, block_rows)]
+            search_blocks(lambda stop: iter(blocks[:stop]), state)
+            prune_info = off_info(why)
+    res = _result(state, n, valid_rows.cpu().numpy(), invalid_rows, "torch", tic)
+    res.prune = prune_info
+    return res
 
 
 def _store_blocks(store, layer: int, block_rows: int, dev: torch.device, mu: torch.Tensor, stop: int | None
@@ -327,10 +339,19 @@ def search_store(store, layer: int, threshold: float, cfg: "SearchConfig") -> La
         m, d = len(valid_rows), store.d
         state = PairSearch(m, d, dev, threshold, cfg.precision, cfg.max_candidates, cfg.block_rows, cfg.progress,
                            cfg.nearest)
-        if dev.type == "cuda" and m * d * 4 * 2 < DEVICE_FRACTION * torch.cuda.mem_get_info(dev)[0]:
+        resident = dev.type == "cuda" and m * d * 4 * 2 < DEVICE_FRACTION * torch.cuda.mem_get_info(dev)[0]
+        use, why = choose(getattr(cfg, "prune", "off"), m, dev)
+        if use and not (resident or (dev.type == "cpu" and fits_in_memory(m, d))):
+            use, why = False, "the layer is streamed from the store (larger than memory): brute force"
+        prune_info = off_info(why)
+        if use:
+            xv, rows = load_rows(store, layer, cfg.block_rows, dev)
+            prune_info = pruned_search(xv, rows, mu, state)
+        elif resident:
             blocks = list(_store_blocks(store, layer, cfg.block_rows, dev, mu, None))  # resident: read once
             search_blocks(lambda stop: iter(blocks[:stop]), state)
         else:
             search_blocks(lambda stop: _store_blocks(store, layer, cfg.block_rows, dev, mu, stop), state)
     res = _result(state, len(prompt_ids), valid_rows, invalid_rows, "torch", tic)
+    res.prune = prune_info
     return LayerResult(layer=layer, prompt_ids=prompt_ids, result=res)

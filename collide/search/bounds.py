@@ -61,7 +61,7 @@ and the same eta term. It is about 4x the fp32 constant: more candidates, still 
 tensor cores keep at least 24 significant bits (fp32's) of the running sum when they align the
 products to the largest exponent and add them. NVIDIA does not document the width of that
 internal accumulation, so the tf32x3 bound rests on this assumption, not on a theorem; fp32
-(TF32 off) has no such assumption and stays the default. ``collide.search.gpu_bound_check``
+(TF32 off) has no such assumption and stays the default. ``benchmarks.gpu_bound_check``
 measures the worst |s^ - D| / E on adversarial inputs (massive dimensions, near-cancelling sums,
 mixed exponents, d up to 8192) on the GPU at hand, and the GPU check fails above 0.5.
 
@@ -78,6 +78,8 @@ that screening leaves out cannot tie or beat the fp64 value of the reported mini
 """
 
 from __future__ import annotations
+
+import math
 
 U32 = 2.0 ** -24  # fp32 unit roundoff
 U_CENTER = U32 + 2.0 ** -52  # one fp64 rounding of x - mu followed by one fp32 rounding
@@ -116,3 +118,92 @@ def pair_bound(c: float, eta: float, norm_a: float, norm_b: float) -> float:
 def rerank_rel(d: int) -> float:
     """Relative error bound of the fp64 re-rank sum((x_k - y_k)^2) over d columns."""
     return 2.0 * (d + 3) * 2.0 ** -53
+
+
+# ---------------------------------------------------------------------------------------------
+# The projection lower bound of the pruned search (collide/search/prune.py)
+# ---------------------------------------------------------------------------------------------
+PRUNE_PROOF = r"""
+**Lemma (real arithmetic).** Let V be any d x k matrix with ||V||_2 <= 1 (orthonormal columns are
+not needed). For a vector w let p(w) = V^T w and r(w) = sqrt(||w||^2 - ||p(w)||^2) (>= 0 since
+||V||_2 <= 1), and z(w) = [p(w), r(w)] in R^(k+1). Then for all w, v:
+
+    ||z(w) - z(v)||^2 = ||V^T (w - v)||^2 + (r(w) - r(v))^2 <= ||w - v||^2.
+
+Proof. ||z(w)|| = ||w||, so it is enough that <z(w), z(v)> >= <w, v>, i.e. r(w) r(v) >=
+w^T M v with M = I - V V^T. M is positive semi-definite (||V||_2 <= 1), so by the Cauchy-Schwarz
+inequality of the form M, w^T M v <= sqrt(w^T M w) sqrt(v^T M v) = r(w) r(v). For orthonormal V
+this is ||x - y||^2 = ||V^T(x - y)||^2 + ||(I - V V^T)(x - y)||^2 >= ||V^T x - V^T y||^2 +
+(r_x - r_y)^2 (reverse triangle inequality on the residuals).
+
+**Floating point.** u = 2^-53 (fp64), g = gamma_d(u). The engine computes, in fp64:
+w = fl(x - mu) (rows as given, mu the fp64 mean), V' = fl(f V) with f chosen so that
+||V'||_2 <= 1 is proven (basis_scale below), p~ = fl(w V'), n2 = fl(sum w_i^2),
+pn = fl(sum p~_i^2), r~ = fl(sqrt(max(fl(n2 - pn), 0))), Z~ = [p~, r~], and W = sqrt(n2) (1 +
+gamma_{d+2}) >= ||w||. Whatever the summation order:
+1. ||p~ - p(w)|| <= g || |w| |V'| || <= g ||V'||_F ||w|| <= g sqrt(k) ||w||.
+2. |n2 - ||w||^2| <= g ||w||^2; |pn - ||p~||^2| <= gamma_k ||p~||^2 <= gamma_k (1 + g sqrt(k))^2
+   ||w||^2; | ||p~||^2 - ||p||^2 | <= (2 + g sqrt(k)) g sqrt(k) ||w||^2; the subtraction adds
+   u (n2 + pn) <= 3 u ||w||^2. So |fl(n2 - pn)^+ - r(w)^2| <= beta ||w||^2 with
+   beta = SAFETY (g + gamma_k + 3 g sqrt(k) + 3 u) (the clamp at 0 only moves it towards r^2 >= 0).
+3. For a, b >= 0, |a - b| <= sqrt(|a^2 - b^2|), and the square root adds u r~ <= 2 u ||w||: so
+   |r~ - r(w)| <= (sqrt(beta) + 2 u) ||w||, and ||Z~ - z(w)|| <= eps ||w||,
+   eps = g sqrt(k) + sqrt(beta) + 2 u.
+4. w is x - mu rounded once per entry: ||(w_x - w_y) - (x - y)|| <= 2 u (||w_x|| + ||w_y||).
+5. Underflow in fp64 adds at most 2^-1022 per operation; ETA64 = 2^-480 per row covers it in
+   every norm above (d, k < 2^20).
+With the lemma: ||Z~_x - Z~_y|| <= ||w_x - w_y|| + eps (W_x + W_y) + 2 ETA64
+<= ||x - y|| + delta_xy, delta_xy = (eps + 2 u) SAFETY (W_x + W_y) + 2 ETA64 (prune_coefficient).
+
+**Screening the bound in fp32.** Z~ are fp64 rows of width k + 1; the fp32 screen of this module's
+theorem, applied to them (centered on any vector), gives s^ with |s^ - ||Z~_x - Z~_y||^2| <= E_z
+(screening_constant(k + 1), norms of the centered Z~ rows). Hence
+sqrt(D) >= sqrt(max(s^ - E_z, 0)) - delta_xy, and a pair whose s^ exceeds
+
+    prune_threshold(B, delta, E_z) = ((sqrt(B) + delta)^2 + E_z) (1 + PRUNE_MARGIN)
+
+has D > B (PRUNE_MARGIN = 2^-40 covers the fp64 rounding of the threshold itself; the
+conversion to fp32 cannot lose a candidate, tiles.as_threshold). B is the largest squared
+distance the pair could still matter at: the best exact distance (times the re-rank slack), the
+threshold gate, and with nearest either row's nearest-neighbour bound.
+
+**Tiles.** For a tile T of rows with any fp64 centre c_T and R_T >= max_{x in T} ||Z~_x - c_T||,
+the triangle inequality gives, for x in S and y in T, ||Z~_x - Z~_y|| >= ||c_S - c_T|| - R_S - R_T,
+so sqrt(D) >= ||c_S - c_T|| - R_S - R_T - delta_ST with delta_ST from the tiles' largest W. The
+norms are fp64 sums of at most k + 4 < 2^12 terms, relative error below 2^-41; the engine moves
+every computed norm by PRUNE_MARGIN in the safe direction (distances between centres down, radii
+and deltas up) and compares against sqrt(B) (1 + PRUNE_MARGIN), so a tile pair is skipped only
+when every pair in it has D > B.
+
+**The basis scale.** G = fl(V^T V) in fp64; |G - V^T V| <= gamma_d |V|^T |V| entrywise, and each
+entry of |V|^T |V| is at most nu = max_j ||v_j||^2. ||V||_2^2 = ||V^T V||_2 <= ||V^T V||_inf (it is
+symmetric) <= (1 + gamma_k) max_i sum_j |G_ij| + k gamma_d nu (1 + gamma_d) =: s. f =
+1 / (sqrt(s) (1 + PRUNE_MARGIN)), and fl(f V) = f V + Delta with ||Delta||_2 <= ||Delta||_F
+<= u sqrt(k) ||f V||_2, so ||V'||_2 <= (1 + u sqrt(k)) (1 + 2u) / (1 + PRUNE_MARGIN) <= 1 (k < 2^20).
+"""
+
+__doc__ += PRUNE_PROOF
+
+U64 = 2.0 ** -53  # fp64 unit roundoff
+ETA64 = 2.0 ** -480  # per-row absolute term covering fp64 underflow in the projection (see PRUNE_PROOF)
+PRUNE_MARGIN = 2.0 ** -40  # relative margin on fp64-computed norms and thresholds of the pruned search
+
+
+def prune_coefficient(d: int, k: int) -> float:
+    """The coefficient of delta_xy = coef (W_x + W_y) + 2 ETA64: a bound on how much the fp64
+    projection to k + 1 dims can overstate a distance, per unit of row norm (L2, not squared)."""
+    if d >= 2 ** 20 or k >= 2 ** 20:
+        raise ValueError(f"d={d}, k={k}: the projection bound is stated for d, k < 2^20")
+    g = gamma(d, U64)
+    gk = g * math.sqrt(k)
+    beta = SAFETY * (g + gamma(max(k, 1), U64) + 3.0 * gk + 3.0 * U64)
+    eps = gk + math.sqrt(beta) + 2.0 * U64
+    return SAFETY * (eps + 2.0 * U64)
+
+
+def prune_threshold(b, delta, e_z):
+    """fp32 screening threshold of the projected squared distance s^ (works on floats and tensors):
+    a pair with s^ above it has exact squared distance D > b. b: squared distance (fp64);
+    delta: L2 (not squared) overstatement of the projection (prune_coefficient); e_z: screening
+    bound of the projected rows (squared)."""
+    return ((b ** 0.5 + delta) ** 2 + e_z) * (1.0 + PRUNE_MARGIN)

@@ -66,6 +66,9 @@ class PairwiseResult:
     n_candidates: int  # pairs re-ranked exactly in fp64 because they passed the screening bound
     uncertified_reason: str | None  # why certified is False (e.g. candidate budget exhausted)
     seconds: float  # wall time of the search
+    # pruning record (search.prune, collide/search/prune.py): {"method": "pca" | "off", "k", "tile_rows",
+    # "pairs_evaluated_fraction", "tile_pairs_evaluated_fraction", "reason"}; None when not asked for
+    prune: dict | None = None
 
 
 def nn_percentiles(nn_distance: np.ndarray) -> dict | None:
@@ -151,4 +154,5 @@ class LayerResult:
             "backend": str(r.backend),
             "precision": str(r.precision),
             "seconds": float(r.seconds),
+            "prune": getattr(r, "prune", None),
         }
