@@ -41,3 +41,41 @@ def tiny_llama():
     from collide.models import load_model
 
     return load_model(ModelConfig(name="tiny", source="random:llama", family="llama"))
+
+
+TINY_STORE_PROMPTS = 10
+TINY_STORE_LAYERS = [3, 1]  # asked out of order: the store keeps them sorted
+
+
+def tiny_prompts(n: int, seed: int = 0, min_len: int = 1, max_len: int = 40):
+    """A deterministic stream of n prompts of mixed lengths: BOS (256) + seeded random bytes."""
+    import numpy as np
+
+    from collide.corpus import Prompt
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        ids = (256, *rng.integers(0, 256, int(rng.integers(min_len, max_len + 1))).tolist())
+        yield Prompt(token_ids=ids, source=f"synthetic:{i}:0", text=f"prompt {i}")
+
+
+def tiny_identity(n_prompts: int, **changes) -> dict:
+    base = {"model": {"name": "tiny", "dtype": "fp32"}, "corpus": {"name": "synthetic", "seed": 0},
+            "n_prompts": n_prompts}
+    base.update(changes)
+    return base
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_llama, tmp_path_factory):
+    """A complete store extracted once per session from tiny_llama: TINY_STORE_PROMPTS prompts of
+    tiny_prompts(), layers TINY_STORE_LAYERS, last positions, text kept, shards of 16 rows, identity
+    tiny_identity(TINY_STORE_PROMPTS). Shared by every test that asks for it: read it, never write to it."""
+    from collide.config import ExtractConfig, StoreConfig
+    from collide.extract import extract_to_store
+
+    path = tmp_path_factory.mktemp("tiny-store") / "s"
+    return extract_to_store(tiny_llama, tiny_prompts(TINY_STORE_PROMPTS), TINY_STORE_LAYERS, path,
+                            TINY_STORE_PROMPTS, tiny_identity(TINY_STORE_PROMPTS),
+                            StoreConfig(shard_rows=16, keep_text=True),
+                            ExtractConfig(batch_tokens=512, max_batch_size=64, progress=False))

@@ -115,8 +115,8 @@ def test_model_saved_with_save_pretrained_loads_from_a_local_dir(tmp_path):
     assert max_relative_error(lm, store) <= 1e-5
 
 
-def test_only_selected_layers_are_written(tiny_llama, tmp_path):
-    store = extract(tiny_llama, tmp_path / "s", 10, layers=[3, 1])
+def test_only_selected_layers_are_written(tiny_llama, tiny_store):
+    store = tiny_store  # 10 prompts, layers=[3, 1]
     assert store.layers == [1, 3]
     assert sorted(p.name for p in store.path.iterdir()) == ["layer=1", "layer=3", "manifest.json", "prompts"]
     reference = alone(tiny_llama, store.prompts(["token_ids"]).column("token_ids")[4].as_py())
@@ -170,20 +170,19 @@ def test_corpus_too_small_keeps_the_prompts_and_can_be_finished(tiny_llama, tmp_
     assert [s["files"] for s in finished.manifest["shards"]] == [s["files"] for s in fresh.manifest["shards"]]
 
 
-def test_identity_mismatch_stops_and_names_the_key(tiny_llama, tmp_path):
-    extract(tiny_llama, tmp_path / "s", 10, layers=[1])
+def test_identity_mismatch_stops_and_names_the_key(tiny_llama, tiny_store):
     with pytest.raises(CollideError, match=r"different corpus.seed: stored 0, this run 1;.*new store.path"):
-        extract(tiny_llama, tmp_path / "s", 10, layers=[1],
+        extract(tiny_llama, tiny_store.path, 10, layers=[3, 1],
                 ident=identity(n_prompts=10, corpus={"name": "synthetic", "seed": 1}))
 
 
-def test_complete_store_is_returned_without_drawing_the_stream(tiny_llama, tmp_path):
-    first = extract(tiny_llama, tmp_path / "s", 10, layers=[1])
+def test_complete_store_is_returned_without_drawing_the_stream(tiny_llama, tiny_store):
+    first = tiny_store
 
     def untouchable():
         raise AssertionError("a complete store must not draw prompts")
         yield
-    again = extract(tiny_llama, tmp_path / "s", 10, layers=[1], prompts=untouchable())
+    again = extract(tiny_llama, first.path, 10, layers=[3, 1], prompts=untouchable())
     assert again.manifest["shards"] == first.manifest["shards"]
 
 
@@ -283,9 +282,9 @@ def test_every_position_equals_unpadded_forwards_and_last_position_is_the_layer_
     assert [pid for pid, _ in store.position_states(2, [17, 3, 11])] == [3, 11, 17]
 
 
-def test_positions_last_store_refuses_position_states(tiny_llama, tmp_path):
-    store = extract(tiny_llama, tmp_path / "s", 5, layers=[1])
-    assert store.positions == "last" and not (tmp_path / "s" / "positions").exists()
+def test_positions_last_store_refuses_position_states(tiny_store):
+    store = tiny_store
+    assert store.positions == "last" and not (store.path / "positions").exists()
     with pytest.raises(CollideError, match=r"positions=last.*need the state at every position.*"
                                            r"`python -m collide store.positions=all \.\.\.`"):
         next(store.position_states(1))
