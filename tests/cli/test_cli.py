@@ -1,26 +1,62 @@
-"""The command line as a user meets it: subprocess runs of `python -m collide`."""
+"""The command line as a user meets it: `collide ...` run in this process through cli.main (the
+checks, one-line errors and runs), and a few `python -m collide` subprocesses where only a fresh
+process shows it (the entry point, a whole run, Ctrl-C)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
+from collide import cli
 from collide.store import lock_store, open_store
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 QUIET = ["extract.progress=false", "search.progress=false"]
 
 
-def collide(*args, cwd=None, timeout=600):
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def collide_process(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "collide", *args], capture_output=True, text=True, env=ENV,
                           cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def collide(tmp_path, monkeypatch, capsys):
+    """collide(*args) -> Result: `python -m collide ARGS` run in this process from tmp_path (what
+    collide/__main__.py does: a first argument that is no command means `run`). Hydra's logging
+    set-up of a run is undone afterwards, so no handler outlives the test."""
+    monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+
+    def run(*args) -> Result:
+        argv = list(args) if args and args[0] in cli.COMMANDS else ["run", *args]
+        handlers, level = root.handlers[:], root.level
+        try:
+            code = cli.main(argv)
+        finally:
+            for handler in root.handlers:
+                if handler not in handlers:
+                    handler.close()
+            root.handlers[:] = handlers
+            root.setLevel(level)
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run
 
 
 def store_path(run: Path) -> Path:
@@ -35,85 +71,85 @@ def error_line(proc) -> str:
     return lines[0]
 
 
-def test_help_and_cfg_job(tmp_path):
-    help_ = collide("--help", cwd=tmp_path)
+def test_help_and_cfg_job(tmp_path, collide):
+    help_ = collide_process("--help", cwd=tmp_path)  # the real entry point, in a fresh process
     assert help_.returncode == 0 and "model: " in help_.stdout and "smollm2" in help_.stdout
-    cfg = collide("--cfg", "job", "model=llama3", "corpus=c4", "n_prompts=7", cwd=tmp_path)
+    cfg = collide("--cfg", "job", "model=llama3", "corpus=c4", "n_prompts=7")
     assert cfg.returncode == 0
     assert "source: meta-llama/Llama-3.1-8B" in cfg.stdout and "path: allenai/c4" in cfg.stdout
     assert "n_prompts: 7" in cfg.stdout
 
 
-def test_unknown_model_lists_the_choices(tmp_path):
-    proc = collide("model=llama4", cwd=tmp_path)
+def test_unknown_model_lists_the_choices(collide):
+    proc = collide("model=llama4")
     assert proc.returncode == 2
     line = error_line(proc)
     assert "'llama4'" in line and "llama3" in line and "smollm2" in line
 
 
-def test_unknown_corpus_in_a_sweep_lists_the_choices(tmp_path):
-    proc = collide("-m", "corpus=stdlib-docs,wikipedai", cwd=tmp_path)
+def test_unknown_corpus_in_a_sweep_lists_the_choices(collide):
+    proc = collide("-m", "corpus=stdlib-docs,wikipedai")
     assert proc.returncode == 2 and "wikipedia" in error_line(proc)
 
 
 @pytest.mark.parametrize("override,named", [("model.dtpye=bf16", "dtpye"), ("n_prompts=many", "many")])
-def test_bad_key_or_value_is_one_line(tmp_path, override, named):
-    proc = collide("model=tiny-random", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_bad_key_or_value_is_one_line(tmp_path, collide, override, named):
+    proc = collide("model=tiny-random", override, f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and named in error_line(proc)
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("sweep,named", [("n_prompts=10,many", "many"), ("model.dtpye=bf16,fp16", "dtpye")])
-def test_bad_value_anywhere_in_a_sweep_is_one_line_before_any_job(tmp_path, sweep, named):
-    proc = collide("-m", "model=tiny-random", sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+def test_bad_value_anywhere_in_a_sweep_is_one_line_before_any_job(tmp_path, collide, sweep, named):
+    proc = collide("-m", "model=tiny-random", sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert proc.returncode == 2 and named in error_line(proc)
     assert not (tmp_path / "sweep").exists()
 
 
-def test_multirun_sweep_runs_every_job_and_compares_them(tmp_path):
+def test_multirun_sweep_runs_every_job_and_compares_them(tmp_path, collide):
     sweep = tmp_path / "sweep"
     proc = collide("-m", "model=tiny-random", "model.dtype=fp32,bf16", "n_prompts=30", "layers=[0,4]",
-                   f"hydra.sweep.dir={sweep}", *QUIET, cwd=tmp_path)
+                   f"hydra.sweep.dir={sweep}", *QUIET)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(sweep.glob("*/report.json"))
     assert [p.parent.name for p in jobs] == ["0-tiny-random-stdlib-docs", "1-tiny-random-stdlib-docs"]
     assert [json.loads(p.read_text())["dtype"] for p in jobs] == ["fp32", "bf16"]
-    cmp = subprocess.run([sys.executable, "-m", "collide.report", str(sweep), f"out={tmp_path / 'cmp'}"],
-                         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    cmp = collide("compare", str(sweep), f"out={tmp_path / 'cmp'}")
     assert cmp.returncode == 0, cmp.stderr[-3000:]
     summary = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert [(r["dtype"], r["complete"]) for r in summary["runs"]] == [("fp32", True), ("bf16", True)]
     assert summary["differing"] == ["dtype"]  # flagged: bf16 and fp32 states are not like for like
 
 
-def test_layer_out_of_range_fails_before_any_forward(tmp_path):
-    proc = collide("model=tiny-random", "layers=[2,9]", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_layer_out_of_range_fails_before_any_forward(tmp_path, collide):
+    proc = collide("model=tiny-random", "layers=[2,9]", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2
     assert "0..4" in error_line(proc)
     assert not (tmp_path / "runs" / "stores").exists()
 
 
-def test_offline_hub_model_names_the_id_and_the_fix(tmp_path):
-    proc = collide("model=mistral", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+def test_offline_hub_model_names_the_id_and_the_fix(tmp_path, collide):
+    proc = collide("model=mistral", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2
     line = error_line(proc)
     assert "mistralai/Mistral-7B-v0.1" in line and "model.source=" in line
 
 
-def test_too_many_prompts_says_how_many_the_corpus_gives(tmp_path):
+def test_too_many_prompts_says_how_many_the_corpus_gives(tmp_path, collide):
     data = tmp_path / "docs.txt"
     # one letter per paragraph: every window of every paragraph is distinct, so none is dropped as a duplicate
     data.write_text("\n\n".join(chr(ord("a") + i) * 40 for i in range(12)))
     proc = collide("model=tiny-random", "corpus=files", f"corpus.data_files=[{data}]", "n_prompts=50",
-                   f"hydra.run.dir={tmp_path / 'run'}", *QUIET, cwd=tmp_path)
+                   f"hydra.run.dir={tmp_path / 'run'}", *QUIET)
     assert proc.returncode == 2
     assert "12" in error_line(proc) and "n_prompts" in error_line(proc)
 
 
-def test_tiny_run_writes_the_documented_outputs(tmp_path):
+def test_tiny_run_writes_the_documented_outputs(tmp_path, collide):
+    """A whole `python -m collide` run in a fresh process, as a user starts it."""
     run = tmp_path / "run"
-    proc = collide("model=tiny-random", "n_prompts=120", "layers=[0,2,4]", f"hydra.run.dir={run}", *QUIET,
-                   cwd=tmp_path)
+    proc = collide_process("model=tiny-random", "n_prompts=120", "layers=[0,2,4]", f"hydra.run.dir={run}", *QUIET,
+                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
     assert [entry["layer"] for entry in report["layers"]] == [0, 2, 4]
@@ -129,13 +165,12 @@ def test_tiny_run_writes_the_documented_outputs(tmp_path):
     data = bytearray(damaged.read_bytes())
     data[200] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    search = subprocess.run([sys.executable, "-m", "collide.search", str(store_path(run)), "layers=[2]"],
-                            capture_output=True, text=True, env=ENV, timeout=300)
+    search = collide("search", str(store_path(run)), "layers=[2]")
     assert search.returncode == 2
     assert str(damaged) in error_line(search) and "collide verify" in error_line(search)
 
 
-def test_ctrl_c_then_same_command_resumes(tmp_path):
+def test_ctrl_c_then_same_command_resumes(tmp_path, collide):
     run = tmp_path / "run"
     args = ["model=tiny-random", "n_prompts=1800", "store.shard_rows=50", "corpus.max_tokens=128",
             f"hydra.run.dir={run}", "extract.max_batch_size=1", *QUIET]  # ~36 slow shards: time to interrupt
@@ -158,7 +193,7 @@ def test_ctrl_c_then_same_command_resumes(tmp_path):
     assert "run the same command to resume" in [ln for ln in stderr.splitlines() if ln.startswith("collide: error:")][0]
     partial = json.loads(manifest().read_text())
     assert partial["status"] == "in-progress" and 1 <= len(partial["shards"]) < 36
-    done = collide(*args, cwd=tmp_path)
+    done = collide(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     store = open_store(store_path(run))
     assert store.complete and store.n_rows == 1800
@@ -166,12 +201,12 @@ def test_ctrl_c_then_same_command_resumes(tmp_path):
     assert (ids == range(1800)).all()
 
 
-def test_same_command_reuses_its_run_dir_and_a_store_being_written_is_refused(tmp_path):
+def test_same_command_reuses_its_run_dir_and_a_store_being_written_is_refused(tmp_path, collide):
     args = ["model=tiny-random", "n_prompts=40", "layers=[1]", *QUIET]
-    assert collide(*args, cwd=tmp_path).returncode == 0
+    assert collide(*args).returncode == 0
     run = tmp_path / "runs" / "tiny-random-stdlib-docs-n40" / "layers=[1]"  # progress flags do not name it
     first = json.loads((run / "report.json").read_text())
-    again = collide(*args, cwd=tmp_path)  # a complete store: searched again, no model needed
+    again = collide(*args)  # a complete store: searched again, no model needed
     assert again.returncode == 0 and "searching it without loading the model" in again.stdout + again.stderr
     assert "loading model" not in again.stdout + again.stderr
     untimed = [{k: v for k, v in e.items() if k != "seconds"} for e in first["layers"]]
@@ -182,8 +217,7 @@ def test_same_command_reuses_its_run_dir_and_a_store_being_written_is_refused(tm
     other.mkdir(parents=True)
     fd = lock_store(other)  # as if another copy of this command were writing its store
     try:
-        busy = collide("model=tiny-random", "n_prompts=30", "layers=[1]", f"store.path={other}", *QUIET,
-                       cwd=tmp_path)
+        busy = collide("model=tiny-random", "n_prompts=30", "layers=[1]", f"store.path={other}", *QUIET)
     finally:
         os.close(fd)
     assert busy.returncode == 2 and "being written by another writer" in error_line(busy)
@@ -194,8 +228,8 @@ def test_same_command_reuses_its_run_dir_and_a_store_being_written_is_refused(tm
 def test_embedded_smollm2_end_to_end(tmp_path):
     """The real pretrained model on real English: the report's content, not just its existence."""
     run = tmp_path / "run"
-    proc = collide("model=smollm2", "corpus=stdlib-docs", "n_prompts=60", "layers=[0,1,15,30]",
-                   f"hydra.run.dir={run}", *QUIET, cwd=tmp_path)
+    proc = collide_process("model=smollm2", "corpus=stdlib-docs", "n_prompts=60", "layers=[0,1,15,30]",
+                           f"hydra.run.dir={run}", *QUIET, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
     assert report["model"]["n_layers"] == 30 and report["model"]["d"] == 576
