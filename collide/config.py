@@ -70,8 +70,8 @@ class Precision(Choice):
 
 
 class Prune(Choice):
-    """Certified pruning of the search (collide/search/prune.py): auto (on for >= 4096 rows on CPU,
-    see collide.search.prune.choose), off (brute force) or pca (a k-dim PCA lower bound skips pairs)."""
+    """Certified pruning of the search (collide/search/prune.py): auto (on CPU with nearest=false and
+    >= 8192 rows, see collide.search.prune.choose), off (brute force) or pca (always)."""
     auto = "auto"
     off = "off"
     pca = "pca"
@@ -168,7 +168,8 @@ class SearchConfig:
     # false = minimum and collisions only (nn_distance is null), a little faster.
     nearest: bool = True
     # Skip the pairs a certified PCA lower bound rules out (same answers): auto = on where measured to
-    # pay (CPU, >= 4096 valid rows; collide.search.prune.choose), off = brute force, pca = always.
+    # pay (CPU, nearest=false, >= 8192 valid rows; collide.search.prune.choose), off = brute force,
+    # pca = always (any device).
     prune: Prune = Prune.auto
 
 

@@ -261,7 +261,7 @@ def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="a
         m = xv.shape[0]
         mu = sum_rows(xv, block_rows) / max(m, 1)
         state = PairSearch(m, d, dev, threshold, precision, max_candidates, block_rows, progress, nearest)
-        use, why = choose(prune, m, dev)
+        use, why = choose(prune, m, dev, nearest)
         if use:
             prune_info = pruned_search(xv, valid_rows, mu, state)
         else:
@@ -340,7 +340,7 @@ def search_store(store, layer: int, threshold: float, cfg: "SearchConfig") -> La
         state = PairSearch(m, d, dev, threshold, cfg.precision, cfg.max_candidates, cfg.block_rows, cfg.progress,
                            cfg.nearest)
         resident = dev.type == "cuda" and m * d * 4 * 2 < DEVICE_FRACTION * torch.cuda.mem_get_info(dev)[0]
-        use, why = choose(getattr(cfg, "prune", "off"), m, dev)
+        use, why = choose(getattr(cfg, "prune", "off"), m, dev, cfg.nearest)
         if use and not (resident or (dev.type == "cpu" and fits_in_memory(m, d))):
             use, why = False, "the layer is streamed from the store (larger than memory): brute force"
         prune_info = off_info(why)

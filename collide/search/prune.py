@@ -15,10 +15,14 @@ bounds.PRUNE_PROOF). The search:
    tiles first: they give every row an early upper bound of its nearest-neighbour distance. A tile
    pair whose bound exceeds the largest squared distance B that could still matter to any of its
    rows is skipped whole (and once the next bound exceeds every tile's B, the search stops).
-4. In a visited tile pair, one fp32 GEMM screens the projected squared distances (width k + 3,
-   not d + 2) with the rigorous bound; only the rows and columns with at least one pair whose
-   certified lower bound can beat B go to the full-dimension fp32 screen and fp64 re-rank of
-   symmetric.PairSearch, exactly as in the brute-force engine.
+4. In a visited tile pair, fp32 GEMMs screen the projected squared distances with the rigorous
+   bound, first on the LEVEL1 leading coordinates (plus the residual norm beyond them: the same
+   bound with V's first columns), then on all k, each on the rows and columns the previous level
+   left. The pairs whose certified lower bound can still beat B are then either re-ranked
+   directly in fp64 (when they are few: DIRECT_COST) or their rows and columns go to the
+   full-dimension fp32 screen and fp64 re-rank of symmetric.PairSearch, exactly as in the
+   brute-force engine. Direct re-ranks are counted in n_candidates but not against
+   max_candidates (each replaces a screen that would cost more).
 
 B per row (squared): with ``nearest``, max(min(best exact nn, nn upper bound), threshold gate)
 (1 + 2 rerank_rel); without, max(best exact distance, threshold gate) (1 + 2 rerank_rel). A pair
@@ -35,29 +39,41 @@ import os
 import numpy as np
 import torch
 
-from collide.search.blocks import Block, augment, right_operand
+from collide.search.blocks import Block, augment, exact_sq, right_operand
 from collide.search.bounds import (ETA64, PRUNE_MARGIN, U64, gamma, pair_bound, prune_coefficient,
                                    prune_threshold, screening_constant, underflow_term)
 from collide.search.symmetric import PairSearch
-from collide.search.tiles import as_threshold
+from collide.search.tiles import FLT_MAX, as_threshold
 
 PRUNE_MODES = ("auto", "off", "pca")
-K = 64  # principal directions of the bound (the projected screen is (k + 3) / (d + 2) of a full one)
+# principal directions of the bound (the projected screen costs (k + 3) / (d + 2) of a full one): more
+# with nearest, whose bounds need the tighter projection (real SmolLM2 states, n=1000: pairs left for
+# the nn distances 4-17% at k=64, 1.3-3.7% at k=128; for the minimum 2e-6 at either)
+K = {True: 128, False: 64}
+NEAR_TILES = 2  # nearest tiles visited with each tile before all others
+LEVEL1 = 8  # width of the first, cheapest projected screen (then k)
 SAMPLE_ROWS = 2048  # rows the basis is estimated from (a fixed-seed sample; any basis is valid)
-TILE_ROWS = {"cpu": 256, "cuda": 1024}  # rows per tile: the unit that is skipped or screened
-AUTO_MIN_ROWS = 4096  # auto prunes from this many valid rows on (below, the brute force takes < 0.5 s here)
+TILE_ROWS = {"cpu": 512, "cuda": 2048}  # rows per tile: the unit that is skipped or screened
+AUTO_MIN_ROWS = 8192  # auto prunes from this many valid rows on (see choose)
 MEMORY_FRACTION = 0.25  # share of available host memory a streamed layer may take to be pruned in memory
 CHUNK = 8192  # rows per step of the projection
+# A visited tile pair with h pairs left by the bound: they are re-ranked directly in fp64 when
+# h * DIRECT_COST < (rows x columns to screen) + SCREEN_COST, in units of screened entries (CPU, d=576:
+# an fp64 re-rank costs ~2 us, a screened entry ~30 ns single-threaded, a screen call ~1 ms)
+DIRECT_COST = 64
+SCREEN_COST = 16384
 
 
-def choose(prune: str, m: int, device: torch.device) -> tuple[bool, str | None]:
+def choose(prune: str, m: int, device: torch.device, nearest: bool = True) -> tuple[bool, str | None]:
     """(prune?, why not) for ``search.prune`` = auto | off | pca, m valid rows, on ``device``.
 
-    Rule for auto: prune on CPU from AUTO_MIN_ROWS rows on. Measured with
-    benchmarks/suite/bench_prune.py (benchmarks/results/2026-12-03-prune.md): on LLM-like and real
-    SmolLM2 rows the pruned search is faster than brute force from a few thousand rows on, and
-    its overhead on rows that do not prune (isotropic noise) is that of the projected screen. On
-    CUDA auto stays off until measured there (search.prune=pca runs it).
+    Rule for auto: prune on CPU without ``nearest`` from AUTO_MIN_ROWS valid rows on; otherwise
+    brute force. Measured with benchmarks/suite/bench_prune.py (benchmarks/results/2026-12-03-prune.md,
+    LLM-like rows, d=576, one core of a shared machine): without nearest the pruned search took
+    0.5x the brute-force time at n=10000 (0.75x at n=8000) and a smaller share as n grows; with
+    nearest it took 3x the brute-force time (a third of all pairs still need their full distance,
+    on small tiles), so auto leaves it off there. On CUDA auto stays off until measured
+    (search.prune=pca runs it on any device).
     """
     mode = check_mode(prune)
     if mode == "off":
@@ -66,6 +82,8 @@ def choose(prune: str, m: int, device: torch.device) -> tuple[bool, str | None]:
         return True, None
     if device.type != "cpu":
         return False, "auto: not measured on CUDA (search.prune=pca turns it on)"
+    if nearest:
+        return False, "auto: off with search.nearest=true (measured slower than brute force)"
     if m < AUTO_MIN_ROWS:
         return False, f"auto: {m} rows < {AUTO_MIN_ROWS}, brute force is as fast"
     return True, None
@@ -142,12 +160,14 @@ def pca_basis(ws: torch.Tensor, k: int) -> torch.Tensor:
     return v * (1.0 / (math.sqrt(bound) * (1.0 + PRUNE_MARGIN)))
 
 
-def project(x: torch.Tensor, mu: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Z (m, k + 1) fp64 = [V^T w, residual norm], W (m,) fp64 >= ||w||), w = fl64(x - mu) (not squared)."""
+def project(x: torch.Tensor, mu: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Z (m, k + 1) fp64 = [V^T w, residual norm], W (m,) fp64 >= ||w|| (not squared), n2 (m,) fp64 =
+    fl(||w||^2) (squared)), w = fl64(x - mu)."""
     m, d = x.shape
     k = v.shape[1]
     z = torch.empty(m, k + 1, dtype=torch.float64, device=x.device)
     w_norm = torch.empty(m, dtype=torch.float64, device=x.device)
+    sq = torch.empty(m, dtype=torch.float64, device=x.device)
     for s in range(0, m, CHUNK):
         w = x[s:s + CHUNK].to(torch.float64) - mu
         p = _mm(w, v)
@@ -161,7 +181,8 @@ def project(x: torch.Tensor, mu: torch.Tensor, v: torch.Tensor) -> tuple[torch.T
         z[s:s + CHUNK, :k] = p
         z[s:s + CHUNK, k] = r2.sqrt()
         w_norm[s:s + CHUNK] = n2.sqrt() * (1.0 + gamma(d + 2, U64))
-    return z, w_norm
+        sq[s:s + CHUNK] = n2
+    return z, w_norm, sq
 
 
 def tree_order(z: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,36 +204,63 @@ def tree_order(z: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(leaves), np.concatenate([[0], np.cumsum(sizes)])
 
 
+def _hits(sv: np.ndarray, tr, tc) -> np.ndarray | None:
+    """Boolean (P, Q): sv <= tr[row] or sv <= tc[col] (scalar tr: sv <= tr); None if no entry passes.
+    Only the rows whose minimum passes, and the columns whose minimum passes, are compared."""
+    if isinstance(tr, float):
+        rows = np.flatnonzero(sv.min(1) <= tr)
+        if rows.size == 0:
+            return None
+        h = np.zeros(sv.shape, bool)
+        h[rows] = sv[rows] <= tr
+        return h
+    rows, cols = np.flatnonzero(sv.min(1) <= tr), np.flatnonzero(sv.min(0) <= tc)
+    if rows.size == 0 and cols.size == 0:
+        return None
+    h = np.zeros(sv.shape, bool)
+    h[rows] = sv[rows] <= tr[rows, None]
+    if cols.size:
+        h[:, cols] |= sv[:, cols] <= tc[cols]
+    return h
+
+
+def _nonzero(mask):
+    """Indices of the True entries of a numpy or torch boolean array, as torch tensors (a tuple for 2-D)."""
+    if isinstance(mask, np.ndarray):
+        idx = np.nonzero(mask)
+        return torch.from_numpy(idx[0]) if mask.ndim == 1 else tuple(torch.from_numpy(i) for i in idx)
+    idx = torch.nonzero(mask)
+    return idx[:, 0] if mask.ndim == 1 else (idx[:, 0], idx[:, 1])
+
+
 class PrunedSearch:
     """One pruned search over the rows x (m, d) of a PairSearch (engine index = row of x)."""
 
-    def __init__(self, x: torch.Tensor, rows: torch.Tensor, mu: torch.Tensor, state: PairSearch, k: int = K,
-                 tile: int | None = None):
+    def __init__(self, x: torch.Tensor, rows: torch.Tensor, mu: torch.Tensor, state: PairSearch,
+                 k: int | None = None, tile: int | None = None):
         dev, (m, d) = x.device, x.shape
         self.x, self.rows, self.state, self.d = x, rows.to(dev), state, d
         self.tile = tile or TILE_ROWS.get(dev.type, 1024)
         g = torch.Generator(device="cpu").manual_seed(0)
         sample = torch.randperm(m, generator=g)[:SAMPLE_ROWS].sort().values.to(dev)
-        self.k = min(k, d, len(sample))
+        self.k = min(k or K[bool(state.nearest)], d, len(sample))
         basis = pca_basis(x[sample].to(torch.float64) - mu, self.k)
         self.k = basis.shape[1]
-        z, w_norm = project(x, mu, basis)
+        z, w_norm, n2 = project(x, mu, basis)
         perm, off = tree_order(z.cpu().numpy(), self.tile)
         self.off = off
         self.perm = torch.from_numpy(perm).to(dev)  # position in tile order -> engine index
-        z, w_norm = z[self.perm], w_norm[self.perm]
+        z, w_norm, n2 = z[self.perm], w_norm[self.perm], n2[self.perm]
         nt = len(off) - 1
         starts, ends = off[:-1], off[1:]
-        # projected rows: fp32 screening operands, centred on their own mean (any centre is valid)
-        self.lz, nz2 = augment(z, z.mean(0))
-        self.rz = right_operand(self.lz, self.k + 1)
-        self.cz, self.eta_z = screening_constant(self.k + 1, state.precision), underflow_term(self.k + 1)
+        # projected rows, one level per width j (the first j coordinates of Z and the residual norm
+        # of w beyond them: the same construction with V's first j columns): fp32 screening operands
+        self.levels = [self._level(z, n2, j, d, off, state.precision) for j in sorted({min(LEVEL1, self.k), self.k})]
         self.coef = prune_coefficient(d, self.k)
         self.mu, self.tiles = mu, {}  # tile -> its rows as a Block: built on first visit
         # per tile (host, fp64): largest norms, centre, radius in Z (moved by PRUNE_MARGIN the safe way)
         up, down = 1.0 + PRUNE_MARGIN, 1.0 - PRUNE_MARGIN
         seg = lambda v: np.array([float(v[a:b].max()) for a, b in zip(starts, ends)])  # noqa: E731
-        self.nzmax = np.sqrt(seg(nz2))
         self.wmax = seg(w_norm) * up
         cent = torch.stack([z[a:b].mean(0) for a, b in zip(starts, ends)])
         tile_of = torch.from_numpy(np.repeat(np.arange(nt), np.diff(off))).to(dev)
@@ -228,9 +276,22 @@ class PrunedSearch:
             box[a:a + step] = np.sqrt(np.square(gap.clip(min=0.0)).sum(-1)) * down
         delta = (self.coef * (self.wmax[:, None] + self.wmax[None, :]) + 2 * ETA64) * up
         self.tile_lb = np.maximum(ball, box) - delta  # lower bound of sqrt(D) over each tile pair (L2)
+        self.cdist = dist  # distances between tile centres in Z (the visiting order)
+        self.direct = 0  # pairs re-ranked exactly without a full-dimension screen
         self.bt = np.full(nt, math.inf)  # per tile: the largest B of its rows (squared)
+        self.np_bounds = (state.nn_exact.numpy(), state.nn_ub.numpy()) if dev.type == "cpu" else None
         self.evaluated = 0.0  # entries of the full-dimension screen, diagonal tiles counted half
         self.tiles_done = 0
+
+    @staticmethod
+    def _level(z: torch.Tensor, n2: torch.Tensor, j: int, d: int, off: np.ndarray, precision: str) -> dict:
+        """Screening operands of the j-coordinate bound: rows [z_1..z_j, sqrt(max(n2 - sum z_i^2, 0))]."""
+        k = z.shape[1] - 1
+        zj = z if j == k else torch.cat([z[:, :j], (n2 - z[:, :j].square().sum(1)).clamp(min=0.0).sqrt()[:, None]], 1)
+        lz, nz2 = augment(zj, zj.mean(0))  # centred on their own mean (any centre is valid)
+        return {"lz": lz, "rz": right_operand(lz, j + 1), "c": screening_constant(j + 1, precision),
+                "eta": underflow_term(j + 1), "coef": prune_coefficient(d, j),
+                "nzmax": np.sqrt([float(nz2[a:b].max()) for a, b in zip(off[:-1], off[1:])])}
 
     # ------------------------------------------------------------------ bounds
     def row_bounds(self, eng: torch.Tensor) -> torch.Tensor:
@@ -243,55 +304,93 @@ class PrunedSearch:
     def _tile_bound(self, t: int) -> float:
         return float(self.row_bounds(self.perm[self.off[t]:self.off[t + 1]]).max())
 
+    def _thresholds(self, eng: torch.Tensor, delta: float, ez: float):
+        """fp32 thresholds of the projected screen for the rows ``eng``: a scalar without nearest,
+        else per row (numpy on CPU)."""
+        st = self.state
+        if not st.nearest:
+            return float(as_threshold(torch.tensor([prune_threshold(max(st.tau, st.t2) * st.slack, delta, ez)],
+                                                   dtype=torch.float64))[0])
+        if self.np_bounds is not None:
+            e = eng.numpy()
+            b = np.maximum(np.minimum(self.np_bounds[0][e], self.np_bounds[1][e]), st.t2) * st.slack
+            return np.minimum(prune_threshold(b, delta, ez), FLT_MAX).astype(np.float32)
+        return as_threshold(prune_threshold(self.row_bounds(eng), delta, ez))
+
     # ------------------------------------------------------------------ search
     def run(self) -> dict:
         nt = len(self.off) - 1
         su, tu = np.triu_indices(nt)
         lb = self.tile_lb[su, tu]
-        order = np.argsort(lb, kind="stable")
+        # first each tile with itself and its NEAR_TILES nearest tiles (early, tight bounds for every
+        # row), then every other tile pair, nearest centres first
+        near = np.argsort(self.cdist, axis=1, kind="stable")[:, :NEAR_TILES + 1]
+        first = np.zeros((nt, nt), bool)
+        first[np.repeat(np.arange(nt), near.shape[1]), near.ravel()] = True
+        first = (first | first.T)[su, tu]
+        order = np.lexsort((lb, self.cdist[su, tu], ~first))
         st = self.state
-        for n_done, o in enumerate(order):
+        for o in order:
             s, t, bound = int(su[o]), int(tu[o]), lb[o]
             if not st.nearest:
                 self.bt[:] = max(st.tau, st.t2) * st.slack
-            if n_done % 64 == 0 and bound > math.sqrt(self.bt.max()) * (1.0 + PRUNE_MARGIN):
-                break  # every later tile pair has a larger bound: nothing left can matter
             if bound > math.sqrt(max(self.bt[s], self.bt[t])) * (1.0 + PRUNE_MARGIN):
                 continue
             self._pair(s, t)
             self.tiles_done += 1
             if st.nearest:
                 self.bt[s], self.bt[t] = self._tile_bound(s), self._tile_bound(t)
+        st.n_candidates += self.direct
         m = self.x.shape[0]
         return {"method": "pca", "k": int(self.k), "tile_rows": int(self.tile),
                 "pairs_evaluated_fraction": self.evaluated / max(m * (m - 1) / 2, 1.0),
                 "tile_pairs_evaluated_fraction": self.tiles_done / max(len(order), 1), "reason": None}
 
     def _pair(self, s: int, t: int) -> None:
-        """Screen tile pair (s, t) in the projection; the full search of the rows and columns that pass."""
+        """Screen tile pair (s, t) through the projection levels (each on the rows and columns the
+        previous one left); then the full search, or direct fp64 re-ranks, of the pairs left."""
         st = self.state
         a0, a1, b0, b1 = self.off[s], self.off[s + 1], self.off[t], self.off[t + 1]
-        sz = st._gemm(self.lz[a0:a1], self.rz[b0:b1])
-        if s == t:
-            sz.fill_diagonal_(math.inf)
-        ez = pair_bound(self.cz, self.eta_z, self.nzmax[s], self.nzmax[t])
-        delta = self.coef * (self.wmax[s] + self.wmax[t]) + 2 * ETA64
-        tr = as_threshold(prune_threshold(self.row_bounds(self.perm[a0:a1]), delta, ez)).to(sz.device)
-        tc = as_threshold(prune_threshold(self.row_bounds(self.perm[b0:b1]), delta, ez)).to(sz.device)
-        if sz.device.type == "cpu":
-            sn = sz.numpy()
-            hit = (sn <= tr.numpy()[:, None]) | (sn <= tc.numpy()[None, :])
-            r_sel, c_sel = np.flatnonzero(hit.any(1)), np.flatnonzero(hit.any(0))
-            if r_sel.size == 0:
+        eng_r, eng_c = self.perm[a0:a1], self.perm[b0:b1]
+        ri = ci = hit = None  # rows and columns left (positions within the tiles), pairs left among them
+        cpu = self.x.device.type == "cpu"
+        for lev in self.levels:
+            lz, rz = lev["lz"][a0:a1], lev["rz"][b0:b1]
+            er, ec = eng_r, eng_c
+            if ri is not None:
+                lz, rz, er, ec = lz[ri], rz[ci], er[ri], ec[ci]
+            sz = st._gemm(lz, rz)
+            ez = pair_bound(lev["c"], lev["eta"], lev["nzmax"][s], lev["nzmax"][t])
+            delta = lev["coef"] * (self.wmax[s] + self.wmax[t]) + 2 * ETA64
+            tr, tc = self._thresholds(er, delta, ez), self._thresholds(ec, delta, ez)
+            h = _hits(sz.numpy(), tr, tc) if cpu else (sz <= tr) if isinstance(tr, float) else \
+                (sz <= tr[:, None]) | (sz <= tc[None, :])
+            if h is None:
                 return
-            r_sel, c_sel = torch.from_numpy(r_sel), torch.from_numpy(c_sel)
-        else:
-            hit = (sz <= tr[:, None]) | (sz <= tc[None, :])
-            r_sel, c_sel = torch.nonzero(hit.any(1))[:, 0], torch.nonzero(hit.any(0))[:, 0]
-            if r_sel.numel() == 0:
+            if hit is None:
+                if s == t:  # a pair is left only if neither orientation rules it out
+                    h = h & h.T
+                    h = np.triu(h, 1) if cpu else torch.triu(h, 1)
+            else:
+                h &= hit
+            r_keep, c_keep = _nonzero(h.any(1)), _nonzero(h.any(0))
+            if r_keep.numel() == 0:
                 return
-        self.evaluated += r_sel.numel() * c_sel.numel() * (0.5 if s == t else 1.0)
-        bi, bj = self._block(s, a0, a1, r_sel), self._block(t, b0, b1, c_sel)
+            hit = h[np.ix_(r_keep.numpy(), c_keep.numpy())] if cpu else h[r_keep][:, c_keep]
+            ri = r_keep if ri is None else ri[r_keep]
+            ci = c_keep if ci is None else ci[c_keep]
+        n_hit = int(np.count_nonzero(hit)) if cpu else int(hit.sum())
+        full = ri.numel() * ci.numel()
+        if n_hit * DIRECT_COST < full + SCREEN_COST:  # few pairs: re-rank them exactly, without a screen
+            ii, jj = _nonzero(hit)
+            bi, bj = self._block(s, a0, a1, None), self._block(t, b0, b1, None)
+            ii, jj = ri[ii].to(bi.index.device), ci[jj].to(bj.index.device)
+            st.offer(bi.rows[ii], bj.rows[jj], bi.index[ii], bj.index[jj], exact_sq(bi.x, ii, bj.x, jj), True)
+            self.direct += n_hit
+            self.evaluated += n_hit
+            return
+        self.evaluated += full * (0.5 if s == t else 1.0)
+        bi, bj = self._block(s, a0, a1, ri), self._block(t, b0, b1, ci)
         st.screen(bi, bj, right_operand(bj.left, self.d), "rect")
 
     def _block(self, t: int, a0: int, a1: int, sel: torch.Tensor) -> Block:
@@ -302,15 +401,15 @@ class PrunedSearch:
             left, n2 = augment(x, self.mu)
             self.tiles[t] = Block(index=pos, rows=self.rows[pos], x=x, left=left, norm_max=math.sqrt(float(n2.max())))
         blk = self.tiles[t]
-        if sel.numel() == a1 - a0:
+        if sel is None or sel.numel() == a1 - a0:
             return blk
         sel = sel.to(blk.index.device)
         return Block(index=blk.index[sel], rows=blk.rows[sel], x=blk.x[sel], left=blk.left[sel],
                      norm_max=blk.norm_max)
 
 
-def pruned_search(x: torch.Tensor, rows: torch.Tensor, mu: torch.Tensor, state: PairSearch, k: int = K,
-                  tile: int | None = None) -> dict:
+def pruned_search(x: torch.Tensor, rows: torch.Tensor, mu: torch.Tensor, state: PairSearch,
+                  k: int | None = None, tile: int | None = None) -> dict:
     """Run the pruned search of rows x (m, d) (caller rows ``rows``, fp64 mean mu) into ``state``;
     returns the result's ``prune`` record (method, k, tile_rows, pairs_evaluated_fraction,
     tile_pairs_evaluated_fraction, reason)."""

@@ -20,9 +20,7 @@ from collide.config import SearchConfig
 from collide.errors import CollideError
 from collide.search import min_pairwise, search_store
 from collide.search import prune as prune_mod
-from collide.search.blocks import augment, right_operand
-from collide.search.bounds import ETA64, pair_bound, prune_coefficient, prune_threshold, screening_constant, \
-    underflow_term
+from collide.search.bounds import ETA64, pair_bound, prune_threshold
 from collide.search.symmetric import PairSearch
 from collide.search.tiles import as_threshold
 
@@ -131,19 +129,26 @@ def test_nan_rows_tiny_inputs_and_budget():
     both(x)
     for n in (0, 1, 2, 3):
         both(low_rank(n, 5, 2, 11) if n else np.zeros((0, 5), np.float32))
-    x = duplicated(200, 10, 12)  # an exhausted budget: both say so (what they found may differ)
-    a = min_pairwise(x, 1e-6, "torch", prune="off", max_candidates=50)
-    b = min_pairwise(x, 1e-6, "torch", prune="pca", max_candidates=50)
-    assert not a.certified and not b.certified and "max_candidates" in b.uncertified_reason
+    x = duplicated(200, 10, 12)  # a tiny budget: each result is certified only if it is exact
+    full = min_pairwise(x, 1e-6, "torch", prune="off")
+    for mode in ("off", "pca"):
+        r = min_pairwise(x, 1e-6, "torch", prune=mode, max_candidates=5)
+        if r.certified:
+            same(r, full)
+        else:
+            assert "max_candidates" in r.uncertified_reason
 
 
 def test_auto_rule_and_modes():
     x = low_rank(100, 8, 3, 13)
     res = min_pairwise(x, 1e-6, "torch")  # auto, too few rows: brute force, recorded
-    assert res.prune["method"] == "off" and "4096" in res.prune["reason"]
+    assert res.prune["method"] == "off" and "nearest" in res.prune["reason"]
+    res = min_pairwise(x, 1e-6, "torch", nearest=False)
+    assert res.prune["method"] == "off" and "8192" in res.prune["reason"]
     with pytest.raises(CollideError, match="search.prune"):
         min_pairwise(x, 1e-6, "torch", prune="fast")
-    assert prune_mod.choose("auto", 10**6, torch.device("cpu")) == (True, None)
+    assert prune_mod.choose("auto", 10**6, torch.device("cpu"), nearest=False) == (True, None)
+    assert prune_mod.choose("auto", 10**6, torch.device("cpu"), nearest=True)[0] is False
 
 
 class Streamed:
@@ -183,31 +188,30 @@ def exact_sq(a: np.ndarray, b: np.ndarray) -> Fraction:
 
 
 def check_bound(x: np.ndarray, k: int) -> None:
-    """Every pair: the projected distance exceeds the exact one by at most delta_xy, the fp32 screen
-    of the projection never prunes a pair at B = D, and every tile pair's bound is below its pairs'."""
+    """Every pair, at each projection level j: the projected distance exceeds the exact one by at most
+    delta_xy, the fp32 screen of the projection never prunes a pair at B = D, and every tile pair's
+    bound is below its pairs' distances."""
     xt = torch.from_numpy(x)
     mu = xt.to(torch.float64).mean(0)
     basis = prune_mod.pca_basis(xt.to(torch.float64) - mu, min(k, x.shape[1], len(x)))
-    z, w_norm = prune_mod.project(xt, mu, basis)
-    kk = basis.shape[1]
-    coef = prune_coefficient(x.shape[1], kk)
-    left, nz2 = augment(z, z.mean(0))
-    s = (left @ right_operand(left, kk + 1).T).numpy()
-    cz, eta = screening_constant(kk + 1), underflow_term(kk + 1)
+    z, w_norm, n2 = prune_mod.project(xt, mu, basis)
     n = len(x)
-    exact = {}
-    for i in range(n):
-        for j in range(i + 1, n):
-            d2 = exact_sq(x[i], x[j])
-            exact[i, j] = d2
-            delta = coef * (float(w_norm[i]) + float(w_norm[j])) + 2 * ETA64
-            proj = math.sqrt(float(((z[i] - z[j]) ** 2).sum()))
+    exact = {(i, j): exact_sq(x[i], x[j]) for i in range(n) for j in range(i + 1, n)}
+    kk = basis.shape[1]
+    for level in sorted({1, kk}):
+        lev = prune_mod.PrunedSearch._level(z, n2, level, x.shape[1], np.array([0, n]), "fp32")
+        resid = (n2 - z[:, :level].square().sum(1)).clamp(min=0).sqrt()[:, None]
+        zj = z if level == kk else torch.cat([z[:, :level], resid], 1)
+        s = (lev["lz"] @ lev["rz"].T).numpy()
+        for (i, j), d2 in exact.items():
+            delta = lev["coef"] * (float(w_norm[i]) + float(w_norm[j])) + 2 * ETA64
+            proj = math.sqrt(float(((zj[i] - zj[j]) ** 2).sum()))
             lower = proj * (1 - 1e-15) - delta
-            assert lower <= 0 or Fraction(lower) ** 2 <= d2, (i, j)
-            e_z = pair_bound(cz, eta, math.sqrt(float(nz2[i])), math.sqrt(float(nz2[j])))
+            assert lower <= 0 or Fraction(lower) ** 2 <= d2, (level, i, j)
+            e_z = pair_bound(lev["c"], lev["eta"], lev["nzmax"][0], lev["nzmax"][0])
             b = math.nextafter(float(d2), math.inf)
             thr = float(as_threshold(torch.tensor([prune_threshold(b, delta, e_z)], dtype=torch.float64))[0])
-            assert s[i, j] <= thr and s[j, i] <= thr, (i, j)
+            assert s[i, j] <= thr and s[j, i] <= thr, (level, i, j)
     state = PairSearch(n, x.shape[1], torch.device("cpu"), 1e-6)
     ps = prune_mod.PrunedSearch(xt, torch.arange(n), mu, state, k=k, tile=2)
     pos = ps.perm.numpy()
