@@ -16,6 +16,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on CI: fail fast instead of retrying
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread for the tiny models: on a small or busy machine a second OpenMP thread only
+# waits for a core (a 64-wide linear layer then takes a scheduler tick, not microseconds). Set
+# before torch starts its pool, and inherited by every subprocess (python -m collide, workers).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +84,11 @@ def tiny_store(tiny_llama, tmp_path_factory):
                             TINY_STORE_PROMPTS, tiny_identity(TINY_STORE_PROMPTS),
                             StoreConfig(shard_rows=16, keep_text=True),
                             ExtractConfig(batch_tokens=512, max_batch_size=64, progress=False))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    """OMP_NUM_THREADS intra-op threads in this process too, even where torch was imported first."""
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
