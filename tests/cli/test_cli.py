@@ -172,8 +172,8 @@ def test_tiny_run_writes_the_documented_outputs(tmp_path, collide):
 
 def test_ctrl_c_then_same_command_resumes(tmp_path, collide):
     run = tmp_path / "run"
-    args = ["model=tiny-random", "n_prompts=1800", "store.shard_rows=50", "corpus.max_tokens=128",
-            f"hydra.run.dir={run}", "extract.max_batch_size=1", *QUIET]  # ~36 slow shards: time to interrupt
+    args = ["model=tiny-random", "n_prompts=360", "store.shard_rows=10", "corpus.max_tokens=64",
+            f"hydra.run.dir={run}", "extract.max_batch_size=1", *QUIET]  # 36 shards, one prompt a forward: time to stop it
     # A shell that starts a job in the background (as CI runners may) makes it ignore SIGINT, and
     # Python keeps an ignored SIGINT ignored: restore the default so the child gets KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "collide", *args], env=ENV, cwd=tmp_path, text=True,
@@ -196,9 +196,9 @@ def test_ctrl_c_then_same_command_resumes(tmp_path, collide):
     done = collide(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     store = open_store(store_path(run))
-    assert store.complete and store.n_rows == 1800
+    assert store.complete and store.n_rows == 360
     ids, _ = store.layer(1)
-    assert (ids == range(1800)).all()
+    assert (ids == range(360)).all()
 
 
 def test_same_command_reuses_its_run_dir_and_a_store_being_written_is_refused(tmp_path, collide):
