@@ -9,8 +9,7 @@ Writes ``<out>/gpu-<UTC date>.json`` (``--cpu-smoke``: ``cpu-smoke.json``) with 
 2. ``prefix_attention``: cached continuations vs full forwards of prefix+token on the device (tiny
    random Llama and Gemma-3), max relative difference of the last-layer states;
 3. ``error_bound``: the screening GEMM's worst observed error over its rigorous bound, fp32 and
-   tf32x3 (``collide.search.gpu_bound_check.worst_error_ratio``; ``passed`` when at most its LIMIT),
-   or ``absent`` where that module is missing;
+   tf32x3 (``benchmarks.gpu_bound_check.worst_error_ratio``; ``passed`` when at most its LIMIT);
 4. ``search``: ``min_pairwise`` at n=1e5, d=4096, fp32 and tf32x3 (suite.bench_search.gpu_search);
 5. ``extraction_mfu``: ``extract_to_store`` of 4096 prompts of 9-33 tokens through a random
    Llama-3.1-8B-shaped model in bf16 (all 33 layers kept), as model flops per second (2 x the
@@ -19,8 +18,7 @@ Writes ``<out>/gpu-<UTC date>.json`` (``--cpu-smoke``: ``cpu-smoke.json``) with 
 6. ``exhaustive``: one prompt x the whole 262,144-token vocabulary of a random Gemma-3-270M-shaped
    model at its last layer: continuation states/s and the certified search over C(262144, 2) pairs;
 7. ``equal_states``: the diagnostic of benchmarks/equal_states.py (1,000 prompts, both builds);
-8. ``inversion``: the ``track_*`` ratios of ``benchmarks/suite/bench_invert.py`` (quick size), or
-   ``absent`` and which is missing when ``collide.invert`` or that module is.
+8. ``inversion``: the ``track_*`` ratios of ``benchmarks/suite/bench_invert.py`` (quick size).
 
 Without CUDA every GPU section is skipped with a message and nothing is written; ``--cpu-smoke``
 then runs the equal-states diagnostic on 24 prompts on the CPU at toy widths (``equal_states.SMOKE``) and writes ``cpu-smoke.json`` (each
@@ -30,7 +28,7 @@ GPU section ``{"skipped": "no CUDA device"}``), to check the script's logic in s
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -57,7 +55,7 @@ NO_CUDA = {"skipped": "no CUDA device"}
 
 def gpu_tests() -> dict:
     """pytest on the GPU-only test files: exit status and summary line."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_search_gpu.py"],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/search/test_search_gpu.py"],
                           cwd=REPO, capture_output=True, text=True, timeout=240)
     lines = proc.stdout.strip().splitlines()
     return {"returncode": proc.returncode, "summary": lines[-1] if lines else proc.stderr[-500:],
@@ -82,10 +80,8 @@ def prefix_attention_check(device: str = "cuda") -> dict:
 
 
 def error_bound(device: str = "cuda") -> dict:
-    """``collide.search.gpu_bound_check.worst_error_ratio`` in fp32 and tf32x3 (fp32 only off CUDA), or absent."""
-    if importlib.util.find_spec("collide.search.gpu_bound_check") is None:
-        return {"absent": "collide.search.gpu_bound_check (worst_error_ratio) has not landed"}
-    from collide.search.gpu_bound_check import worst_error_ratio
+    """``benchmarks.gpu_bound_check.worst_error_ratio`` in fp32 and tf32x3 (fp32 only off CUDA)."""
+    from benchmarks.gpu_bound_check import worst_error_ratio
 
     precisions = ("fp32", "tf32x3") if device.startswith("cuda") else ("fp32",)
     out = {p: worst_error_ratio(device, p) for p in precisions}
@@ -164,11 +160,7 @@ def exhaustive_one_set(device: str = "cuda", config=None) -> dict:
 
 
 def inversion() -> dict:
-    """The track_* ratios of benchmarks/suite/bench_invert.py at the quick size on this machine, or absent."""
-    if importlib.util.find_spec("collide.invert") is None:
-        return {"absent": "collide.invert has not landed"}
-    if importlib.util.find_spec("benchmarks.suite.bench_invert") is None:
-        return {"absent": "collide.invert exists but its benchmark, benchmarks/suite/bench_invert.py, has not landed"}
+    """The track_* ratios of benchmarks/suite/bench_invert.py at the quick size on this machine."""
     os.environ.setdefault("COLLIDE_BENCH_SIZE", "quick")
     return {"tracks": run_tracks(importlib.import_module("benchmarks.suite.bench_invert"))}
 

@@ -92,3 +92,22 @@ def os_error_message(path: str | os.PathLike, exc: OSError, what: str = "writing
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path} ({exc.strerror}); make it writable or set {setting} to a writable directory"
     return f"{what} {path} failed: {exc.strerror or exc}; fix the path or set {setting} to another directory"
+
+
+def write_outputs(out_dir: str | os.PathLike, stem: str, doc: dict, markdown: str | None = None,
+                  figures: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    """A command's outputs in ``out_dir``, each file atomic: the figures, then ``<stem>.md``, then ``<stem>.json``.
+
+    ``figures`` maps a path relative to ``out_dir`` (``"figures/x.png"``) to a function that draws
+    it there (``collide.report.figures`` write atomically too). The JSON comes last, so that a JSON
+    on disk always describes a Markdown and figures that are there. Returns the JSON's path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for rel, draw in (figures or {}).items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        draw(out / rel)
+    if markdown is not None:
+        atomic_write_text(out / f"{stem}.md", markdown)
+    atomic_write_json(out / f"{stem}.json", doc)
+    return out / f"{stem}.json"

@@ -1,16 +1,16 @@
-"""``collide COMMAND ...``: the one command line of collide, and its one override parser.
+"""``collide COMMAND ...``: the one command line of collide, and its one way to compose a config.
 
-``collide run [overrides]`` is the Hydra app of ``collide.__main__`` (multirun ``-m``,
-``hydra.run.dir=``, ``--cfg job`` as usual). Every other subcommand takes positional arguments
-(a store, a run directory, a states file) and ``key=value`` overrides of a typed dataclass of
-``collide.config``, composed through Hydra's compose API from ``conf/<command>.yaml``. So every
-subcommand has ``--help`` (its keys, defaults and comments), ``--cfg`` (the composed config), the
-same override grammar (``layers=1:3`` is the range 1..3 everywhere) and the same one-line errors.
+``COMMANDS`` maps each name to the function that runs it (``collide.commands.<name>.run``) and its
+schema, a dataclass of ``collide.config``. ``collide run`` is a Hydra app (multirun ``-m``,
+``hydra.run.dir=``, ``--cfg job`` as usual); every other subcommand takes positional arguments
+(a store, a run directory, a states file) and ``key=value`` overrides, composed through Hydra's
+compose API from ``collide/conf/<command>.yaml``. Both go through ``compose``, so every command has the
+same override grammar (``layers=1:3`` is the range 1..3 everywhere), ``--help`` (its keys,
+defaults and comments), ``--cfg`` and the same one-line errors (``collide: error: ...``, status 2).
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import shlex
@@ -19,8 +19,14 @@ import typing
 from dataclasses import MISSING as NO_DEFAULT, dataclass, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
+from collide.commands import compare, exhaustive, invert, precache, probe, run, search, verify
+from collide.config import register_configs
 from collide.errors import CollideError
+
+log = logging.getLogger(__name__)
 
 USAGE = """usage: collide COMMAND [ARGS] [key=value ...] [--help] [--cfg]
 
@@ -38,50 +44,40 @@ Examples:
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its schema (a dataclass of collide.config), where its positional arguments go,
-    and the function that runs it (``module:function``, called with the config object)."""
+    """One subcommand: the function that runs it, its schema, and where its positional arguments go."""
 
-    schema: str  # name of the dataclass in its module (see `schema_module`)
+    fn: Callable  # run(cfg, command) of collide.commands.<name>
+    schema: type  # the dataclass of collide.config its config is composed into
     positional: str | None  # the key that receives positional arguments (a list key takes several)
-    entry: str  # "module:function" taking the composed config object
     summary: str  # one line for `collide --help`
-    schema_module: str = "collide.config"
 
 
-COMMANDS: dict[str, Command] = {
-    "run": Command("CollideConfig", None, "collide.__main__:main",
-                   "corpus -> model -> store -> certified search -> report (the default of `python -m collide`)"),
-    "search": Command("SearchCommandConfig", "store", "collide.search.__main__:run",
-                      "search a store again (no model): search.json + collisions Parquet"),
-    "verify": Command("VerifyConfig", "stores", "collide.verify:run",
-                      "re-check every shard's sha256, size, rows and prompt ids"),
-    "compare": Command("CompareConfig", "runs", "collide.compare:run",
-                       "one table and figure for several runs or a sweep"),
-    "exhaustive": Command("ExhaustiveConfig", "run_dir", "collide.exhaustive:run_command",
-                          "the paper's exhaustive continuation test on a finished run"),
-    "invert": Command("InvertConfig", "source", "collide.invert.__main__:run",
-                      "recover prompts exactly from their states at every position (SIPIT, certified)"),
-    "probe": Command("ProbeConfig", "source", "collide.probe:run",
-                     "linear probes: what each layer's state at t says about the token at t+tau"),
-    "precache": Command("PrecacheConfig", None, "collide.precache:run",
-                        "the synthetic pre-caching experiment (arXiv 2404.00859): vanilla vs myopic"),
-}
+def _command(module: ModuleType) -> Command:
+    return Command(module.run, module.SCHEMA, getattr(module, "POSITIONAL", None), module.SUMMARY)
 
 
-def _schema(command: Command) -> type:
-    return getattr(importlib.import_module(command.schema_module), command.schema)
+COMMANDS: dict[str, Command] = {name: _command(module) for name, module in (
+    ("run", run), ("search", search), ("verify", verify), ("compare", compare), ("exhaustive", exhaustive),
+    ("invert", invert), ("probe", probe), ("precache", precache))}
 
 
 def register_schemas() -> None:
-    """Register every subcommand's schema in Hydra's ConfigStore as ``<command>_schema``."""
+    """Register every command's schema in Hydra's ConfigStore: ``collide_schema`` (run), ``<command>_schema``."""
     from hydra.core.config_store import ConfigStore
-
-    from collide.config import register_configs
 
     register_configs()
     for name, command in COMMANDS.items():
         if name != "run":
-            ConfigStore.instance().store(name=f"{name}_schema", node=_schema(command))
+            ConfigStore.instance().store(name=f"{name}_schema", node=command.schema)
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("path_safe"):
+        OmegaConf.register_new_resolver("path_safe", path_safe)
+
+
+def path_safe(text: str) -> str:
+    """A run-directory name from Hydra's override_dirname: a path in an override must not nest directories."""
+    return text.replace("/", "%2F")
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -126,7 +122,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
 
 def command_help(name: str) -> str:
     command = COMMANDS[name]
-    cls = _schema(command)
+    cls = command.schema
     arg = (command.positional or "").upper()
     head = f"usage: collide {name} {arg + ' ' if arg else ''}{'... ' if arg.endswith('S') else ''}[key=value ...]"
     return "\n".join([head, "", (cls.__doc__ or "").strip(), "", "keys (key=default  # meaning):",
@@ -134,45 +130,162 @@ def command_help(name: str) -> str:
 
 
 def compose(name: str, argv: list[str]):
-    """The typed config object of ``collide NAME argv`` (positional arguments and key=value overrides)."""
+    """The typed config object of ``collide NAME argv``: ``collide/conf/<name>.yaml`` with argv's key=value overrides,
+    and its positional arguments set on the command's positional key after composing (a path is data, not
+    override grammar; ``run`` takes none, so every argument is an override there, ``~key`` included).
+    Every failure is a CollideError of one line naming the key and ``--help``: the one place where collide
+    composes a config (the commands, the checks before a Hydra run, the tests)."""
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     command = COMMANDS[name]
-    # run directories are named key=value,...: an existing path is positional even with '=' in its name
-    positional = [a for a in argv if "=" not in a or Path(a).exists()]
-    overrides = [a for a in argv if a not in positional]
-    if command.positional is None:
-        if positional:
-            raise CollideError(f"`collide {name}` takes only key=value overrides, got {positional}; "
-                               f"see `collide {name} --help`")
-        list_key = False
-    else:
-        hint = typing.get_type_hints(_schema(command))[command.positional]
-        list_key = typing.get_origin(hint) in (list, typing.List)
-        if not positional or (len(positional) > 1 and not list_key):
-            wanted = f"one or more {command.positional.upper()}" if list_key else f"one {command.positional.upper()}"
-            raise CollideError(f"`collide {name}` takes {wanted} argument, got {positional or 'none'}; "
-                               f"see `collide {name} --help`")
+    positional, overrides = ([], list(argv)) if name == "run" else split_arguments(name, argv)
     register_schemas()
     try:
         with initialize_config_module(config_module="collide.conf", version_base="1.3"):
-            cfg = hydra_compose(config_name=name, overrides=overrides)
-        if command.positional is not None:  # set after composing: a path is data, not override grammar
+            cfg = hydra_compose(config_name=name, overrides=list(overrides))
+        if positional:
+            list_key = typing.get_origin(typing.get_type_hints(command.schema)[command.positional]) in (list,
+                                                                                                        typing.List)
             OmegaConf.update(cfg, command.positional, positional if list_key else positional[0], merge=False)
         return OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException, ValueError, AssertionError) as exc:
         cause = exc.__cause__ or exc.__context__
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+        keys = "collide run --cfg job" if name == "run" else f"collide {name} --help"
         raise CollideError((first if detail in first else f"{first}: {detail}")
-                           + f"; see `collide {name} --help` for the keys and their types") from None
+                           + f"; see `{keys}` for the keys and their types") from None
+
+
+def split_arguments(name: str, argv: list[str]) -> tuple[list[str], list[str]]:
+    """(positional, overrides) of ``collide NAME argv``, checked against the command's positional key.
+
+    Run directories are named key=value,...: an existing path is positional even with '=' in its name.
+    """
+    command = COMMANDS[name]
+    positional = [a for a in argv if "=" not in a or Path(a).exists()]
+    overrides = [a for a in argv if a not in positional]
+    if command.positional is None:
+        if positional:
+            raise CollideError(f"`collide {name}` takes only key=value overrides, got {positional}; "
+                               f"see `collide {name} --help`")
+        return [], overrides
+    hint = typing.get_type_hints(command.schema)[command.positional]
+    list_key = typing.get_origin(hint) in (list, typing.List)
+    if not positional or (len(positional) > 1 and not list_key):
+        wanted = f"one or more {command.positional.upper()}" if list_key else f"one {command.positional.upper()}"
+        raise CollideError(f"`collide {name}` takes {wanted} argument, got {positional or 'none'}; "
+                           f"see `collide {name} --help`")
+    return positional, overrides
+
+
+# --------------------------------------------------------------------------- collide run (a Hydra app)
+
+
+def _check_group_choices(argv: list[str]) -> None:
+    """One-line error for an unknown model=/corpus=/cluster= name, listing the choices (before Hydra starts)."""
+    import re
+
+    from collide.corpus import available
+
+    for arg in argv:
+        match = re.fullmatch(r"\+?(model|corpus|cluster)=(.+)", arg)
+        if match:
+            group, value = match.groups()
+            for name in value.split(","):  # multirun sweeps list several
+                if name and name not in available(group):
+                    raise CollideError(f"unknown {group} {name!r}; choose one of: {', '.join(available(group))}"
+                                       + {"model": " (or set model.source=<hub id or local dir>)",
+                                          "corpus": " (or corpus=files corpus.data_files=...)"}.get(group, ""))
+
+
+def _sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """The override lists to compose for a sweep: the first value of every swept key, then each
+    other value of each key alone (every value is checked without composing the whole product)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - a sweep syntax Hydra's own parser rejects: Hydra reports it
+        return []
+    if any(o.is_sweep_override() and not o.is_discrete_sweep() for o in parsed):
+        return []  # interval sweeps are for sweeper plugins: they check their own arguments
+    options = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in parsed]
+    base = [opts[0] for opts in options]
+    return [base] + [base[:k] + [v] + base[k + 1:] for k, opts in enumerate(options) for v in opts[1:]]
+
+
+def _check_composes(argv: list[str]) -> None:
+    """Compose the run config before Hydra starts, so a bad key or value is one line (runs and sweeps)."""
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    if any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in argv):
+        return  # --help, --cfg, --config-dir ...: Hydra handles these itself
+    overrides = [arg for arg in argv if not arg.startswith("-")
+                 and not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    for variant in _sweep_variants(overrides) if multirun else [overrides]:
+        compose("run", variant)
+
+
+def _hydra_app():
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    @hydra.main(version_base="1.3", config_path="pkg://collide.conf", config_name="run")
+    def app(dcfg) -> None:
+        from omegaconf import OmegaConf
+
+        try:
+            COMMANDS["run"].fn(OmegaConf.to_object(dcfg), command="collide run " + shlex.join(sys.argv[1:]),
+                               run_dir=Path(HydraConfig.get().runtime.output_dir))
+        except CollideError as exc:
+            sys.exit(_fail(str(exc)))
+        except KeyboardInterrupt:
+            again = ("the same command" if HydraConfig.get().mode == RunMode.RUN
+                     else f"this job alone: collide run {shlex.join(HydraConfig.get().overrides.task)}")
+            sys.exit(_fail(f"interrupted; the store's complete shards are kept: run {again} to resume", status=130))
+
+    return app
+
+
+def _fail(message: str, status: int = 2) -> int:
+    """Print the one-line error (and keep it in the job's log file, if Hydra opened one); returns status."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    print(f"collide: error: {message}", file=sys.stderr)
+    return status
+
+
+def run_hydra(argv: list[str]) -> int:
+    """``collide run argv``: check the overrides, then hand them to the Hydra app; returns the exit status."""
+    try:
+        _check_group_choices(argv)
+        _check_composes(argv)
+    except CollideError as exc:
+        return _fail(str(exc))
+    register_schemas()
+    saved = sys.argv
+    sys.argv = [saved[0], *argv]
+    try:
+        _hydra_app()()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+# --------------------------------------------------------------------------- every command
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``collide`` console script; returns the exit status."""
+    """Entry point of the ``collide`` console script (and of ``python -m collide``); returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE.format(commands="\n".join(f"  {n:<11}{c.summary}" for n, c in COMMANDS.items())))
@@ -186,11 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                   "(see `collide --help`)", file=sys.stderr)
             return 2
     if name == "run":
-        from collide.__main__ import main as run_main
-
-        sys.argv = [sys.argv[0]] + rest
-        run_main()
-        return 0
+        return run_hydra(rest)
     if any(a in ("-h", "--help") for a in rest):
         print(command_help(name))
         return 0
@@ -207,9 +316,10 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(OmegaConf.structured(compose(name, rest))))
             return 0
         cfg = compose(name, rest)
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-        module, function = COMMANDS[name].entry.split(":")
-        result = getattr(importlib.import_module(module), function)(cfg, command=shlex.join(["collide", name, *rest]))
+        from collide.console import setup_logging
+
+        setup_logging()
+        result = COMMANDS[name].fn(cfg, command=shlex.join(["collide", name, *rest]))
     except CollideError as exc:
         print(f"collide: error: {exc}", file=sys.stderr)
         return 2
@@ -218,11 +328,6 @@ def main(argv: list[str] | None = None) -> int:
               "again to resume", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0
-
-
-def module_main(name: str) -> None:
-    """``python -m collide.<name> ...`` = ``collide <name> ...`` (kept for the module forms)."""
-    sys.exit(main([name, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

@@ -217,10 +217,10 @@ class CollideConfig:
 class SearchCommandConfig:
     """``collide search STORE``: the certified search again on a store (no model, no corpus)."""
 
-    store: str = MISSING  # the store directory (positional)
+    store: str = MISSING  # the store directory, or a run directory (its store) (positional)
     layers: Any = "all"  # store layers to search: all, an int, a list [0, 5] or a range "a:b" (inclusive)
     threshold: float = 1e-6  # L2 distance (not squared) under which a pair is a collision
-    out: Optional[str] = None  # JSON summary path; None = STORE/../search.json
+    out: Optional[str] = None  # JSON summary path; None = search.json beside STORE (or in RUN_DIR)
     max_listed: int = 100  # collisions per layer copied into the JSON (the Parquet files hold them all)
     search: SearchConfig = default(default_factory=SearchConfig)  # engine settings (search.backend=...)
 

@@ -38,7 +38,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from collide.errors import CollideError
-from collide.models import LoadedModel, last_token_states
+from collide.models import LoadedModel, capture_layers, last_token_states
 
 log = logging.getLogger(__name__)
 
@@ -246,10 +246,6 @@ def full_forward_states(lm: LoadedModel, prefix: Sequence[int], tokens: Sequence
                                 states={k: v.float().cpu() for k, v in states.items()})
 
 
-class _Captured(Exception):
-    """Raised by ``GrowingPrefix.embeds_state``'s hook once its layer's state is captured."""
-
-
 class GrowingPrefix:
     """A prefix whose KV cache grows by one token per ``append`` and is never recomputed.
 
@@ -266,6 +262,7 @@ class GrowingPrefix:
         self.lm = lm
         self.ids: list[int] = []  # the token ids appended so far
         self.cache = None  # the shared KV cache of ``ids`` (None while empty)
+        self.last_hidden = None  # (d,) the decoder's output (after the final norm) at the last appended token
 
     @torch.no_grad()
     def append(self, token: int) -> None:
@@ -277,6 +274,7 @@ class GrowingPrefix:
         mask = torch.ones(1, len(self.ids) + 1, dtype=torch.long, device=self.lm.device)
         out = self.lm.decoder(input_ids=ids, attention_mask=mask, past_key_values=self.cache, use_cache=True)
         self.cache = shared_prefix(out.past_key_values, split=uses_prefix_attention(self.lm))
+        self.last_hidden = out.last_hidden_state[0, -1]  # the LM head of it is the model's next-token prior
         self.ids.append(int(token))
 
     def states(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -292,21 +290,7 @@ class GrowingPrefix:
         ``embeds`` (d,) is what the input-embedding module outputs for a token (Gemma's sqrt(d) scaling
         included, position embeddings excluded); gradients flow back to it. Runs with grad enabled.
         """
-        lm, captured = self.lm, {}
-
-        def keep(hidden: torch.Tensor) -> None:
-            captured["state"] = hidden[0, -1]
-            raise _Captured
-
-        if layer == 0:
-            handle = lm.blocks[0].register_forward_pre_hook(
-                lambda _m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
-        elif layer == lm.n_layers and lm.final_norm == "post":
-            handle = lm.final_norm_module.register_forward_hook(
-                lambda _m, _a, out: keep(out[0] if isinstance(out, (tuple, list)) else out))
-        else:
-            handle = lm.blocks[layer - 1].register_forward_hook(
-                lambda _m, _a, out: keep(out[0] if isinstance(out, (tuple, list)) else out))
+        lm = self.lm
         mask = torch.ones(1, len(self.ids) + 1, dtype=torch.long, device=lm.device)
         config = lm.model.config
         saved = config._attn_implementation
@@ -314,11 +298,8 @@ class GrowingPrefix:
             config._attn_implementation = PREFIX_ATTENTION
         try:
             with torch.enable_grad():
-                lm.decoder(inputs_embeds=embeds.to(lm.model.dtype)[None, None], attention_mask=mask,
-                           past_key_values=self.cache, use_cache=self.cache is not None)
-        except _Captured:
-            pass
+                return capture_layers(lm, [layer], lambda hidden: hidden[0, -1], lambda: lm.decoder(
+                    inputs_embeds=embeds.to(lm.model.dtype)[None, None], attention_mask=mask,
+                    past_key_values=self.cache, use_cache=self.cache is not None))[layer]
         finally:
             config._attn_implementation = saved
-            handle.remove()
-        return captured["state"]

@@ -37,13 +37,13 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import psutil
 import torch
-from tqdm import tqdm
 
 from collide.config import ExtractConfig, StoreConfig
 from collide.corpus import Prompt
 from collide.errors import CollideError
 from collide.models import DTYPES, LoadedModel, all_token_states, last_token_states
 from collide.store import ShardPipeline, Store, StoreWriter, open_store, prompt_table
+from collide.console import progress
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def extract_to_store(lm: LoadedModel, prompts: Iterable[Prompt], layers: list[in
         stream = DistinctPrompts(prompts)
         skip_committed(stream, writer.shards, store_dir)
         first_id = start_id = writer.n_rows
-        bar = tqdm(total=n_prompts, initial=first_id, unit="prompt", desc="extract", dynamic_ncols=True,
+        bar = progress(total=n_prompts, initial=first_id, unit="prompt", desc="extract",
                    disable=not extract_cfg.progress)
         t_run, n_tokens = time.perf_counter(), [0]  # tokens forwarded this run
 

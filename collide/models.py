@@ -1,12 +1,7 @@
 """Model stage: load a causal LM and read hidden states (last token, or every position) at chosen layers.
 
-Layer convention (recorded in every manifest and report):
-
-* layer 0 is the embedding output, i.e. the input of block 0 (HF ``hidden_states[0]``;
-  position embeddings and Gemma's sqrt(d) scaling included);
-* layer k, 1 <= k <= L, is the output of block k (HF ``hidden_states[k]``);
-* layer L is taken after the final norm when ``final_norm="post"`` (HF's default for the last
-  entry) or before it, on the raw residual stream, when ``final_norm="pre"`` (the paper's code).
+Layer k follows ``collide.layers.CONVENTION``: 0 = the embedding output, k = the output of block k
+(blocks counted from 1, as HF ``hidden_states``), L read after or before the final norm.
 
 States are captured by forward hooks on the decoder blocks, so only the selected layers are
 kept (``last_token_states``: one ``(batch, d)`` row per layer; ``all_token_states``: the
@@ -201,42 +196,6 @@ def find_final_norm(decoder: nn.Module) -> nn.Module:
     raise CollideError(f"cannot find the final norm of {type(decoder).__name__}")
 
 
-# --------------------------------------------------------------------------- layers
-
-
-def parse_layers(spec, n_layers: int) -> list[int]:
-    """Turn the ``layers`` config ("all", a list, an int or "a:b" inclusive) into sorted indices in 0..L."""
-    if spec == "all" or spec is None:
-        return list(range(n_layers + 1))
-    if isinstance(spec, str) and ":" in spec:
-        lo, hi = (int(part) if part else default for part, default in zip(spec.split(":"), (0, n_layers)))
-        layers = list(range(lo, hi + 1))
-    elif isinstance(spec, (int, str)):
-        layers = [int(spec)]
-    else:
-        layers = sorted({int(k) for k in spec})
-    bad = [k for k in layers if not 0 <= k <= n_layers]
-    if bad or not layers:
-        raise CollideError(f"layers={spec!r} is out of range: this model has layers 0..{n_layers} "
-                           f"(0 = embeddings, {n_layers} = last); pick layers within that range")
-    return sorted(set(layers))
-
-
-def select_layers(spec, available: list[int]) -> list[int]:
-    """The stored layers ``spec`` asks for, read as ``parse_layers`` reads it: "all" and a range "a:b"
-    take the ``available`` layers (a store's) within it; an int or a list must name available layers."""
-    if spec == "all" or spec is None:
-        return list(available)
-    wanted = parse_layers(spec, max(available))
-    if isinstance(spec, str) and ":" in spec:
-        wanted = [k for k in wanted if k in available]
-    missing = [k for k in wanted if k not in available]
-    if missing or not wanted:
-        raise CollideError(f"layers={spec!r}: the store holds layers {list(available)}, not {missing or spec}; "
-                           "pick layers among those")
-    return wanted
-
-
 class _StopForward(Exception):
     """Raised by a hook once the deepest selected layer has been captured."""
 
@@ -256,8 +215,9 @@ def last_token_states(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: 
     cached = attention_mask.shape[1] - input_ids.shape[1]  # P: prefix tokens held in a KV cache
     last = attention_mask.sum(dim=1) - 1 - cached
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    return _capture(lm, input_ids, attention_mask, layers, lambda hidden: hidden[rows, last].clone(),
-                    **forward_kwargs)
+    forward_kwargs.setdefault("use_cache", False)
+    return capture_layers(lm, layers, lambda hidden: hidden[rows, last].clone(), lambda: lm.decoder(
+        input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs))
 
 
 @torch.no_grad()
@@ -269,13 +229,19 @@ def all_token_states(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: t
     at padded positions (``attention_mask == 0``) are meaningless. Row b's last real token is
     bitwise the state ``last_token_states`` returns for it (both read the same tensor).
     """
-    return _capture(lm, input_ids, attention_mask, layers, lambda hidden: hidden.clone())
+    return capture_layers(lm, layers, lambda hidden: hidden.clone(), lambda: lm.decoder(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
 
 
-def _capture(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int],
-             select, **forward_kwargs) -> dict[int, torch.Tensor]:
-    """Run the decoder with hooks that keep ``select(hidden)`` of each selected layer's
-    (batch, T, d) hidden states, stopping after the deepest one; returns {layer: kept}."""
+def capture_layers(lm: LoadedModel, layers: list[int], select, forward) -> dict[int, torch.Tensor]:
+    """Call ``forward()`` (a forward of ``lm.decoder``) with hooks that keep ``select(hidden)`` of each of
+    ``layers``, and stop it once the deepest is kept; returns {layer: kept}.
+
+    ``hidden`` is the (batch, T, d) state at the layer, read as ``collide.layers.CONVENTION`` says:
+    layer 0 is the input of the first block, layer k the output of block k, and layer L the output of
+    the final norm when ``lm.final_norm == "post"``. The one place that maps layers to hooks: the
+    extraction, the continuation steps and the inversion's gradient proxy all capture through it.
+    """
     deepest, L = max(layers), lm.n_layers
     captured: dict[int, torch.Tensor] = {}
 
@@ -306,8 +272,7 @@ def _capture(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Ten
             handles.append(lm.final_norm_module.register_forward_hook(
                 lambda _m, _a, out: keep(L, out[0] if isinstance(out, (tuple, list)) else out)))
         try:
-            forward_kwargs.setdefault("use_cache", False)
-            lm.decoder(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
+            forward()
         except _StopForward:
             pass
     finally:

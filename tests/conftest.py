@@ -26,18 +26,9 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def compose():
     """compose(overrides) -> the validated CollideConfig object, through Hydra's compose API."""
-    from hydra import compose as hydra_compose, initialize_config_module
-    from omegaconf import OmegaConf
+    from collide.cli import compose as compose_config
 
-    from collide.config import register_configs
-
-    register_configs()
-
-    def _compose(overrides=()):
-        with initialize_config_module(config_module="collide.conf", version_base="1.3"):
-            return OmegaConf.to_object(hydra_compose(config_name="config", overrides=list(overrides)))
-
-    return _compose
+    return lambda overrides=(): compose_config("run", list(overrides))
 
 
 @pytest.fixture(scope="session")

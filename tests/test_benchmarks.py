@@ -54,7 +54,7 @@ def test_planted_collisions_are_found_and_nothing_else():
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.ray) if n == "bench_ray" else n for n in SUITE])
 def test_suite_module_tracks_run_at_the_tiny_size(name, monkeypatch):
     if name == "bench_ray":
-        from collide.cluster.netns import namespace_problem
+        from tests.support.netns import namespace_problem
 
         if namespace_problem():  # Ray runs only inside a loopback-only network namespace here
             pytest.skip(namespace_problem())

@@ -1,6 +1,6 @@
 """The Ray tests (tests/cluster) run here, inside a network namespace that holds only loopback.
 
-See collide.cluster.netns: nothing can leave the machine, Ray binds 127.0.0.1, and the inner
+See tests.support.netns: nothing can leave the machine, Ray binds 127.0.0.1, and the inner
 pytest gets its own HOME and RAY_TMPDIR, removed afterwards (no ~/.ray/auth_token is left).
 Skipped, with the reason, where no namespace can be made (not root, no unshare) or ray is missing.
 """
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from collide.cluster.netns import namespace_problem, run_isolated
+from tests.support.netns import namespace_problem, run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 INNER_TIMEOUT_S = 1200  # the inner suite takes a few minutes on 2 cores
 
 
 def test_cluster_local_never_imports_ray():
-    code = ("import sys, collide.cluster, collide.cluster.netns, collide.extract, collide.search, collide.__main__; "
+    code = ("import sys, collide.cluster, tests.support.netns, collide.extract, collide.search, collide.pipeline; "
             "sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 

@@ -6,12 +6,12 @@ import dataclasses
 
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException
 
 from collide.config import CollideConfig, CorpusConfig, ModelConfig
 from collide.corpus import available
 from collide.errors import CollideError
-from collide.models import byte_tokenizer, last_token_states, load_model, parse_layers, tiny_config
+from collide.layers import parse_layers
+from collide.models import byte_tokenizer, last_token_states, load_model, tiny_config
 
 MODELS = available("model")
 CORPORA = available("corpus")
@@ -38,10 +38,10 @@ def test_default_is_embedded_model_on_real_english(compose):
                                             ("store.positions=some", "some"), ("store.dtype=int8", "int8"),
                                             ("corpus.kind=web", "web")])
 def test_fixed_value_sets_are_checked_when_composed(compose, override, named):
-    with pytest.raises(ConfigCompositionException) as err:
+    with pytest.raises(CollideError) as err:
         compose([override])
-    message = str(err.value.__cause__ or err.value)
-    assert named in message and "expected one of" in message
+    message = str(err.value)
+    assert named in message and "expected one of" in message and "\n" not in message
 
 
 def test_enum_values_read_as_their_strings(compose):
@@ -64,13 +64,12 @@ def test_corpus_config_composes(compose, name):
 
 
 def test_typo_in_key_fails_with_its_name(compose):
-    with pytest.raises(ConfigCompositionException) as err:
+    with pytest.raises(CollideError, match="dtpye"):
         compose(["model.dtpye=bf16"])
-    assert "dtpye" in str(err.value.__cause__ or err.value)
 
 
 def test_wrong_type_fails(compose):
-    with pytest.raises(ConfigCompositionException):
+    with pytest.raises(CollideError, match="many"):
         compose(["n_prompts=many"])
 
 

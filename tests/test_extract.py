@@ -14,7 +14,7 @@ from collide.errors import CollideError
 from collide.extract import BF16_RTOL, CPU_MAX_BATCH_TOKENS, extract_to_store, plan_batches
 from collide.models import byte_tokenizer, load_model, tiny_config
 from collide.store import open_store
-from collide.verify import verify_store
+from collide.store.verify import verify_store
 
 BOS = 256
 QUIET = ExtractConfig(batch_tokens=512, max_batch_size=64, progress=False)

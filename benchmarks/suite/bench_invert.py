@@ -1,4 +1,4 @@
-"""asv benchmark of ``collide.invert`` against the paper's own SIPIT procedure (``collide.invert.paper``).
+"""asv benchmark of ``collide.invert`` against the paper's own SIPIT procedure (``benchmarks.suite.paper_sipit``).
 
 ``track_candidate_time_vs_paper``: seconds per candidate token checked by collide's inverter
 (one gradient step on the proxy with the prefix's KV cache, then ``batch`` candidates verified
@@ -34,7 +34,7 @@ def measure() -> dict[str, float]:
     """Every ratio of the module docstring (one measurement each)."""
     from collide.config import InvertConfig
     from collide.continuations import GrowingPrefix
-    from collide.invert.paper import invert_position, invert_prompt
+    from .paper_sipit import invert_position, invert_prompt
     from collide.invert.sipit import Inverter
 
     tiny = pick(True, False, False)

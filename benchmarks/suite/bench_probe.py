@@ -1,4 +1,4 @@
-"""asv benchmark of the future-token probe (``collide.probe``): its cost over the Gram matrices it needs.
+"""asv benchmark of the future-token probe (``collide.experiments.probe``): its cost over the Gram matrices it needs.
 
 Synthetic prompts shaped like the SmolLM2 target (2,000 prompts of 9..33 tokens, BOS included,
 d=576, 5 layers, taus 1..4; tiny: 100 prompts, d=32, 2 layers; full: 8,000 prompts): Zipf-
@@ -36,7 +36,7 @@ def measure() -> dict[str, float]:
     import torch
 
     from collide.config import ProbeConfig
-    from collide.probe import probe_states
+    from collide.experiments.probe import probe_states
 
     n_prompts, d, layers = pick((100, 32, [0, 1]), (2000, 576, [0, 8, 16, 24, 30]), (8000, 576, [0, 8, 16, 24, 30]))
     cfg = ProbeConfig(source="bench")

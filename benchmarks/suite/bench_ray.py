@@ -1,7 +1,7 @@
 """asv benchmarks of collide on Ray (``collide.cluster``): costs over the local path, timed in the same run.
 
 Every ``track_*`` is a ratio of wall seconds (lower is better), on a local Ray instance of 2 CPUs
-started inside a loopback-only network namespace (``collide.cluster.netns``; skipped where none
+started inside a loopback-only network namespace (``tests.support.netns``; skipped where none
 can be made, or without ray):
 
 - ``extract_ray1_vs_local``: ``extract_to_store_ray`` with one worker of 2 CPUs / ``extract_to_store``
@@ -96,7 +96,7 @@ def lm_config():
 
 def measure() -> dict:
     """Run ``measure_here`` in a child inside a loopback-only namespace; {"skipped": reason} where none can be made."""
-    from collide.cluster.netns import namespace_problem, run_isolated
+    from tests.support.netns import namespace_problem, run_isolated
 
     problem = namespace_problem()
     if problem:

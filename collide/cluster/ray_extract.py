@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Iterable
 
 import ray
-from tqdm import tqdm
 
 from collide.cluster.session import chaos_point, ray_session, remote_options, task_failed
 from collide.config import ClusterConfig, ExtractConfig, ModelConfig, StoreConfig
@@ -51,6 +50,7 @@ from collide.extract import (DistinctPrompts, auto_batch_tokens, finish_store, f
                              store_header)
 from collide.models import LoadedModel, load_model
 from collide.store import Store, StoreWriter, open_store, prompt_table
+from collide.console import progress
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def extract_to_store_ray(lm: LoadedModel, prompts: Iterable[Prompt], layers: lis
                        writer.manifest["keep_text"])
         facts = {key: writer.manifest[key] for key in STORE_FACTS}
         workers = [ExtractWorker.options(**opts).remote(model_cfg) for _ in range(cluster_cfg.num_workers)]
-        bar = tqdm(total=n_prompts, initial=start_id, unit="prompt", desc="extract (ray)", dynamic_ncols=True,
+        bar = progress(total=n_prompts, initial=start_id, unit="prompt", desc="extract (ray)",
                    disable=not extract_cfg.progress)
         try:
             first_id = _run(writer, workers, specs, facts, str(Path(store_dir).resolve()), len(layers), bar,

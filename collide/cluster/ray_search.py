@@ -238,8 +238,9 @@ def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConf
         in_flight: dict = {}
         bar = None
         if search_cfg.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(pairs), unit="tile", desc=f"layer {layer} tiles")
+            from collide.console import progress
+
+            bar = progress(total=len(pairs), unit="tile", desc=f"layer {layer} tiles")
         for t, (p, q) in enumerate(pairs):
             rows = engine[p] if p == q else np.concatenate([engine[p], engine[q]])
             budget = max(search_cfg.max_candidates - red.state.n_candidates, 0)

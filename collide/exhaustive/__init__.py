@@ -1,7 +1,6 @@
 """The exhaustive continuation test: every vocabulary token appended to the closest prompts.
 
-``collide exhaustive RUN_DIR [key=value ...]`` or ``python -m collide.exhaustive RUN_DIR [key=value ...]``
-(keys: ``collide.config.ExhaustiveConfig``; ``--help``).
+``collide exhaustive RUN_DIR [key=value ...]`` (keys: ``collide.config.ExhaustiveConfig``; ``--help``).
 
 Mode ``exhaustive`` (the paper's second experiment):
 
@@ -11,8 +10,11 @@ Mode ``exhaustive`` (the paper's second experiment):
 2. Set s = base prompt s + every token t of the token list (``vocab=all``: every row of the input
    embedding; ``vocab=N``: a seeded sample of N ids, the same for every set). The last-token
    state of prefix+t at each selected layer is computed by ``collide.continuations`` (prefix
-   once, batched single-token steps against its KV cache) and written into
-   ``RUN_DIR/exhaustive/store`` in the store format, one set after the other: set s holds
+   once, batched single-token steps against its KV cache) and written into a store of the run,
+   ``RUN_DIR/exhaustive/stores/sets<S>-tokens<N>-<hash>/``, keyed by its content (model, run, base
+   prompts, token list, layers) as run stores are: another ``n_prompts``, ``vocab`` or layer set
+   gets its own store, and a complete store whose first sets and layers cover a test serves it
+   without extracting. The store format is ``docs/store-format.md``, one set after the other: set s holds
    prompt ids ``s * n .. (s + 1) * n - 1``, and its prompts table records ``set_index``,
    ``base_prompt_id``, ``appended_token`` and ``appended_text``.
 3. The certified search (``collide.search``) runs within each set, streaming the set's shards
@@ -28,11 +30,11 @@ pairwise distance among them per layer, and its mean over prompts (``margin.{jso
 Resume: a killed run resumes at its last committed shard (the store, written shard by shard and
 never across a set boundary) and reuses the search results of every finished set
 (``RUN_DIR/exhaustive/sets/``). Rerunning the same command on a finished run only rewrites the
-reports. Distances are L2, not squared; layer k is HF ``hidden_states[k]`` (see collide.models).
+reports. Distances are L2, not squared; layer k follows ``collide.layers.CONVENTION``.
 
 Modules: ``inputs`` (what the test reads from the run), ``sets`` (a prompt set's search and its
-results file), ``modes`` (the two modes); the Markdown is ``collide.report_markdown``'s and the
-run's report is extended through ``collide.report.add_section``; ``__main__`` is the command line.
+results file), ``modes`` (the two modes); the Markdown is ``collide.report.markdown``'s and the
+run's report is extended through ``collide.report.add_section``; the command is ``collide.commands.exhaustive``.
 """
 
 from __future__ import annotations
@@ -42,23 +44,22 @@ import time
 from functools import partial
 from pathlib import Path
 
-from collide import figures
-from collide.atomic import atomic_write_json, atomic_write_text
+from collide.atomic import write_outputs
 from collide.config import ExhaustiveConfig
 from collide.errors import CollideError
 from collide.exhaustive.inputs import OUT_DIR, base_prompts, open_run, select_closest, validate
 from collide.exhaustive.modes import run_exhaustive, run_margin
-from collide.figures import fmt_distance
-from collide.models import load_model, parse_layers
-from collide.report import add_section
-from collide.report_markdown import layers_in_words, render_exhaustive, render_margin
+from collide.layers import layers_in_words, parse_layers
+from collide.models import load_model
+from collide.report import add_section, figures
+from collide.report.markdown import render_exhaustive, render_margin
 
-log = logging.getLogger("collide.exhaustive")
+log = logging.getLogger(__name__)
 
 REPORT_KEYS = {"exhaustive": "exhaustive", "margin": "exhaustive_margin"}  # the run's report.json key per mode
 
 
-def run(cfg: ExhaustiveConfig, command: str = "") -> dict:
+def exhaustive_test(cfg: ExhaustiveConfig, command: str = "") -> dict:
     """The whole test on the finished run ``cfg.run_dir``; writes RUN_DIR/exhaustive/ and adds a
     section to the run's report; returns exhaustive.json's (or margin.json's) dict.
 
@@ -116,9 +117,7 @@ def run(cfg: ExhaustiveConfig, command: str = "") -> dict:
     timings["report_s"] = time.perf_counter() - tic
     timings["wall_s"] = time.perf_counter() - t_start
     render = partial(render_exhaustive, json_file=f"{OUT_DIR}/{name}.json") if name == "exhaustive" else render_margin
-    atomic_write_text(out_dir / f"{name}.md", f"# collide {name} test: {m.name}\n\n"
-                      + render(result, f"{name}.png", True))
-    atomic_write_json(out_dir / f"{name}.json", result)
+    write_outputs(out_dir, name, result, f"# collide {name} test: {m.name}\n\n" + render(result, f"{name}.png", True))
     summary = {k: v for k, v in result.items() if k != "sets"}
     summary["files"] = {"json": f"{OUT_DIR}/{name}.json", "markdown": f"{OUT_DIR}/{name}.md",
                         "figure": f"{OUT_DIR}/{name}.png"}
@@ -127,35 +126,3 @@ def run(cfg: ExhaustiveConfig, command: str = "") -> dict:
     log.info("%s test written to %s in %.1f s (extraction %.1f s, search %.1f s)", name, out_dir / f"{name}.json",
              timings["wall_s"], timings["extract_s"], timings["search_s"])
     return result
-
-
-def run_command(cfg: ExhaustiveConfig, command: str = "") -> dict:
-    """``collide exhaustive RUN_DIR ...``: ``run`` and a table of its per-layer results on the console."""
-    result = run(cfg, command)
-    print_summary(result)
-    return result
-
-
-def print_summary(result: dict) -> None:
-    """A rich table of the per-layer results, for the end of the command."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{result['mode']} test: {result['model']['name']}, {result['n_sets']} prompts")
-    if result["mode"] == "exhaustive":
-        for col in ("layer", "pairs", "min distance", "certified", "collisions", "identical inputs"):
-            table.add_column(col, justify="right")
-        for e in result["per_layer"]:
-            d = e["distinct_inputs"]
-            table.add_row(str(e["layer"]), f"{e['n_pairs']:,}", fmt_distance(d["min_distance"], 6),
-                          "yes" if d["certified"] else "NO", f"{d['n_collisions']:,}",
-                          f"{e['n_collisions_identical_inputs']:,}")
-    else:
-        paper = any(e["paper_gpt2_small"] is not None for e in result["per_layer"])
-        for col in ("layer", "mean min distance", "smallest", "certified") + (("paper GPT-2 Small",) if paper else ()):
-            table.add_column(col, justify="right")
-        for e in result["per_layer"]:
-            table.add_row(str(e["layer"]), fmt_distance(e["mean_min_distance"], 4),
-                          fmt_distance(e["min_min_distance"], 4), "yes" if e["certified"] else "NO",
-                          *([fmt_distance(e["paper_gpt2_small"], 4)] if paper else []))
-    Console().print(table)

@@ -1,6 +1,8 @@
-"""``python -m collide.exhaustive RUN_DIR [key=value ...]`` = ``collide exhaustive RUN_DIR ...`` (collide.cli)."""
+"""``python -m collide.exhaustive ...``: the old name of ``collide exhaustive``."""
 
-from collide.cli import module_main
+import sys
+
+from collide.cli import main
 
 if __name__ == "__main__":
-    module_main("exhaustive")
+    sys.exit(main(["exhaustive", *sys.argv[1:]]))

@@ -23,9 +23,10 @@ from collide.models import LoadedModel
 from collide.report import read_report
 from collide.store import open_run_store
 
-log = logging.getLogger("collide.exhaustive")
+log = logging.getLogger(__name__)
 
 OUT_DIR = "exhaustive"  # the test's directory inside the run directory
+STORES_DIR = "stores"  # its continuation stores, one per content key (collide.exhaustive.modes.store_location)
 CPU_MAX_BATCH, GPU_MAX_BATCH = 2048, 16384  # continuations per step past which a device runs no faster
 
 

@@ -1,7 +1,7 @@
 """The two modes of the exhaustive test, on a finished run with its model loaded.
 
 * ``run_exhaustive``: every set (base prompt + each token of the list) is extracted into
-  ``RUN_DIR/exhaustive/store`` shard by shard and searched within itself (resumable), optionally
+  ``RUN_DIR/exhaustive/stores/<content key>/`` shard by shard and searched within itself (resumable), optionally
   across sets; returns exhaustive.json's dict.
 * ``run_margin`` (the paper's appendix): per prompt, the minimum distance among ``n_tokens``
   seeded continuations; nothing is stored but the results.
@@ -16,21 +16,24 @@ import hashlib
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from collide.config import ExhaustiveConfig, ExtractConfig, ModelConfig, StoreConfig
+from collide.console import progress
 from collide.continuations import continuation_states, input_groups
-from collide.exhaustive.inputs import OUT_DIR, RunInputs, auto_batch_size, decode_tokens, margin_tokens, token_list
+from collide.errors import CollideError
+from collide.exhaustive.inputs import STORES_DIR, RunInputs, auto_batch_size, decode_tokens, margin_tokens, token_list
 from collide.exhaustive.sets import (PromptSet, SetResults, n_pairs, pair_entry, search_across, search_kwargs,
                                      search_set, summarize_layers)
 from collide.extract import ShardPipeline, store_header
 from collide.models import LoadedModel
 from collide.search import LayerResult, min_pairwise
+from collide.store.identity import identity_hash
 
-log = logging.getLogger("collide.exhaustive")
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1.0"  # of exhaustive.json and margin.json
 # The paper's appendix (GPT-2 Small): min distance among 1000 single-token continuations of a
@@ -40,14 +43,43 @@ PAPER_GPT2_MARGIN = {1: 1.850, 2: 1.957, 3: 2.064, 4: 2.241, 5: 2.382, 6: 2.500,
 
 
 def store_identity(inputs: RunInputs, sets: list[PromptSet], layers: list[int], vocab) -> dict:
-    """What makes the exhaustive store: a resumed store must match every key."""
+    """What makes the exhaustive store (and so its location): a resumed store must match every key."""
     return {"mode": "exhaustive", "model": asdict(inputs.model_cfg), "run_identity": inputs.store.manifest["identity"],
             "base_prompt_ids": [s.base_prompt_id for s in sets], "vocab": vocab, "n_tokens": len(sets[0].tokens),
             "tokens_sha256": hashlib.sha256(sets[0].tokens.tobytes()).hexdigest(), "layers": layers}
 
 
+def store_location(out_dir: Path, identity: dict) -> Path:
+    """``RUN_DIR/exhaustive/stores/sets<S>-tokens<N>-<hash>``: one store per identity, never overwritten."""
+    name = f"sets{len(identity['base_prompt_ids'])}-tokens{identity['n_tokens']}-{identity_hash(identity)}"
+    return out_dir / STORES_DIR / name
+
+
+def serving_store(out_dir: Path, identity: dict):
+    """A complete exhaustive store of this run that holds this test's sets, or None.
+
+    It serves when it was made by the same model from the same run with the same token list, its
+    base prompts start with this test's (in the same order: set s holds rows s*n..(s+1)*n-1, so the
+    first sets are this test's) and it holds every layer asked for.
+    """
+    from collide.store import Store, read_manifest
+
+    ids, layers = identity["base_prompt_ids"], set(identity["layers"])
+    for path in [store_location(out_dir, identity)] + sorted((out_dir / STORES_DIR).glob("*")):
+        try:
+            manifest = read_manifest(path)
+        except CollideError:
+            continue
+        stored = manifest.get("identity", {})
+        if (manifest.get("status") == "complete" and stored.get("base_prompt_ids", [])[:len(ids)] == ids
+                and layers <= set(stored.get("layers", [])) and set(stored) == set(identity)
+                and all(stored[k] == identity[k] for k in identity if k not in ("base_prompt_ids", "layers"))):
+            return Store(path)
+    return None
+
+
 def extract_set(lm: LoadedModel, writer, pset: PromptSet, layers: list[int], batch_size: int, shard_rows: int,
-                texts: list[str], groups: tuple[np.ndarray, np.ndarray], progress: bool) -> None:
+                texts: list[str], groups: tuple[np.ndarray, np.ndarray], show_progress: bool) -> None:
     """Extract set ``pset`` into the store from the row where it stopped, in shards of whole blocks.
 
     A shard holds whole continuation blocks (so a resume starts where a block starts and recomputes
@@ -63,8 +95,8 @@ def extract_set(lm: LoadedModel, writer, pset: PromptSet, layers: list[int], bat
     if done >= n:
         return
     text_of = dict(zip(pset.tokens.tolist(), texts))
-    bar = tqdm(total=n, initial=done, unit="cont", desc=f"set {pset.index} (prompt {pset.base_prompt_id})",
-               dynamic_ncols=True, disable=not progress)
+    bar = progress(total=n, initial=done, unit="cont", desc=f"set {pset.index} (prompt {pset.base_prompt_id})",
+                   disable=not show_progress)
     blocks, rows, next_id, t0 = [], 0, first + done, time.perf_counter()
 
     def commit(first_id: int, blocks: list, forward_s: float) -> None:  # runs on the writer thread
@@ -118,34 +150,43 @@ def run_exhaustive(inputs: RunInputs, lm: LoadedModel, layers: list[int], prompt
     dup_groups = [tokens[group == g].tolist() for g in np.nonzero(counts > 1)[0]]
     timings["decode_s"] = time.perf_counter() - tic
 
-    longest = max(len(s.prefix) for s in sets)
-    batch = cfg.batch_size or auto_batch_size(lm, longest, len(layers))
     identity = store_identity(inputs, sets, layers, cfg.vocab)
-    header = store_header(lm, layers, n * len(sets), StoreConfig(shard_rows=cfg.shard_rows, keep_text=False),
-                          ExtractConfig(max_batch_size=batch))
-    writer = StoreWriter.open(out_dir / "store", identity, header)
-    with contextlib.closing(writer):  # the lock on the store is released however this ends
-        batch, shard_rows = int(writer.batching("max_batch_size")), int(writer.batching("shard_rows"))
-        log.info("%d sets x %d continuations (%d distinct input rows), %d pairs per set and layer, layers %s, "
-                 "%d continuations per step", len(sets), n, len(first), n_pairs(n), layers, batch)
-        results = SetResults(out_dir, "exhaustive", {"store": identity, "threshold": inputs.threshold,
-                                                     "search": search_kwargs(cfg.search)})
-        set_results = []
-        for pset in sets:
-            result = results.get(pset.index)
-            if result is None:
-                if writer.n_rows < (pset.index + 1) * n:
-                    extract_set(lm, writer, pset, layers, batch, shard_rows, token_texts, (first, group),
-                                cfg.progress)
-                store = Store(writer.path, verified=writer.written)  # this run's files are hashed already
-                result = search_set(store, pset, layers, inputs.threshold, cfg, texts,
-                                    tokens[first] if len(first) < n else None)
-                result["extract_s"] = round(set_extract_seconds(store, pset.index * n, (pset.index + 1) * n), 3)
-                results.put(pset.index, result)
-            set_results.append(result)
-        if not writer.complete:
-            writer.finish(sum(r["extract_s"] for r in set_results))
-    store = Store(writer.path, verified=writer.written)
+    results = SetResults(out_dir, "exhaustive", {"store": identity, "threshold": inputs.threshold,
+                                                 "search": search_kwargs(cfg.search)})
+    representatives = tokens[first] if len(first) < n else None
+
+    def result_of(store, pset: PromptSet) -> dict:
+        result = results.get(pset.index)
+        if result is None:
+            result = search_set(store, pset, layers, inputs.threshold, cfg, texts, representatives)
+            result["extract_s"] = round(set_extract_seconds(store, pset.index * n, (pset.index + 1) * n), 3)
+            results.put(pset.index, result)
+        return result
+
+    store = serving_store(out_dir, identity)
+    if store is not None:
+        batch = int(store.manifest["max_batch_size"])
+        log.info("the complete store %s holds these %d sets x %d continuations at layers %s: searching it without "
+                 "extracting", store.path, len(sets), n, layers)
+        set_results = [result_of(store, pset) for pset in sets]
+    else:
+        longest = max(len(s.prefix) for s in sets)
+        batch = cfg.batch_size or auto_batch_size(lm, longest, len(layers))
+        header = store_header(lm, layers, n * len(sets), StoreConfig(shard_rows=cfg.shard_rows, keep_text=False),
+                              ExtractConfig(max_batch_size=batch))
+        writer = StoreWriter.open(store_location(out_dir, identity), identity, header)
+        with contextlib.closing(writer):  # the lock on the store is released however this ends
+            batch, shard_rows = int(writer.batching("max_batch_size")), int(writer.batching("shard_rows"))
+            log.info("%d sets x %d continuations (%d distinct input rows), %d pairs per set and layer, layers %s, "
+                     "%d continuations per step", len(sets), n, len(first), n_pairs(n), layers, batch)
+            set_results = []
+            for pset in sets:
+                if results.get(pset.index) is None and writer.n_rows < (pset.index + 1) * n:
+                    extract_set(lm, writer, pset, layers, batch, shard_rows, token_texts, (first, group), cfg.progress)
+                set_results.append(result_of(Store(writer.path, verified=writer.written), pset))
+            if not writer.complete:
+                writer.finish(sum(r["extract_s"] for r in set_results))
+        store = Store(writer.path, verified=writer.written)  # this run's files are hashed already
     timings["extract_s"] = sum(r["extract_s"] for r in set_results)
     timings["search_s"] = sum(r["search_s"] for r in set_results)
     across = None
@@ -163,7 +204,7 @@ def run_exhaustive(inputs: RunInputs, lm: LoadedModel, layers: list[int], prompt
             "across_sets": across,
             "sets": [{**r, "base_text": pset.text, "prefix_tokens": len(pset.prefix)}
                      for r, pset in zip(set_results, sets)],
-            "batch_size": batch, "store": f"{OUT_DIR}/store"}
+            "batch_size": batch, "store": str(store.path.relative_to(inputs.run_dir))}
 
 
 def run_margin(inputs: RunInputs, lm: LoadedModel, layers: list[int], prompts: dict[int, dict],
@@ -180,7 +221,7 @@ def run_margin(inputs: RunInputs, lm: LoadedModel, layers: list[int], prompts: d
     set_results = []
     timings.setdefault("extract_s", 0.0)
     timings.setdefault("search_s", 0.0)
-    bar = tqdm(total=len(ids), unit="prompt", desc="margin", dynamic_ncols=True, disable=not cfg.progress)
+    bar = progress(total=len(ids), unit="prompt", desc="margin", disable=not cfg.progress)
     for s, pid in enumerate(ids):
         result = results.get(s)
         if result is None or result["base_prompt_id"] != pid:

@@ -20,7 +20,7 @@ from collide.atomic import atomic_write_json
 from collide.config import ExhaustiveConfig, SearchConfig
 from collide.search import LayerResult, min_pairwise, search_store
 
-log = logging.getLogger("collide.exhaustive")
+log = logging.getLogger(__name__)
 
 # The fields of a search restricted to pairs whose appended tokens have different input embeddings.
 DISTINCT_KEYS = ("n_pairs", "min_distance", "certified", "n_collisions", "closest_pair")

@@ -1,6 +1,6 @@
 """Inversion: recover the exact prompt from its hidden states at every position of one layer (SIPIT, batched).
 
-``python -m collide.invert SOURCE [layer=K] [model=NAME]`` (``collide.invert.__main__``); the
-algorithm is ``collide.invert.sipit``, SOURCE readers ``collide.invert.sources``, outputs
-``collide.invert.output``, the paper's own procedure for comparison ``collide.invert.paper``.
+``collide invert SOURCE [layer=K] [model=NAME]``: the whole SOURCE is ``driver.invert_source``; the
+algorithm is ``sipit``, SOURCE readers ``sources``, outputs ``output``. The paper's own procedure,
+the baseline it is timed against, is ``benchmarks/suite/paper_sipit.py``.
 """

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from collide.atomic import atomic_write_json, atomic_write_text
+from collide.atomic import write_outputs
 from collide.errors import CollideError
 from collide.invert.sipit import PositionResult
 
@@ -101,12 +101,11 @@ def load_previous(out: Path, header: dict) -> list[dict]:
 def write(out: Path, header: dict, prompts: list[dict], n_total: int, n_distinct: int) -> dict:
     """Write ``inversion.json`` and ``inversion.md`` atomically; returns the JSON object."""
     doc = {**header, "prompts": prompts, "summary": summary(prompts, n_total, n_distinct)}
-    atomic_write_json(out / JSON_NAME, doc)
-    atomic_write_text(out / MD_NAME, markdown(doc))
+    write_outputs(out, JSON_NAME.removesuffix(".json"), doc, markdown(doc))
     return doc
 
 
-def verdict(doc: dict) -> str:
+def outcome_text(doc: dict) -> str:
     """The outcome in plain words."""
     s = doc["summary"]
     done = f"{s['n_done']} of {s['n_prompts']} prompts inverted"
@@ -126,7 +125,7 @@ def verdict(doc: dict) -> str:
 def markdown(doc: dict) -> str:
     """``inversion.md``: the verdict, the settings, and each recovered text beside its original."""
     s = doc["summary"]
-    lines = [f"# Inversion of {doc['source']}", "", f"**Verdict:** {verdict(doc)}", "",
+    lines = [f"# Inversion of {doc['source']}", "", f"**Verdict:** {outcome_text(doc)}", "",
              f"- model `{doc['model']['name']}`, layer {doc['layer']} of {doc['n_layers']} "
              f"(final norm: {doc['final_norm']}), compute {doc['compute_dtype']}, states stored as "
              f"{doc['stored_dtype']}",

@@ -171,11 +171,7 @@ def read_store(path: Path, layer: Optional[int]) -> Source:
     stored layer."""
     from collide.store.reader import open_run_store
 
-    store = open_run_store(path)
-    if store.positions != "all":
-        raise CollideError(f"the store {path} keeps only last-token states (positions=last); inversion needs the "
-                           "state at every position: extract one with `python -m collide store.positions=all "
-                           "...` (same model, corpus and layers) and pass that store")
+    store = open_run_store(path, every_position=True)
     k = store.layers[-1] if layer is None else layer
     if k not in store.layers:
         raise CollideError(f"layer={k} is not in the store {path} (it holds layers {store.layers}); pick one of those")

@@ -102,8 +102,9 @@ class PairSearch:
         self.tri: torch.Tensor | None = None  # lower-triangle mask of a diagonal panel (cached)
         self.bar = None
         if progress:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=m * (m - 1) // 2, unit="pair", unit_scale=True, desc="pairs", smoothing=0.1)
+            from collide.console import progress as progress_bar
+
+            self.bar = progress_bar(total=m * (m - 1) // 2, unit="pair", unit_scale=True, desc="pairs", smoothing=0.1)
         self.gemm_s = 0.0  # seconds in the screening GEMMs (informational)
 
     # ------------------------------------------------------------------ screening

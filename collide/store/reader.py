@@ -109,7 +109,7 @@ class Store:
         if path not in self._verified:
             problem = file_problem(path, shard["files"][rel])
             if problem:
-                raise CollideError(f"{problem}. Run `python -m collide.verify {self.path}` to list every bad "
+                raise CollideError(f"{problem}. Run `collide verify {self.path}` to list every bad "
                                    "file, then restore them from a copy or extract again into a new store.path")
             self._verified.add(path)
         return path
@@ -156,7 +156,7 @@ class Store:
                 row += n
         if row != self.n_rows:
             raise CollideError(f"layer {k} of {self.path} has {row} rows, the manifest says {self.n_rows}; "
-                               f"run `python -m collide.verify {self.path}`")
+                               f"run `collide verify {self.path}`")
         return ids, states
 
     def iter_blocks(self, k: int, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -316,14 +316,26 @@ def open_store(path: str | os.PathLike) -> Store:
 RUN_RECORD = "store.json"  # the record a `collide run` leaves in its run directory: the store it used
 
 
-def open_run_store(path: str | os.PathLike) -> Store:
-    """The store that ``path`` is, or that the run directory ``path`` used.
+def open_run_store(path: str | os.PathLike, every_position: bool = False) -> Store:
+    """The store that ``path`` is, or that the run directory ``path`` used: the one way every command
+    that reads states (search, exhaustive, invert, probe) opens its argument.
 
     A store directory (it holds manifest.json) opens as it is. A run directory is read through its
     ``store.json`` record (path and n_prompts: a view of the first n_prompts when a larger store
     served the run); runs made before stores were keyed by content hold their store in ``store/``.
+    ``every_position``: the caller reads every position, so a store that keeps only the last one
+    (``store.positions=last``) is refused in one line naming the fix.
     """
-    path = Path(path)
+    store = _open_run_store(Path(path))
+    if every_position and store.positions != "all":
+        raise CollideError(f"the store {store.path} keeps only each prompt's last-token state (positions=last); "
+                           "this command needs the state at every position: extract one with store.positions=all "
+                           "(e.g. `collide run model=smollm2 n_prompts=2000 store.positions=all layers=[0,8,16,24,30]`)"
+                           " and pass that store or its run directory")
+    return store
+
+
+def _open_run_store(path: Path) -> Store:
     if (path / MANIFEST).is_file():
         return open_store(path)
     record_file = path / RUN_RECORD

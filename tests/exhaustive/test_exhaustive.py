@@ -157,7 +157,8 @@ def test_pair_counts_are_exact_and_match_a_brute_force(run_copy):
         assert entry["certified"] and entry["n_collisions_identical_inputs"] == 0
         assert entry["distinct_inputs"]["min_distance"] == entry["min_distance"]
     assert [e["n_pairs"] for e in result["across_sets"]] == [150 * 149 // 2] * 2
-    store = open_store(run_copy / "exhaustive" / "store")
+    store = open_store(run_copy / result["store"])
+    assert result["store"].startswith("exhaustive/stores/sets3-tokens50-")
     assert store.complete and store.n_rows == 150 and store.layers == [2, 4]
     table = store.prompts(["prompt_id", "set_index", "base_prompt_id", "appended_token", "token_ids"])
     assert table.column("set_index").to_pylist() == [0] * 50 + [1] * 50 + [2] * 50
@@ -236,6 +237,26 @@ def test_selection_report_and_rerun(run_copy, compose, tiny_overrides):
     assert (run_copy / "report.md").read_text().count("## Exhaustive continuation test") == 1
 
 
+def test_stores_are_keyed_by_content_and_a_larger_one_serves(run_copy, monkeypatch):
+    import collide.exhaustive.modes as modes
+
+    one = run(config(run_copy, n_prompts=1, vocab=20, layers=[2, 4], batch_size=8))
+    two = run(config(run_copy, n_prompts=2, vocab=20, layers=[2, 4], batch_size=8))  # another store, no error
+    assert one["store"] != two["store"] and (run_copy / one["store"]).is_dir() and (run_copy / two["store"]).is_dir()
+    assert [e["min_distance"] for e in two["sets"][0]["layers"]] == [e["min_distance"] for e in one["sets"][0]["layers"]]
+    shutil.rmtree(run_copy / one["store"])
+    shutil.rmtree(run_copy / "exhaustive" / "sets")
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("a complete larger store serves this test: nothing is extracted")
+
+    monkeypatch.setattr(modes, "extract_set", no_extraction)
+    served = run(config(run_copy, n_prompts=1, vocab=20, layers=[4], batch_size=8))  # first set, one layer
+    assert served["store"] == two["store"] and served["layers"] == [4]
+    assert served["per_layer"][0]["min_distance"] == one["per_layer"][1]["min_distance"]
+    assert served["per_layer"][0]["certified"]
+
+
 def test_margin_mode(run_copy):
     result = run(config(run_copy, mode="margin", n_prompts=3, n_tokens=40, batch_size=16))
     assert result["layers"] == [0, 1, 2, 3, 4] and [s["base_prompt_id"] for s in result["sets"]] == [0, 1, 2]
@@ -295,9 +316,13 @@ def test_killed_run_resumes_to_identical_results(tiny_run, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(command + [str(killed)] + args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    manifest = killed / "exhaustive" / "store" / "manifest.json"
+    def only_store(run_dir: Path) -> Path:  # the test's one store, keyed by its content
+        found = list((run_dir / "exhaustive" / "stores").glob("*/manifest.json"))
+        return found[0].parent if len(found) == 1 else run_dir / "exhaustive" / "stores" / "none"
+
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
+        manifest = only_store(killed) / "manifest.json"
         if manifest.is_file():
             try:
                 rows = json.loads(manifest.read_text())["counts"]["n_prompts"]
@@ -310,7 +335,7 @@ def test_killed_run_resumes_to_identical_results(tiny_run, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
     assert not (killed / "exhaustive" / "exhaustive.json").exists()
-    partial = open_store(killed / "exhaustive" / "store")
+    partial = open_store(only_store(killed))
     assert not partial.complete and 320 < partial.n_rows < 4 * 320
 
     assert main([str(killed)] + args) == 0
@@ -318,7 +343,8 @@ def test_killed_run_resumes_to_identical_results(tiny_run, tmp_path):
     a, b = (json.loads((d / "exhaustive" / "exhaustive.json").read_text()) for d in (clean, killed))
     assert a["per_layer"] == b["per_layer"]
     assert untimed(a) == untimed(b)
-    sa, sb = open_store(clean / "exhaustive" / "store"), open_store(killed / "exhaustive" / "store")
+    assert only_store(clean).name == only_store(killed).name
+    sa, sb = open_store(only_store(clean)), open_store(only_store(killed))
     assert sb.complete and sa.n_rows == sb.n_rows == 4 * 320
     for k in (1, 4):
         ia, xa = sa.layer(k)

@@ -31,16 +31,15 @@ import logging
 import math
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from collide.atomic import atomic_write_json, atomic_write_text
+from collide.atomic import write_outputs
 from collide.config import PrecacheConfig
 from collide.errors import CollideError
 
-log = logging.getLogger("collide.precache")
+log = logging.getLogger(__name__)
 
 SCHEMA = "collide-precache/1"
 MODES = ("vanilla", "myopic")
@@ -223,7 +222,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: PrecacheConfig, command: str | None = None) -> dict:
+def run_experiment(cfg: PrecacheConfig, command: str | None = None) -> dict:
     """Train every mode, evaluate and probe it; write precache.json, precache.md and the figure.
 
     ``cfg.threads`` applies for the call only (torch's thread count is restored after it);
@@ -240,7 +239,7 @@ def run(cfg: PrecacheConfig, command: str | None = None) -> dict:
 
 
 def _run(cfg: PrecacheConfig, command: str | None) -> dict:
-    from collide.figures import precache_figure
+    from collide.report.figures import precache_figure
 
     t0, c0 = time.perf_counter(), time.process_time()
     held_out = make_batch(cfg.eval_sequences, cfg, torch.Generator().manual_seed(cfg.seed + 2))
@@ -255,17 +254,7 @@ def _run(cfg: PrecacheConfig, command: str | None) -> dict:
                  mode, entry["test_mse"], entry["trivial_mse"], entry["current_input_mse"],
                  max(entry["probes"][min(1, cfg.n_layers)]["r2"]), entry["seconds"])
     result["seconds"], result["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "precache.json", result)
-    atomic_write_text(out / "precache.md", markdown(result))
-    if cfg.figures:
-        precache_figure(result, out / "figures" / "precache_r2.png")
-    log.info("wrote %s (%.0f s)", out / "precache.json", result["seconds"])
+    figures = {"figures/precache_r2.png": lambda path: precache_figure(result, path)} if cfg.figures else {}
+    written = write_outputs(cfg.out, "precache", result, markdown(result), figures)
+    log.info("wrote %s (%.0f s)", written, result["seconds"])
     return result
-
-
-if __name__ == "__main__":  # python -m collide.precache ... = collide precache ...
-    from collide.cli import module_main
-
-    module_main("precache")

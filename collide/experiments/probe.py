@@ -42,7 +42,7 @@ import torch
 from collide.config import ProbeConfig
 from collide.errors import CollideError
 
-log = logging.getLogger("collide.probe")
+log = logging.getLogger(__name__)
 
 SCHEMA = "collide-probe/1"
 TOP = 5  # the wider of the two accuracies reported (top-1 and top-5)
@@ -282,19 +282,7 @@ def probe_states(tokens: list[np.ndarray], ids: np.ndarray, layer_states: LayerS
             "results": results}
 
 
-# --------------------------------------------------------------------------- store, outputs, command line
-
-
-def open_all_positions(source: str):
-    """The store that SOURCE is or that the run SOURCE used; CollideError unless it keeps every position."""
-    from collide.store import open_run_store
-
-    store = open_run_store(source)
-    if store.positions != "all":
-        raise CollideError(f"the store {store.path} keeps only each prompt's last-token state (positions=last); "
-                           "a probe reads every position: extract again with store.positions=all, e.g. `collide run "
-                           "model=smollm2 n_prompts=2000 store.positions=all layers=[0,8,16,24,30]`")
-    return store
+# --------------------------------------------------------------------------- outputs
 
 
 def markdown(result: dict) -> str:
@@ -322,16 +310,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: ProbeConfig, command: str | None = None) -> dict:
+def probe_source(cfg: ProbeConfig, command: str | None = None) -> dict:
     """Probe the store of ``cfg.source`` and write probe.json, probe.md and the figure; returns probe.json's dict.
 
     ``command``: the command line that asked for it, recorded in probe.json."""
-    from collide.atomic import atomic_write_json, atomic_write_text
-    from collide.figures import probe_figure
-    from collide.models import select_layers
+    from collide.atomic import write_outputs
+    from collide.layers import select_layers
+    from collide.report.figures import probe_figure
+    from collide.store import open_run_store
 
     t0 = time.perf_counter()
-    store = open_all_positions(cfg.source)
+    store = open_run_store(cfg.source, every_position=True)
     store_dir = store.path
     default_out = store_dir.parent if Path(cfg.source).resolve() == store_dir.resolve() else Path(cfg.source)
     layers = select_layers(cfg.layers, store.layers)
@@ -344,16 +333,7 @@ def run(cfg: ProbeConfig, command: str | None = None) -> dict:
     result.update(probe_states(tokens, ids, store.position_states, layers, store.d, cfg))
     result["seconds"] = time.perf_counter() - t0
     out = Path(cfg.out) if cfg.out else default_out
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "probe.json", result)
-    atomic_write_text(out / "probe.md", markdown(result))
-    if cfg.figures:
-        probe_figure(result, out / "figures" / "probe_accuracy.png")
-    log.info("wrote %s (%.1f s)", out / "probe.json", result["seconds"])
+    figures = {"figures/probe_accuracy.png": lambda path: probe_figure(result, path)} if cfg.figures else {}
+    written = write_outputs(out, "probe", result, markdown(result), figures)
+    log.info("wrote %s (%.1f s)", written, result["seconds"])
     return result
-
-
-if __name__ == "__main__":  # python -m collide.probe ... = collide probe ...
-    from collide.cli import module_main
-
-    module_main("probe")

@@ -20,17 +20,16 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from collide import figures
-from collide.atomic import atomic_write_json, atomic_write_text
+from collide.report import figures
+from collide.atomic import write_outputs
 from collide.config import DepthAxis
 from collide.errors import CollideError
-from collide.figures import fmt_distance
+from collide.report.figures import fmt_distance
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +161,7 @@ def run_summary(run: Run) -> dict:
     }
 
 
-def render_markdown(summary: dict) -> str:
+def comparison_markdown(summary: dict) -> str:
     """comparison.md: the problems first, then one row per run (min distance at layers 1, L/2 and L, as the paper)."""
     out = ["# collide comparison", "", f"{len(summary['runs'])} runs, figure `comparison.png` "
            f"({summary['depth_axis']} depth axis). Distances are min pairwise L2 (not squared).", ""]
@@ -201,62 +200,7 @@ def compare(paths: list[Path], out: Path, depth_axis: DepthAxis = DepthAxis.rela
     label_runs(runs)
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "depth_axis": str(depth_axis),
                "differing": differing, "runs": [run_summary(r) for r in runs]}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    figures.comparison_figure([r for r in summary["runs"] if r["complete"]], out / "comparison.png", depth_axis)
-    atomic_write_json(out / "comparison.json", summary)
-    atomic_write_text(out / "comparison.md", render_markdown(summary))
+    drawn = [r for r in summary["runs"] if r["complete"]]
+    write_outputs(out, "comparison", summary, comparison_markdown(summary),
+                  {"comparison.png": lambda path: figures.comparison_figure(drawn, path, depth_axis)})
     return summary
-
-
-def print_comparison(summary: dict, out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    table = Table(title="collide comparison: min pairwise L2")
-    for col in ("run", "dtype", "L", "layer 1", "layer L/2", "layer L", "verdict"):
-        table.add_column(col, justify="left" if col == "run" else "right")
-    for r in summary["runs"]:
-        if r["complete"]:
-            p = r["paper_layers"]
-            table.add_row(r["label"], r["dtype"], str(r["n_layers"]), fmt_distance(p["1"]), fmt_distance(p["L/2"]),
-                          fmt_distance(p["L"]), r["verdict"])
-        else:
-            table.add_row(r["label"], "", "", "", "", "", "[red]incomplete[/red]")
-    console.print(table)
-    for r in summary["runs"]:
-        if r["problems"]:
-            console.print(f"[yellow]warning:[/yellow] {r['dir']}: {'; '.join(r['problems'])}", highlight=False)
-    console.print(f"wrote {out / 'comparison.md'}, comparison.json and comparison.png", highlight=False)
-
-
-def run(cfg, command: str = "") -> dict:
-    """``collide compare RUN_DIR [RUN_DIR ...] [out=DIR] [depth_axis=absolute]`` (cfg: collide.config.CompareConfig)."""
-    out = Path(cfg.out)
-    summary = compare([Path(p) for p in cfg.runs], out, cfg.depth_axis)
-    print_comparison(summary, out)
-    return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m collide.compare ...`` and ``python -m collide.report ...`` = ``collide compare ...``;
-    the old flags still work: ``--absolute`` is ``depth_axis=absolute``, ``--out DIR`` is ``out=DIR``."""
-    from collide.cli import main as cli_main
-
-    rest, args = list(sys.argv[1:] if argv is None else argv), []
-    while rest:
-        arg = rest.pop(0)
-        if arg == "--absolute":
-            args.append("depth_axis=absolute")
-        elif arg == "--out" and rest:
-            args.append(f"out={rest.pop(0)}")
-        elif arg.startswith("--out="):
-            args.append("out=" + arg.split("=", 1)[1])
-        else:
-            args.append(arg)
-    return cli_main(["compare", *args])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from collide.models import LoadedModel, last_token_states
+from collide.models import LoadedModel, capture_layers, last_token_states
 
 
 @dataclass
@@ -36,27 +36,8 @@ class PaperPosition:
 
 def _state(lm: LoadedModel, embeds: torch.Tensor, layer: int) -> torch.Tensor:
     """(d,) state at ``layer`` of the last position of ``embeds`` (1, T, d) run from scratch, with grad."""
-    captured = {}
-
-    def keep(hidden):
-        captured["h"] = hidden[0, -1]
-        raise StopIteration
-
-    if layer == 0:
-        handle = lm.blocks[0].register_forward_pre_hook(
-            lambda _m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
-    elif layer == lm.n_layers and lm.final_norm == "post":
-        handle = lm.final_norm_module.register_forward_hook(lambda _m, _a, out: keep(out))
-    else:
-        handle = lm.blocks[layer - 1].register_forward_hook(
-            lambda _m, _a, out: keep(out[0] if isinstance(out, (tuple, list)) else out))
-    try:
-        lm.decoder(inputs_embeds=embeds, use_cache=False)
-    except StopIteration:
-        pass
-    finally:
-        handle.remove()
-    return captured["h"]
+    return capture_layers(lm, [layer], lambda hidden: hidden[0, -1],
+                          lambda: lm.decoder(inputs_embeds=embeds, use_cache=False))[layer]
 
 
 def invert_position(lm: LoadedModel, prefix: list[int], target: np.ndarray, layer: int,

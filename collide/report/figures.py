@@ -144,7 +144,7 @@ def nn_boxplot_figure(report: dict, path: Path) -> Path:
 
 
 def comparison_figure(runs: list[dict], path: Path, depth_axis: str = "relative") -> Path:
-    """Min pairwise L2 per layer, one line per run (the runs of collide.compare.comparison_json).
+    """Min pairwise L2 per layer, one line per run (the runs of collide.report.compare.comparison_json).
 
     ``depth_axis``: "relative" puts layer k of an L-block model at k / L (0 = embeddings, 1 = last),
     so models of different depth compare; "absolute" uses the layer index. Runs flagged with a
@@ -235,7 +235,7 @@ def exhaustive_figure(result: dict, path: Path, title: str) -> Path:
 
 
 def probe_figure(result: dict, path: Path) -> Path:
-    """Future-token probe accuracy per layer (collide.probe's probe.json): top-1 and top-5 panels,
+    """Future-token probe accuracy per layer (collide.experiments.probe's probe.json): top-1 and top-5 panels,
     one line per lookahead tau; the bigram baseline of each tau dashed and the most frequent token
     dotted, in the tau's colour."""
     fig = _new_figure((10.0, 4.5))
@@ -265,7 +265,7 @@ def probe_figure(result: dict, path: Path) -> Path:
 
 
 def precache_figure(result: dict, path: Path) -> Path:
-    """R^2 of linear probes from the state at n to sin(10 x_{n-i}) per lag i (collide.precache's
+    """R^2 of linear probes from the state at n to sin(10 x_{n-i}) per lag i (collide.experiments.precache's
     precache.json): one colour per layer, solid = vanilla training, dashed = myopic."""
     fig = _new_figure(REPORT_SIZE)
     ax = fig.add_subplot()

@@ -2,10 +2,10 @@
 
 ``write_report`` writes into the run directory:
 
-* ``report.json``: the versioned record (schema: ``collide/report_schema.json``, documented in
+* ``report.json``: the versioned record (schema: ``collide/report/report_schema.json``, documented in
   ``docs/report-schema.md``);
 * ``report.md``: the verdict in plain words, a table of the layers, the closest prompts as text
-  (``collide.report_markdown``);
+  (``collide.report.markdown``);
 * ``collisions/layer=K.parquet``: every colliding pair of layer K (columns a, b, distance);
 * ``figures/min_distance.png`` and ``figures/nn_boxplot.png``.
 
@@ -18,7 +18,6 @@ Conventions: distances are L2, not squared, between the fp32 states as stored. L
 before the final norm, ``model.final_norm``). Layer 0 is expected to collide (prompts that end in
 the same token share it), so the verdict does not count it against injectivity.
 
-``python -m collide.report RUN_DIR [RUN_DIR ...]`` compares runs (see ``collide.compare``).
 """
 
 from __future__ import annotations
@@ -35,12 +34,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import collide
-from collide import figures
-from collide.atomic import atomic_write_json, atomic_write_text
+from collide.report import figures
+from collide.atomic import write_outputs
+from collide.console import print_table, say
 from collide.config import ReportConfig
 from collide.errors import CollideError
-from collide.figures import fmt_distance
-from collide.report_markdown import MD_COLLISIONS, STATUS_TITLES, layer_list, plural, render_markdown
+from collide.report.figures import fmt_distance
+from collide.layers import CONVENTION, layer_list
+from collide.report.markdown import MD_COLLISIONS, STATUS_TITLES, plural, render_markdown
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ SCHEMA_VERSION = "1.0"  # major.minor: a reader of major M reads every M.x repor
 FIGURES = {"min_distance": "figures/min_distance.png", "nn_boxplot": "figures/nn_boxplot.png"}
 # A section's block of report.md: <!-- collide.COMMAND:NAME:begin --> ... <!-- collide.COMMAND:NAME:end -->
 SECTION_BLOCK = re.compile(r"<!-- collide\.(\w+):(\w+):begin -->\n.*?<!-- collide\.\1:\2:end -->\n", re.S)
-LAYER_CONVENTION = ("layer 0 = embedding output (input of block 1); layer k = output of block k; "
-                    "layer L = last block, read after the final norm (post) or before it (pre)")
 
 
 # --------------------------------------------------------------------------- environment facts
@@ -191,7 +190,7 @@ def build_report(run_info: dict, results: list, max_listed: int, store=None) -> 
         "dtype": model["dtype"],
         "store_dtype": store.manifest.get("dtype", "fp32") if store is not None else model["dtype"],
         "layer_convention": {"final_norm": model["final_norm"], "n_layers": int(model["n_layers"]),
-                             "description": LAYER_CONVENTION},
+                             "description": CONVENTION},
         "selected_layers": [int(k) for k in run_info["layers"]],
         "timings": {stage: float(s) for stage, s in run_info["timings"].items()},
         "store": run_info["store"],
@@ -247,8 +246,7 @@ def write_report(run_dir: Path, run_info: dict, results: list, store, cfg: Repor
     sections, extra_figures, blocks = earlier_sections(run_dir)
     report.update(sections)
     report["figures"] += [f for f in extra_figures if f not in report["figures"]]
-    atomic_write_text(run_dir / "report.md", render_markdown(report) + "".join(f"\n{b}" for b in blocks))
-    atomic_write_json(run_dir / "report.json", report)
+    write_outputs(run_dir, "report", report, render_markdown(report) + "".join(f"\n{b}" for b in blocks))
     log.info("report: %s (%s) in %.1f s", run_dir / "report.md", report["verdict"]["status"],
              report["timings"]["report"])
     return report
@@ -319,7 +317,6 @@ def add_section(run_dir: Path, key: str, summary: dict, markdown: str, figure: s
     report[key] = summary
     if figure is not None and figure not in report.setdefault("figures", []):
         report["figures"].append(figure)
-    atomic_write_json(run_dir / "report.json", report)
     begin, end = section_markers(key)
     md_file = run_dir / "report.md"
     md = md_file.read_text() if md_file.is_file() else ""
@@ -328,37 +325,23 @@ def add_section(run_dir: Path, key: str, summary: dict, markdown: str, figure: s
         md = md[:md.index(begin)] + block + md[md.index(end) + len(end) + 1:]
     else:
         md = md.rstrip("\n") + "\n\n" + block
-    atomic_write_text(md_file, md)
+    write_outputs(run_dir, "report", report, md)
 
 
 # --------------------------------------------------------------------------- console
 
 
 def print_summary(report: dict, console=None) -> None:
-    """A rich table of the layers and the verdict, for the end of a run."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    table = Table(title=f"{report['model']['name']} on {report['corpus']['name']}: {report['n_prompts']:,} prompts, "
-                        f"threshold {fmt_distance(report['threshold'])}")
-    for col in ("layer", "min distance", "certified", "collisions", "NN median", "seconds"):
-        table.add_column(col, justify="right")
+    """A table of the layers and the verdict, for the end of a run (on ``console``, default stdout)."""
+    rows = []
     for e in report["layers"]:
         nn = e["nn_distance"] or {}
-        table.add_row(f"{e['layer']}{' (emb)' if e['is_embedding_layer'] else ''}", fmt_distance(e["min_distance"], 6),
-                      "yes" if e["certified"] else "[red]no[/red]",
-                      f"[red]{e['n_collisions']:,}[/red]" if e["n_collisions"] and not e["is_embedding_layer"]
-                      else f"{e['n_collisions']:,}", fmt_distance(nn.get("p50")), f"{e['seconds']:.1f}")
-    console.print(table)
+        rows.append([f"{e['layer']}{' (emb)' if e['is_embedding_layer'] else ''}", fmt_distance(e["min_distance"], 6),
+                     "yes" if e["certified"] else "[red]no[/red]",
+                     f"[red]{e['n_collisions']:,}[/red]" if e["n_collisions"] and not e["is_embedding_layer"]
+                     else f"{e['n_collisions']:,}", fmt_distance(nn.get("p50")), f"{e['seconds']:.1f}"])
+    print_table(f"{report['model']['name']} on {report['corpus']['name']}: {report['n_prompts']:,} prompts, "
+                f"threshold {fmt_distance(report['threshold'])}",
+                ["layer", "min distance", "certified", "collisions", "NN median", "seconds"], rows, console=console)
     colour = {"no_collisions": "green", "collisions": "red"}.get(report["verdict"]["status"], "yellow")
-    console.print(f"[{colour}]{STATUS_TITLES[report['verdict']['status']]}:[/{colour}] {report['verdict']['text']}",
-                  highlight=False)
-
-
-if __name__ == "__main__":  # `python -m collide.report RUN_DIR ...`: the old name of `collide compare`
-    import sys
-
-    from collide.compare import main
-
-    sys.exit(main())
+    say(f"[{colour}]{STATUS_TITLES[report['verdict']['status']]}:[/{colour}] {report['verdict']['text']}", console)

@@ -1,16 +1,15 @@
-"""Check a store's integrity: ``collide verify STORE [STORE ...]``.
+"""Check a store's integrity (``collide verify STORE [STORE ...]``): ``verify_store(path)`` lists its problems.
 
 For every shard listed in the manifest it re-computes each file's sha256 and size, reads the
 Parquet footers for the row counts and the schemas, and checks that every layer file holds
 the same prompt ids as the prompts file, a contiguous range following the previous shard, and
 that every positions file (``store.positions=all``) holds each prompt's positions 0..n_tokens-1.
-Prints ``OK ...`` or one line per problem, naming the file; exits 1 on any problem.
+Each problem is one line naming the file.
 Needs only pyarrow and numpy.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,33 +85,3 @@ def verify_store(path) -> list[str]:
                             f"{manifest['n_prompts']}")
         problems += [f"{file}: not listed in the manifest (stray file)" for file in stray_files(path, manifest)]
     return problems
-
-
-def run(cfg, command: str = "") -> int:
-    """``collide verify STORE [STORE ...]`` (cfg: collide.config.VerifyConfig): prints OK or the problems
-    of each store; returns the exit status, 1 if any store has a problem."""
-    status = 0
-    for store in cfg.stores:
-        problems = verify_store(store)
-        if problems:
-            status = 1
-            for problem in problems:
-                print(problem)
-            print(f"FAILED {store}: {len(problems)} problem(s)")
-        else:
-            manifest = read_manifest(store)
-            print(f"OK {store}: {len(manifest['shards'])} shards, {manifest['counts']['n_prompts']} prompts, "
-                  f"layers {manifest['layers']}, d={manifest['d']}, dtype {manifest['dtype']}, positions "
-                  f"{manifest['positions']}, {manifest['status']}")
-    return status
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m collide.verify ...`` = ``collide verify ...``."""
-    from collide.cli import main as cli_main
-
-    return cli_main(["verify", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

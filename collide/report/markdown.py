@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from collide.figures import fmt_distance
+from collide.layers import layer_list, layers_in_words
+from collide.report.figures import fmt_distance
 
 MD_COLLISIONS = 10  # colliding pairs per layer shown with their text in report.md
 MD_TEXT_CHARS = 400  # prompt texts longer than this are cut in report.md
@@ -22,17 +23,6 @@ STATUS_TITLES = {"no_collisions": "injective on this sample", "collisions": "col
 
 
 # --------------------------------------------------------------------------- words
-
-
-def layer_list(layers: list[int]) -> str:
-    """[1, 2, 3, 5] -> '1-3, 5'."""
-    runs: list[list[int]] = []
-    for k in sorted(layers):
-        if runs and k == runs[-1][-1] + 1:
-            runs[-1].append(k)
-        else:
-            runs.append([k])
-    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
 
 
 def plural(n: int, noun: str, count: bool = True) -> str:
@@ -149,11 +139,6 @@ def _quote_block(text: str | None) -> str:
     if text is None:
         return "(text not stored)"
     return "\n".join("> " + line for line in text.splitlines() or [""])
-
-
-def layers_in_words(layers: list[int]) -> str:
-    """[4] -> "layer 4"; [1, 4] -> "layers 1, 4"."""
-    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
 
 
 def _table_row(layer: int, entry: dict, pair: str) -> str:

@@ -1,0 +1,22 @@
+"""``collide precache``: the synthetic pre-caching experiment of arXiv 2404.00859, vanilla vs myopic."""
+
+from __future__ import annotations
+
+from collide.config import PrecacheConfig
+
+SCHEMA = PrecacheConfig
+POSITIONAL = None
+SUMMARY = "the synthetic pre-caching experiment (arXiv 2404.00859): vanilla vs myopic"
+
+
+def run(cfg: PrecacheConfig, command: str = "") -> dict:
+    """Train, evaluate and probe every mode (``collide.experiments.precache``), then one row per mode."""
+    from collide.console import print_table
+    from collide.experiments.precache import run_experiment
+
+    result = run_experiment(cfg, command)
+    rows = [[m["mode"], f"{m['test_mse']:.4f}", f"{m['trivial_mse']:.4f}", f"{m['current_input_mse']:.4f}",
+             f"{m['normalised_loss']:.3f}"] for m in result["models"]]
+    print_table("pre-caching: test MSE", ["mode", "test", "trivial", "current input only", "test / trivial"], rows,
+                left=["mode"])
+    return result
