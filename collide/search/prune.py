@@ -61,6 +61,7 @@ CHUNK = 8192  # rows per step of the projection
 # h * DIRECT_COST < (rows x columns to screen) + SCREEN_COST, in units of screened entries (CPU, d=576:
 # an fp64 re-rank costs ~2 us, a screened entry ~30 ns single-threaded, a screen call ~1 ms)
 DIRECT_COST = 64
+GROUP_ROWS = 128  # rows of a tile pair screened together (each group only against the columns it needs)
 SCREEN_COST = 16384
 
 
@@ -138,21 +139,29 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def pca_basis(ws: torch.Tensor, k: int) -> torch.Tensor:
-    """(d, k) fp64 basis of the leading principal directions of the sample ``ws`` (s, d) (fp64,
-    centred), scaled so that ||V||_2 <= 1 holds for the stored values (bounds.PRUNE_PROOF)."""
+    """(d, k) fp64 basis of the leading principal directions of the sample ``ws`` (s, d) (centred),
+    scaled so that ||V||_2 <= 1 holds for the stored values (bounds.PRUNE_PROOF). The directions
+    are estimated in fp32 (a randomised range finder, one power iteration): any basis is valid, only
+    the scaling needs to be rigorous, and it is computed in fp64 from the stored values."""
     s, d = ws.shape
     if k >= d:
         v = torch.eye(d, dtype=torch.float64, device=ws.device)
     else:
         q = min(k + 8, s, d)
         g = torch.Generator(device="cpu").manual_seed(0)
-        y = _mm(ws, torch.randn(d, q, generator=g, dtype=torch.float64).to(ws.device))
-        for _ in range(2):  # power iterations sharpen the leading directions
-            y = torch.linalg.qr(y).Q
-            y = _mm(ws, _mm(ws.T.contiguous(), y))
-        qy = torch.linalg.qr(y).Q
-        small = _mm(qy.T.contiguous(), ws)  # (q, d)
-        v = torch.linalg.svd(small, full_matrices=False).Vh[:k].T.contiguous()
+        omega = torch.randn(d, q, generator=g, dtype=torch.float32)
+        if ws.device.type == "cpu":  # numpy's BLAS takes the transposes without copies
+            a = ws.numpy().astype(np.float32)
+            y = np.linalg.qr(a @ omega.numpy())[0]
+            y = np.linalg.qr(a @ (a.T @ y))[0]
+            vh = np.linalg.svd(y.T @ a, full_matrices=False)[2]
+            v = torch.from_numpy(vh[:k].T.astype(np.float64))
+        else:
+            a = ws.to(torch.float32)
+            y = torch.linalg.qr(a @ omega.to(a.device)).Q
+            y = torch.linalg.qr(a @ (a.T @ y)).Q
+            v = torch.linalg.svd(y.T @ a, full_matrices=False).Vh[:k].T.to(torch.float64)
+        v = v.contiguous()
     k = v.shape[1]
     gm = _mm(v.T.contiguous(), v)
     nu = float(torch.diagonal(gm).max()) * (1.0 + gamma(d, U64)) ** 2
@@ -168,8 +177,12 @@ def project(x: torch.Tensor, mu: torch.Tensor, v: torch.Tensor) -> tuple[torch.T
     z = torch.empty(m, k + 1, dtype=torch.float64, device=x.device)
     w_norm = torch.empty(m, dtype=torch.float64, device=x.device)
     sq = torch.empty(m, dtype=torch.float64, device=x.device)
-    for s in range(0, m, CHUNK):
-        w = x[s:s + CHUNK].to(torch.float64) - mu
+    step = max(1, min(CHUNK, (1 << 21) // max(d, 1)))
+    for s in range(0, m, step):
+        if x.device.type == "cpu":  # one pass, in numpy: fl64(x - mu)
+            w = torch.from_numpy(np.subtract(x[s:s + step].numpy(), mu.numpy(), dtype=np.float64))
+        else:
+            w = x[s:s + step].to(torch.float64) - mu
         p = _mm(w, v)
         if w.device.type == "cpu":  # numpy: torch's CPU kernels are slower here
             wn, pn = w.numpy(), p.numpy()
@@ -178,10 +191,10 @@ def project(x: torch.Tensor, mu: torch.Tensor, v: torch.Tensor) -> tuple[torch.T
         else:
             n2 = w.square().sum(1)
             r2 = (n2 - p.square().sum(1)).clamp(min=0.0)
-        z[s:s + CHUNK, :k] = p
-        z[s:s + CHUNK, k] = r2.sqrt()
-        w_norm[s:s + CHUNK] = n2.sqrt() * (1.0 + gamma(d + 2, U64))
-        sq[s:s + CHUNK] = n2
+        z[s:s + step, :k] = p
+        z[s:s + step, k] = r2.sqrt()
+        w_norm[s:s + step] = n2.sqrt() * (1.0 + gamma(d + 2, U64))
+        sq[s:s + step] = n2
     return z, w_norm, sq
 
 
@@ -191,8 +204,9 @@ def tree_order(z: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
     leaves, stack = [], [np.arange(len(z))]
     while stack:
         idx = stack.pop()
-        if len(idx) <= tile:
-            leaves.append(idx)
+        if len(idx) <= tile:  # a leaf, its rows sorted along its widest coordinate (row groups, _pair)
+            leaves.append(idx[np.argsort(z[idx, int(np.argmax(z[idx].var(0)))], kind="stable")] if len(idx) > 1
+                          else idx)
             continue
         sub = z[idx]
         dim = int(np.argmax(sub.var(0)))
@@ -379,19 +393,26 @@ class PrunedSearch:
             hit = h[np.ix_(r_keep.numpy(), c_keep.numpy())] if cpu else h[r_keep][:, c_keep]
             ri = r_keep if ri is None else ri[r_keep]
             ci = c_keep if ci is None else ci[c_keep]
-        n_hit = int(np.count_nonzero(hit)) if cpu else int(hit.sum())
-        full = ri.numel() * ci.numel()
-        if n_hit * DIRECT_COST < full + SCREEN_COST:  # few pairs: re-rank them exactly, without a screen
-            ii, jj = _nonzero(hit)
-            bi, bj = self._block(s, a0, a1, None), self._block(t, b0, b1, None)
-            ii, jj = ri[ii].to(bi.index.device), ci[jj].to(bj.index.device)
-            st.offer(bi.rows[ii], bj.rows[jj], bi.index[ii], bj.index[jj], exact_sq(bi.x, ii, bj.x, jj), True)
-            self.direct += n_hit
-            self.evaluated += n_hit
-            return
-        self.evaluated += full * (0.5 if s == t else 1.0)
-        bi, bj = self._block(s, a0, a1, ri), self._block(t, b0, b1, ci)
-        st.screen(bi, bj, right_operand(bj.left, self.d), "rect")
+        for g0 in range(0, ri.numel(), GROUP_ROWS):  # groups of rows, each with the columns it needs
+            hg = hit[g0:g0 + GROUP_ROWS]
+            cg = _nonzero(hg.any(0))
+            if cg.numel() == 0:
+                continue
+            hg = hg[:, cg.numpy()] if cpu else hg[:, cg]
+            rg, cgi = ri[g0:g0 + GROUP_ROWS], ci[cg]
+            n_hit = int(np.count_nonzero(hg)) if cpu else int(hg.sum())
+            full = rg.numel() * cgi.numel()
+            if n_hit * DIRECT_COST < full + SCREEN_COST:  # few pairs: re-rank them exactly, without a screen
+                ii, jj = _nonzero(hg)
+                bi, bj = self._block(s, a0, a1, None), self._block(t, b0, b1, None)
+                ii, jj = rg[ii].to(bi.index.device), cgi[jj].to(bj.index.device)
+                st.offer(bi.rows[ii], bj.rows[jj], bi.index[ii], bj.index[jj], exact_sq(bi.x, ii, bj.x, jj), True)
+                self.direct += n_hit
+                self.evaluated += n_hit
+                continue
+            self.evaluated += full * (0.5 if s == t else 1.0)
+            bi, bj = self._block(s, a0, a1, rg), self._block(t, b0, b1, cgi)
+            st.screen(bi, bj, right_operand(bj.left, self.d), "rect")
 
     def _block(self, t: int, a0: int, a1: int, sel: torch.Tensor) -> Block:
         """The rows ``sel`` (positions within tile t) as a Block of the engine."""
