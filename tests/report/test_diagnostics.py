@@ -1,0 +1,110 @@
+"""The geometric diagnostics (collide/report/diagnostics.py): token edit distances, nearest rows, the separation
+margin and co-Lipschitz estimate on planted states, and their place in report.json, report.md and compare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from collide.report.diagnostics import edit_distances, layer_diagnostics, nearest_rows, quantization_record
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "collide" / "report" / "report_schema.json").read_text())
+
+
+def levenshtein(a, b) -> int:
+    d = np.zeros((len(a) + 1, len(b) + 1), int)
+    d[:, 0], d[0, :] = range(len(a) + 1), range(len(b) + 1)
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i, j] = min(d[i - 1, j] + 1, d[i, j - 1] + 1, d[i - 1, j - 1] + (a[i - 1] != b[j - 1]))
+    return int(d[-1, -1])
+
+
+def test_edit_distances_match_the_textbook_recurrence():
+    rng = np.random.default_rng(0)
+    a = [rng.integers(0, 4, rng.integers(0, 10)).tolist() for _ in range(200)]
+    b = [rng.integers(0, 4, rng.integers(0, 10)).tolist() for _ in range(200)]
+    assert edit_distances(a, b).tolist() == [levenshtein(x, y) for x, y in zip(a, b)]
+    assert edit_distances([[1, 2, 3]], [[1, 2, 3]]).tolist() == [0]
+    assert edit_distances([[5, 1, 2, 3]], [[1, 2, 3]]).tolist() == [1]  # one deletion, not 4 substitutions
+
+
+def test_nearest_rows_are_exact_and_ties_take_the_smallest_index():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 8)) * 1000 + 5000  # large norms: the Gram form alone would be ambiguous
+    x[10] = x[3]
+    x[200] = x[3]
+    got = nearest_rows(x, np.arange(300))
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    assert (d[np.arange(300), got] == d.min(axis=1)).all()
+    assert got[3] == 10 and got[10] == 3 and got[200] == 3
+
+
+def test_layer_diagnostics_on_planted_states():
+    # four prompts: 0 and 1 are one token edit apart and 0.5 apart in state space; 2 and 3 two edits and 3.0
+    tokens = [[1, 2, 3], [1, 2, 4], [7, 8, 9], [9, 9]]
+    x = np.array([[10.0, 0, 0], [10.5, 0, 0], [0, 20.0, 0], [0, 23.0, 0]])
+    nn = np.array([0.5, 0.5, 3.0, 3.0])
+    out = layer_diagnostics(x, tokens, nn, 0.5, closest=(0, 1), prompt_ids=np.array([5, 6, 7, 8]))
+    norms = np.linalg.norm(x, axis=1)
+    assert out["separation_margin"] == 0.5
+    assert out["state_norm_p50"] == pytest.approx(np.median(norms))
+    assert out["relative_margin"] == pytest.approx(0.5 / np.median(norms))
+    c = out["co_lipschitz"]
+    assert c["min"] == pytest.approx(0.5) and c["pair"] == [5, 6] and c["pair_prompt_distance"] == 1
+    assert c["p50"] == pytest.approx(np.median([0.5, 0.5, 1.5, 1.5])) and c["n_pairs"] == 4 and not c["sampled"]
+    # with a sample smaller than the rows, the closest pair's rows are always kept
+    out = layer_diagnostics(x, tokens, nn, 0.5, closest=(0, 1), max_rows=1, seed=3)
+    assert out["co_lipschitz"]["min"] == pytest.approx(0.5) and out["co_lipschitz"]["sampled"]
+
+
+def test_layer_diagnostics_without_nearest_distances():
+    out = layer_diagnostics(np.ones((3, 2)), [[1], [2], [3]], np.full(3, np.nan), None)
+    assert out["co_lipschitz"] is None and out["separation_margin"] is None and out["relative_margin"] is None
+
+
+def test_quantization_record_keeps_model_and_storage_apart():
+    report = {"model": {"quant": {"activations": "int4", "weights": "none", "description": "x"}},
+              "dtype": "fp32", "store_dtype": "fp32"}
+    assert quantization_record(report)["collisions_are"] == "model"
+    report["store_dtype"] = "bf16"
+    record = quantization_record(report)
+    assert record["collisions_are"] == "model_or_storage" and record["storage"] == {"dtype": "bf16", "lossless": False}
+    assert record["forward"]["activations"] == "int4"
+
+
+def test_report_with_diagnostics_validates_and_compares(tiny_store, tmp_path):
+    from collide.config import ReportConfig, SearchConfig
+    from collide.report import write_report
+    from collide.report.compare import compare
+    from collide.search import search_store
+
+    results = [search_store(tiny_store, k, 1e-6, SearchConfig(progress=False)) for k in (1, 3)]
+    runs = []
+    for level in ("none", "int4"):
+        run_info = {"model": {"name": "tiny", "source": "random:llama", "revision": None, "family": "llama",
+                              "dtype": "fp32", "final_norm": "post", "n_layers": 4, "d": 64,
+                              "quant": {"activations": level, "weights": "none", "description": level}},
+                    "corpus": {"name": "synthetic"}, "n_prompts": tiny_store.n_rows, "n_duplicates": 0,
+                    "threshold": 1e-6, "layers": [1, 3], "timings": {}, "store": str(tiny_store.path),
+                    "command": "test"}
+        report = write_report(tmp_path / level, run_info, results, tiny_store, ReportConfig())
+        jsonschema.Draft202012Validator(SCHEMA).validate(json.loads((tmp_path / level / "report.json").read_text()))
+        runs.append(tmp_path / level)
+    assert "figures/diagnostics.png" in report["figures"] and (tmp_path / "int4" / "figures/diagnostics.png").is_file()
+    for e, r in zip(report["layers"], results):
+        d = e["diagnostics"]
+        assert d["separation_margin"] == e["min_distance"]
+        assert d["co_lipschitz"]["min"] <= d["co_lipschitz"]["p50"]
+        assert d["co_lipschitz"]["n_pairs"] == tiny_store.n_rows
+    md = (tmp_path / "int4" / "report.md").read_text()
+    assert "## Geometric diagnostics" in md and "| quantized forward | int4 |" in md
+    summary = compare(runs, tmp_path / "cmp")
+    assert [r["label"] for r in summary["runs"]] == ["tiny / synthetic / fp", "tiny / synthetic / A4"]
+    cmp_md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "## Side by side" in cmp_md and (tmp_path / "cmp" / "comparison_diagnostics.png").is_file()
