@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import SkipNotImplemented, interleaved_best, pick, threads, timed
+from .common import SkipNotImplemented, interleaved_best, pick, threads
 
 
 def llm_states(n: int, d: int, seed: int) -> np.ndarray:
