@@ -57,6 +57,7 @@ TILE_ROWS = {"cpu": 512, "cuda": 2048}  # rows per tile: the unit that is skippe
 AUTO_MIN_ROWS = 8192  # auto prunes from this many valid rows on (see choose)
 MEMORY_FRACTION = 0.25  # share of available host memory a streamed layer may take to be pruned in memory
 CHUNK = 8192  # rows per step of the projection
+NUMPY_ON_CPU = True  # the per-tile work on CPU in numpy (faster there); False runs the torch code of CUDA
 # A visited tile pair with h pairs left by the bound: they are re-ranked directly in fp64 when
 # h * DIRECT_COST < (rows x columns to screen) + SCREEN_COST, in units of screened entries (CPU, d=576:
 # an fp64 re-rank costs ~2 us, a screened entry ~30 ns single-threaded, a screen call ~1 ms)
@@ -293,7 +294,8 @@ class PrunedSearch:
         self.cdist = dist  # distances between tile centres in Z (the visiting order)
         self.direct = 0  # pairs re-ranked exactly without a full-dimension screen
         self.bt = np.full(nt, math.inf)  # per tile: the largest B of its rows (squared)
-        self.np_bounds = (state.nn_exact.numpy(), state.nn_ub.numpy()) if dev.type == "cpu" else None
+        self.numpy = dev.type == "cpu" and NUMPY_ON_CPU  # tile work in numpy (else torch, as on CUDA)
+        self.np_bounds = (state.nn_exact.numpy(), state.nn_ub.numpy()) if self.numpy else None
         self.evaluated = 0.0  # entries of the full-dimension screen, diagonal tiles counted half
         self.tiles_done = 0
 
@@ -367,7 +369,7 @@ class PrunedSearch:
         a0, a1, b0, b1 = self.off[s], self.off[s + 1], self.off[t], self.off[t + 1]
         eng_r, eng_c = self.perm[a0:a1], self.perm[b0:b1]
         ri = ci = hit = None  # rows and columns left (positions within the tiles), pairs left among them
-        cpu = self.x.device.type == "cpu"
+        cpu = self.numpy
         for lev in self.levels:
             lz, rz = lev["lz"][a0:a1], lev["rz"][b0:b1]
             er, ec = eng_r, eng_c

@@ -110,6 +110,14 @@ def test_pruned_equals_brute_force(case, nearest):
 
 
 @pytest.mark.parametrize("nearest", [True, False])
+@pytest.mark.parametrize("case", ["low_rank", "duplicated", "planted"])
+def test_the_torch_tile_code_of_cuda_agrees_too(monkeypatch, case, nearest):
+    """The per-tile code that runs on CUDA (torch ops instead of numpy), exercised on CPU."""
+    monkeypatch.setattr(prune_mod, "NUMPY_ON_CPU", False)
+    both(CASES[case](), nearest=nearest)
+
+
+@pytest.mark.parametrize("nearest", [True, False])
 def test_many_collisions_under_a_large_threshold(nearest):
     x = clustered(300, 16, 8)
     a, _ = both(x, threshold=0.05, nearest=nearest)
