@@ -81,8 +81,9 @@ def test_gate_compares_with_the_nearest_recorded_ancestor():
 
 
 def test_gpu_check_without_cuda_skips_the_gpu_sections_and_runs_the_diagnostic_on_cpu(tmp_path):
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "", "COLLIDE_BENCH_SIZE": "tiny"}  # a tiny inversion
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no CUDA device: every GPU section is skipped" in proc.stdout
     result = json.loads((tmp_path / "cpu-smoke.json").read_text())
