@@ -19,6 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One intra-op thread for the tiny models: on a small or busy machine a second OpenMP thread only
 # waits for a core (a 64-wide linear layer then takes a scheduler tick, not microseconds). Set
 # before torch starts its pool, and inherited by every subprocess (python -m collide, workers).
+# Tests marked slow (real pretrained models) get the caller's settings back: see real_model_threads.
+THREAD_VARIABLES = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
@@ -83,3 +85,23 @@ def torch_threads():
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(autouse=True)
+def real_model_threads(request, monkeypatch):
+    """A slow test (a real pretrained model, a long job) runs with the caller's thread settings, or
+    torch's default of one thread per core: its large matrix products use every core."""
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    import torch
+
+    for name, value in THREAD_VARIABLES.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(int(THREAD_VARIABLES["OMP_NUM_THREADS"] or cores))
+    yield
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
