@@ -317,7 +317,11 @@ class PrecacheConfig:
 
 
 class InvertPolicy(Choice):
-    """How ``collide invert`` proposes candidate tokens: the paper's gradient policy, its brute force, or all."""
+    """How ``collide invert`` orders candidate tokens: ranked (auto, prior, lens), the paper's gradient policy,
+    its brute force (random), or all (exhaustive). The order never changes what is accepted."""
+    auto = "auto"
+    prior = "prior"
+    lens = "lens"
     gradient = "gradient"
     random = "random"
     exhaustive = "exhaustive"
@@ -330,6 +334,39 @@ class OnMiss(Choice):
 
 
 @dataclass
+class LensConfig:
+    """The ranking aids of ``collide invert`` (``collide.invert.lens``), fit per (model, layer, norm convention)."""
+
+    corpus: str = "stdlib-docs"  # corpus config (collide/conf/corpus/) whose windows' states the lens is fit on
+    n_prompts: int = 256  # windows of that corpus read (every position of each is one training pair)
+    n_prefixes: int = 32  # continuation prefixes: every distinct token is appended once to one of them
+    # distinct tokens dealt to those prefixes (a seeded sample); None = every one (about V single-token steps)
+    continuations: Optional[int] = None
+    # the exact state of every token at the first searched position (V steps, once): position 0 costs one
+    # verification; false = rank it with the lenses like any other position
+    table: bool = True
+    alpha: float = 1e-2  # ridge strength on standardised states (their correlation matrix has mean eigenvalue 1)
+    seed: int = 0  # seed of the prefixes' lengths and of the tokens dealt to each prefix
+    batch: int = 1024  # continuations per single-token step while fitting
+    # where fitted lenses live: <root>/<model>-L<layer>-<norm>-<hash>/, one per identity, like stores
+    root: str = "runs/lenses"
+    path: Optional[str] = None  # an explicit lens directory instead (relative = to the working dir)
+    progress: bool = True  # progress bar while fitting
+
+
+@dataclass
+class LensCommandConfig:
+    """``collide lens fit model=NAME layers=...``: fit and cache the lenses ``collide invert`` ranks with."""
+
+    action: str = MISSING  # what to do: fit (positional)
+    model: ModelConfig = MISSING  # the model whose states will be inverted (model=<name>)
+    layers: Any = MISSING  # layers to fit: an int, a list [7, 15] or a range "a:b" (inclusive)
+    # the first position holds the tokenizer's BOS (the table is then of [BOS] + token); None = if it adds one
+    bos: Optional[bool] = None
+    lens: LensConfig = default(default_factory=LensConfig)
+
+
+@dataclass
 class InvertConfig:
     """``collide invert SOURCE``: recover prompts exactly from their hidden states at every position of one layer."""
 
@@ -339,8 +376,11 @@ class InvertConfig:
     model: Optional[ModelConfig] = None
     # HF hidden_states index of the states (0 = embeddings, L = last); None = the store's deepest (files: required)
     layer: Optional[int] = None
-    policy: InvertPolicy = InvertPolicy.gradient  # gradient (the paper's SIPIT) | random (brute force) | exhaustive
-    batch: int = 64  # candidate tokens verified per batched single-token step
+    # auto (prior + lens + table, merged) | prior | lens | gradient (the paper's SIPIT) | random (brute force) | exhaustive
+    policy: InvertPolicy = InvertPolicy.auto
+    batch: int = 64  # gradient, random, exhaustive: candidate tokens verified per batched single-token step
+    batch_first: int = 16  # auto, prior, lens: the first batch; each next batch is 4x larger, up to batch_max
+    batch_max: Optional[int] = None  # auto, prior, lens: the largest batch; None = 1024 on a CPU, 8192 on a GPU
     lr: float = 1.0  # gradient policy: SGD learning rate of the continuous proxy (the paper's 1.0)
     grad_steps: int = 1  # gradient policy: SGD steps on the proxy before each batch of candidates
     snap_every: int = 50  # gradient policy: SGD steps between snaps of the proxy onto a token's row (the paper's K)
@@ -352,6 +392,7 @@ class InvertConfig:
     n_prompts: Optional[int] = None  # invert the first N prompts of SOURCE only; None = all
     out: Optional[str] = None  # output directory; None = beside SOURCE (<SOURCE>-inversion-L<layer>-<policy>)
     progress: bool = True  # log each position as it is recovered
+    lens: LensConfig = default(default_factory=LensConfig)  # auto, lens, exhaustive: the lens and position-0 table
 
 
 def register_configs() -> None:

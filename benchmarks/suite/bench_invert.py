@@ -9,10 +9,24 @@ target <= 0.1). Tiny: the tests' tiny random Llama, a 12-token prefix; quick/ful
 SmolLM2-135M at layer L/2 after a 19-token stdlib-docs prefix.
 
 ``track_prompt_time_vs_paper`` (tiny only: on SmolLM2 the paper's procedure needs hours per
-prompt here): seconds to invert a whole 8-token prompt, collide / paper.
+prompt here): seconds to invert a whole 8-token prompt, collide's gradient policy / paper.
 
 ``track_inexact_tokens``: share of the tokens of the tiny model's prompts (every layer) that
 collide does not recover exactly (target 0; any other value is a regression).
+
+The default policy (``auto``: the model's prior, two ridge lenses and the position-0 table,
+verified in escalating batches) against the paper's gradient policy and the paper's procedure,
+whole prompts of the evaluation prose (``invert_texts.prose_prompts``: stdlib module docstrings,
+text no lens is fit on), inverted the same way by both sides:
+
+``track_auto_candidates_vs_gradient``: mean candidates verified per searched position, auto /
+gradient (target <= 0.1). ``track_auto_prompt_time_vs_gradient``: seconds per prompt, auto /
+gradient (target <= 0.1). ``track_auto_prompt_time_vs_paper``: seconds per prompt, auto / the
+paper's procedure (target <= 0.01); on SmolLM2 the paper's procedure is capped at ``PAPER_CAP``
+proposals per position and stops at the first position it has not solved by then, so its time is
+a lower bound and the ratio an upper bound. Tiny: the tiny Llama, 8-token prompts at its last
+layer; quick: SmolLM2 at L/2, one prompt cut to 6 tokens; full: two 20-token prompts. The lens
+is fit (or read from ``runs/lenses``) before the clock starts.
 """
 
 from __future__ import annotations
@@ -44,7 +58,7 @@ def measure() -> dict[str, float]:
     states = _states(lm, ids, layer)
     n = pick(64, 64, 128)  # proposals per side
     batch = pick(16, 64, 64)
-    inverter = Inverter(lm, layer, InvertConfig(source="-", batch=batch))
+    inverter = Inverter(lm, layer, InvertConfig(source="-", policy="gradient", batch=batch))
     prefix = GrowingPrefix(lm)
     for token in ids[:-1]:
         prefix.append(token)
@@ -68,7 +82,7 @@ def measure() -> dict[str, float]:
     if tiny:
         short = ids[:8]
         short_states = _states(lm, short, layer)
-        ours_s, got = timed(lambda: Inverter(lm, layer, InvertConfig(source="-", batch=batch), bos=256)
+        ours_s, got = timed(lambda: Inverter(lm, layer, InvertConfig(source="-", policy="gradient", batch=batch), bos=256)
                             .invert(short_states))
         paper_s, ref = timed(lambda: invert_prompt(lm, short_states, layer))
         assert [r.token for r in got] == [r.token for r in ref] == short
@@ -82,6 +96,47 @@ def measure() -> dict[str, float]:
     return out
 
 
+PAPER_CAP = 256  # proposals per position of the paper's procedure on SmolLM2 (its time: a lower bound)
+
+
+def measure_auto() -> dict[str, float]:
+    """The auto-policy ratios of the module docstring (one measurement each, same prompts for every side)."""
+    from collide.config import InvertConfig
+    from collide.invert.sipit import Inverter
+    from .invert_texts import prose_prompts
+    from .paper_sipit import invert_prompt
+
+    tiny = pick(True, False, False)
+    lm = tiny_llama() if tiny else smollm2()
+    layer = lm.n_layers if tiny else lm.n_layers // 2
+    bos = 256 if tiny else None
+    if tiny:
+        prompts = [[256] + list(text) for text in (b"Injectiv", b"A prompt")]
+    else:
+        prompts = [ids[:pick(8, 6, 20)] for ids, _ in prose_prompts(lm.tokenizer, pick(2, 1, 2))]
+    auto = Inverter(lm, layer, InvertConfig(source="-"), bos=bos)  # fits or reads the lens first
+    grad = Inverter(lm, layer, InvertConfig(source="-", policy="gradient", batch=pick(16, 64, 64)), bos=bos)
+    sides = {"auto": (auto, [], []), "gradient": (grad, [], [])}
+    paper_s, paper_solved = 0.0, True
+    for ids in prompts:
+        target = _states(lm, ids, layer)
+        for name, (inverter, tried, secs) in sides.items():
+            took, got = timed(lambda: inverter.invert(target))
+            assert [r.token for r in got] == ids, (name, [r.token for r in got], ids)
+            secs.append(took)
+            tried += [r.tried for r in got if not r.known]
+        took, ref = timed(lambda: invert_prompt(lm, target, layer, max_proposals=None if tiny else PAPER_CAP))
+        paper_s += took
+        paper_solved &= len(ref) == len(ids) and all(r.token is not None for r in ref)
+    (_, a_tried, a_secs), (_, g_tried, g_secs) = sides["auto"], sides["gradient"]
+    return {"auto_candidates_vs_gradient": float(np.mean(a_tried) / np.mean(g_tried)),
+            "auto_prompt_time_vs_gradient": float(np.sum(a_secs) / np.sum(g_secs)),
+            "auto_prompt_time_vs_paper": float(np.sum(a_secs) / paper_s),
+            "auto_mean_tried": float(np.mean(a_tried)), "gradient_mean_tried": float(np.mean(g_tried)),
+            "auto_seconds_per_prompt": float(np.mean(a_secs)), "gradient_seconds_per_prompt": float(np.mean(g_secs)),
+            "paper_seconds_per_prompt": paper_s / len(prompts), "paper_solved": float(paper_solved)}
+
+
 class Invert:
     """The ratios of the module docstring, measured once in ``setup_cache``."""
 
@@ -92,7 +147,7 @@ class Invert:
     timeout = 1800
 
     def setup_cache(self):
-        return measure()
+        return {**measure(), **measure_auto()}
 
     setup_cache.timeout = 1800
 
@@ -114,3 +169,12 @@ class Invert:
         return cache["inexact_tokens"]
 
     track_inexact_tokens.unit = "tokens"  # a count: 0 is the right value
+
+    def track_auto_candidates_vs_gradient(self, cache):
+        return cache["auto_candidates_vs_gradient"]
+
+    def track_auto_prompt_time_vs_gradient(self, cache):
+        return cache["auto_prompt_time_vs_gradient"]
+
+    def track_auto_prompt_time_vs_paper(self, cache):
+        return cache["auto_prompt_time_vs_paper"]

@@ -63,8 +63,18 @@ def header(cfg: InvertConfig, source: Source, lm, layer: int, bos: Optional[int]
             "model": {k: str(v) if hasattr(v, "value") else v for k, v in asdict(cfg.model).items()},
             "layer": layer, "n_layers": lm.n_layers, "final_norm": lm.final_norm, "compute_dtype": lm.dtype,
             "stored_dtype": source.dtype, "bos": bos, "epsilon_rule": rule,
-            "policy": {"policy": str(cfg.policy), "batch": cfg.batch, "lr": cfg.lr, "grad_steps": cfg.grad_steps,
+            "policy": {"policy": str(cfg.policy), "batch": cfg.batch, "batch_first": cfg.batch_first,
+                       "batch_max": cfg.batch_max, "lr": cfg.lr, "grad_steps": cfg.grad_steps,
                        "snap_every": cfg.snap_every, "seed": cfg.seed, "on_miss": str(cfg.on_miss)}}
+
+
+def lens_record(inverter) -> Optional[dict]:
+    """What the ranking lens and table were fit on, and where the bundle lives (None without one)."""
+    lens = inverter.lens
+    if lens is None:
+        return None
+    return {**lens.info, "path": None if lens.path is None else str(lens.path),
+            "weights": lens.identity["model"]["weights"]}
 
 
 def first_token(cfg: InvertConfig, tokenizer) -> Optional[int]:
@@ -98,10 +108,10 @@ def invert_source(cfg: InvertConfig, command: Optional[str] = None) -> dict:
     bos = first_token(cfg, lm.tokenizer)
     out = Path(cfg.out) if cfg.out else default_out(source, layer, str(cfg.policy))
     out.mkdir(parents=True, exist_ok=True)
-    head = {**header(cfg, source, lm, layer, bos), "command": command}
+    inverter = Inverter(lm, layer, cfg, stored_dtype=source.dtype, epsilon=cfg.epsilon, bos=bos)
+    head = {**header(cfg, source, lm, layer, bos), "lens": lens_record(inverter), "command": command}
     done = output.load_previous(out, {k: v for k, v in head.items() if k != "command"})
     n_total = source.n_prompts if cfg.n_prompts is None else min(cfg.n_prompts, source.n_prompts)
-    inverter = Inverter(lm, layer, cfg, stored_dtype=source.dtype, epsilon=cfg.epsilon, bos=bos)
     if done:
         log.info("resuming: %d of %d prompts already inverted in %s", len(done), n_total, out)
     prompts = list(done)

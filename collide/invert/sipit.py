@@ -17,6 +17,13 @@ Policies (which untried candidates to verify next):
 * ``random`` (the paper's Alg. 2, its brute-force baseline): a seeded random permutation of the vocabulary.
 * ``exhaustive``: every token, so that the margin Δ (the distance from ĥ_t to the nearest state
   of any *other* token) is known; Δ > 2ε certifies that the recovered token is the only one within ε.
+  At the position the lens bundle's table covers, the table holds every token's state: one lookup,
+  one verification of the nearest, Δ from the table.
+* ``auto`` (the default), ``prior``, ``lens``: rankers (``collide.invert.rankers``) order the
+  vocabulary (auto: the model's next-token prior, the own-states lens and the continuation lens,
+  merged by turns; prior: the prior alone; lens: the two lenses), and the order is verified in
+  escalating batches (``batch_first``, 4x more each step, up to ``batch_max``). At the position the
+  table covers, its order alone is used, its nearest token verified first on its own.
 
 Acceptance: a candidate is accepted when the L2 distance (not squared, computed in fp64) from its
 state to ĥ_t is at most ε (``epsilon``); the closest candidate of the batch that first has one
@@ -36,7 +43,11 @@ import torch
 
 from collide.config import InvertConfig
 from collide.continuations import GrowingPrefix, input_groups
+from collide.invert import rankers
+from collide.invert.lens import Lens, load_or_fit
 from collide.models import LoadedModel
+
+RANKED = ("auto", "prior", "lens")  # policies that verify a ranked order in escalating batches
 
 # The ε rule: ε = RTOL[compute dtype] * ‖ĥ_t‖ + STORAGE_RTOL[stored dtype] * ‖ĥ_t‖ + ATOL * sqrt(d).
 # fp32: a cached single-token step and the padded batched forward that wrote the states differ
@@ -91,6 +102,7 @@ class Inverter:
     stored_dtype: str = "fp32"  # dtype the targets were stored in (enters ε)
     epsilon: Optional[float] = None  # a fixed ε (L2) instead of the rule
     bos: Optional[int] = None  # the tokenizer's BOS when it prepends one: verified first at position 0
+    lens: Optional[Lens] = None  # the lens bundle (auto, prior, lens, exhaustive); None = cached or fit on first use
 
     def __post_init__(self):
         emb = self.lm.model.get_input_embeddings()
@@ -107,6 +119,11 @@ class Inverter:
             sizes = np.bincount(group)
             for token in np.nonzero(sizes[group] > 1)[0].tolist():
                 self.members.setdefault(int(first[group[token]]), []).append(token)
+        if self.lens is None and (self.cfg.policy in RANKED or self.cfg.policy == "exhaustive"):
+            self.lens = load_or_fit(self.lm, self.layer, self.cfg.lens, [] if self.bos is None else [self.bos])
+        self.rows_cpu = self.rows.cpu()
+        self.sq_norms_cpu = self.sq_norms.cpu()
+        self.largest = rankers.largest_batch(self.lm, self.cfg.batch_max)
 
     @property
     def vocab(self) -> int:
@@ -167,6 +184,36 @@ class Inverter:
                 e = rows[int(scores.argmin())].clone()
                 steps = 0
 
+    def _table_applies(self, prefix: GrowingPrefix) -> bool:
+        return self.lens is not None and self.lens.table is not None and prefix.ids == self.lens.prefix
+
+    def _ranked_batches(self, prefix: GrowingPrefix, tried: torch.Tensor, target: torch.Tensor):
+        """The policy's merged order of the untried tokens, in escalating batches (see the module docstring)."""
+        policy, first = self.cfg.policy, self.cfg.batch_first
+        if self._table_applies(prefix):
+            orders, first = [rankers.table_order(self.lens, target)[0]], 1
+        else:
+            prior = rankers.prior_order(self.lm, prefix) if policy in ("auto", "prior") else None
+            lenses = [rankers.lens_order(r, target, self.rows_cpu, self.sq_norms_cpu)
+                      for r in (self.lens.own, self.lens.cont)] if policy != "prior" or prior is None else []
+            orders = ([] if prior is None else [prior[prior < self.vocab]]) + lenses
+        skip = tried.cpu().clone()
+        if len(orders) > 1:  # tokens no order lists (an LM head narrower than the input rows): never, but last
+            rest = torch.ones(self.vocab, dtype=torch.bool)
+            for order in orders:
+                rest[order] = False
+            orders.append(torch.nonzero(rest).flatten())
+        yield from rankers.batches(rankers.merge(orders, skip), first, self.largest)
+
+    def _table_exhaustive(self, prefix: GrowingPrefix, target: torch.Tensor, eps: float):
+        """Exhaustive at the table's position: the nearest table token verified; Δ from the table. None on a miss."""
+        tokens, dist = rankers.table_order(self.lens, target)
+        token = int(tokens[0])
+        got = float(self._distances(prefix, tokens[:1], target)[0])
+        if got > eps:
+            return None
+        return got, token, float(dist[1]) if len(dist) > 1 else math.inf
+
     # ----------------------------------------------------------------- one position
 
     def position(self, prefix: GrowingPrefix, t: int, target_np: np.ndarray, rng: np.random.Generator
@@ -187,9 +234,16 @@ class Inverter:
             if dist <= eps:
                 accepted, known = best[1], True
         policy = self.cfg.policy
-        if accepted is None or policy == "exhaustive":
+        if accepted is None and policy == "exhaustive" and self._table_applies(prefix):
+            found = self._table_exhaustive(prefix, target, eps)
+            if found is not None:
+                best, second, accepted = found[:2], found[2], found[1]
+                tried[:] = True  # every token's state was compared, through the table
+        if (accepted is None or policy == "exhaustive") and not bool(tried.all()):
             if policy == "gradient":
                 batches = self._gradient_batches(prefix, tried, target, rng)
+            elif policy in RANKED:
+                batches = self._ranked_batches(prefix, tried, target)
             else:
                 batches = self._random_batches(tried, rng)
             for batch in batches:

@@ -1,0 +1,104 @@
+"""Ranked policies of collide.invert: a ranker changes the order, never the result; the lens cache's key."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from collide.config import InvertConfig, LensConfig, ModelConfig
+from collide.invert import lens as lens_mod
+from collide.invert import rankers
+from collide.invert.sipit import Inverter
+from collide.models import load_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_model(ModelConfig(name="tiny-llama", source="random:llama", family="llama"))
+
+
+def states(lm, ids, layer):
+    with torch.no_grad():
+        return lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0].numpy()
+
+
+def small_lens(root, **kw) -> LensConfig:
+    return LensConfig(root=str(root), n_prompts=16, n_prefixes=4, progress=False, **kw)
+
+
+@pytest.mark.parametrize("policy", ["auto", "prior", "lens", "exhaustive"])
+def test_ranker_never_changes_the_result(llama, tmp_path, policy):
+    ids = [256] + list(b"Rank me")
+    target = states(llama, ids, 3)
+    ranked = Inverter(llama, 3, InvertConfig(source="-", policy=policy, lens=small_lens(tmp_path)), bos=256).invert(target)
+    plain = Inverter(llama, 3, InvertConfig(source="-", policy="random", batch=320), bos=256).invert(target)
+    assert [r.token for r in ranked] == [r.token for r in plain] == ids
+    assert [r.group for r in ranked] == [r.group for r in plain]
+    assert all(r.recovered for r in ranked)
+    # the same state of the same token, verified in another batch: equal up to reassociation round-off
+    # (both are round-off themselves, about 1e-7 here: a thousandth of ε and less)
+    for a, b in zip(ranked, plain):
+        assert a.distance == pytest.approx(b.distance, rel=1e-5, abs=1e-3 * a.epsilon)
+        assert a.epsilon == b.epsilon
+    if policy == "exhaustive":
+        assert all(r.tried == 320 and r.certified for r in ranked)
+        assert ranked[1].margin == pytest.approx(plain[1].best_rejected if plain[1].tried == 320 else ranked[1].margin)
+    else:
+        assert ranked[1].tried == 1  # the table's position: one lookup, one verification
+
+
+def test_exhaustive_table_margin_matches_the_full_sweep(llama, tmp_path):
+    ids = [256] + list(b"ok")
+    target = states(llama, ids, 2)
+    cfg = InvertConfig(source="-", policy="exhaustive", lens=small_lens(tmp_path))
+    inverter = Inverter(llama, 2, cfg, bos=256)
+    fast = inverter.invert(target)
+    inverter.lens = None  # no table: every candidate verified through the engine
+    slow = inverter.invert(target)
+    assert [r.token for r in fast] == [r.token for r in slow] == ids
+    assert fast[1].margin == pytest.approx(slow[1].margin, rel=1e-5) and fast[1].certified == slow[1].certified
+
+
+def test_merge_takes_turns_without_repeats():
+    a, b = torch.tensor([3, 1, 0, 2]), torch.tensor([3, 2, 1, 0])
+    none = torch.zeros(4, dtype=torch.bool)
+    assert list(rankers.merge([a, b], none)) == [3, 2, 1, 0]
+    assert list(rankers.merge([a, b], torch.tensor([False, False, True, False]))) == [3, 1, 0]  # tried: skipped
+    assert list(rankers.merge([a], none)) == [3, 1, 0, 2]
+    assert [len(x) for x in rankers.batches(iter(range(100)), 4, 32)] == [4, 16, 32, 32, 16]
+
+
+def test_lens_cache_is_keyed_by_model_layer_and_norm(llama, tmp_path):
+    cfg = small_lens(tmp_path)
+    first = lens_mod.load_or_fit(llama, 2, cfg, [256])
+    assert first.path is not None and (first.path / lens_mod.META).is_file()
+    again = lens_mod.load_or_fit(llama, 2, cfg, [256])
+    assert again.path == first.path and torch.equal(again.table, first.table)  # read back, not refit
+    other_layer = lens_mod.load_or_fit(llama, 3, cfg, [256])
+    assert other_layer.path != first.path and not torch.equal(other_layer.table, first.table)
+    other = load_model(ModelConfig(name="tiny-llama", source="random:llama", family="llama", seed=1))
+    other_model = lens_mod.load_or_fit(other, 2, cfg, [256])  # same name, other weights: refit
+    assert other_model.path != first.path and not torch.equal(other_model.table, first.table)
+    llama.final_norm = "pre"
+    try:
+        assert lens_mod.lens_location(lens_mod.lens_identity(llama, 2, cfg, [256]), cfg) != first.path
+    finally:
+        llama.final_norm = "post"
+    assert len(list(tmp_path.iterdir())) == 3 and not list(tmp_path.rglob("*.tmp"))  # whole bundles only
+
+
+def test_lens_path_of_another_identity_is_refused(llama, tmp_path):
+    from collide.errors import CollideError
+
+    lens_mod.load_or_fit(llama, 2, small_lens(tmp_path, path=str(tmp_path / "mine")), [256])
+    with pytest.raises(CollideError, match="another model, layer"):
+        lens_mod.load_or_fit(llama, 1, small_lens(tmp_path, path=str(tmp_path / "mine")), [256])
