@@ -300,20 +300,49 @@ class PrecacheConfig:
 
     out: str = "precache"  # output directory of precache.{json,md} and figures/
     modes: List[str] = default(default_factory=lambda: ["vanilla", "myopic"])  # training modes to run
-    p: float = 0.5  # P(z_n = 1): the share of positions whose target is the 10-term sum of sin(10 x)
+    # paper: y_n sums sin(10 x_j) over j = n-window .. n-1 (the authors' task: sin(10 x_n) is useless at n);
+    # breadcrumb: over j = n-window+1 .. n (sin(10 x_n) is a term of y_n: the control)
+    task: str = "paper"
+    p: Optional[float] = None  # P(z_n = 1), in (0, 1]; None = the task's default (paper 1.0, breadcrumb 0.5)
     seq_len: int = 64  # positions per sequence
-    window: int = 10  # y_n sums sin(10 x_j) over j = n-window+1 .. n when z_n = 1
+    window: int = 10  # number of sin(10 x_j) terms in y_n when z_n = 1
     d_model: int = 128  # width of the 2-layer GPT-2
     n_layers: int = 2  # transformer blocks
     n_heads: int = 2  # attention heads
-    steps: int = 2000  # optimizer steps per model (about 0.11 CPU s each at batch 32, d=128, 1 thread)
+    steps: int = 20000  # most optimizer steps per model (about 0.11 CPU s each at batch 32, d=128, 1 thread)
+    max_cpu_seconds: float = 600.0  # most CPU seconds of training per model (checked every eval_every steps)
+    eval_every: int = 100  # steps between two validation measurements (256 fixed sequences)
+    patience: int = 8  # measurements without a relative improvement of min_delta make a plateau
+    min_delta: float = 0.01  # relative improvement of the best validation MSE that resets the patience
+    decays: int = 3  # the learning rate is halved on each plateau; the decays-th plateau stops training
     batch_size: int = 32  # fresh sequences per step
-    lr: float = 1e-3  # AdamW peak learning rate (linear warm-up, cosine decay)
+    lr: float = 1e-3  # AdamW peak learning rate (linear warm-up over 100 steps, halved on each plateau)
     eval_sequences: int = 2048  # fresh sequences for the test loss and the probes (half fit, half scored)
     max_lag: int = 20  # probes read sin(10 x_{n-i}) for i = 0..max_lag
     seed: int = 0  # seed of the data, the initialisation and the probe split
     threads: int = 1  # torch CPU threads during the run; 0 = torch's default (small matrices: 1 is as fast)
     figures: bool = True  # write figures/precache_r2.png
+
+
+@dataclass
+class MyopicLMConfig:
+    """``collide myopic-lm``: vanilla vs myopic training of a small GPT-2-style LM on the stdlib-docs corpus."""
+
+    out: str = "myopic-lm"  # output directory of myopic_lm.{json,md}, figures/ and models/<mode>/
+    modes: List[str] = default(default_factory=lambda: ["vanilla", "myopic"])  # training modes to run
+    d_model: int = 256  # width of the residual stream
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads
+    seq_len: int = 128  # tokens (bytes) per training window; also the model's number of positions
+    batch_size: int = 16  # windows per step
+    tokens: int = 819_200  # training target tokens per mode (steps = tokens // (batch_size * seq_len): 400)
+    lr: float = 2e-3  # AdamW peak learning rate (2% warm-up, cosine decay to 10%)
+    val_fraction: float = 0.05  # share of the corpus paragraphs held out for the reported cross-entropy
+    eval_sequences: int = 512  # most held-out windows of seq_len scored
+    seed: int = 0  # seed of the split, the windows and the initialisation
+    threads: int = 1  # torch CPU threads during the run; 0 = torch's default
+    save_models: bool = True  # save each model as a GPT-2 checkpoint in out/models/<mode> (for `collide run`)
+    figures: bool = True  # write figures/myopic_lm_ce.png
 
 
 class InvertPolicy(Choice):

@@ -1,13 +1,16 @@
 """``collide precache``: the synthetic pre-caching experiment of "Do Language Models Plan Ahead for
 Future Tokens?" (Wu, Morris and Levine, arXiv 2404.00859), vanilla against myopic training.
 
-Task, over sequences of ``seq_len`` positions n = 0, 1, ...: x_n ~ N(0, 1), z_n ~ Bernoulli(p), the
-input at n is (x_n, z_n) and the target is
+Tasks, over sequences of ``seq_len`` positions n = 0, 1, ...: x_n ~ N(0, 1), z_n ~ Bernoulli(p), the
+input at n is (x_n, z_n) and the target is, with s_j = sin(10 x_j) and terms j < 0 absent,
 
-    y_n = z_n * sum_{j = n-window+1}^{n} sin(10 x_j) + (1 - z_n) * x_n      (j >= 0 only)
+    task=paper:       y_n = z_n * sum_{j = n-window}^{n-1} s_j + (1 - z_n) * x_n
+    task=breadcrumb:  y_n = z_n * sum_{j = n-window+1}^{n} s_j + (1 - z_n) * x_n
 
-so a position with z_n = 1 needs sin(10 x_j) of the ``window - 1`` previous positions: a model
-that computes sin(10 x_j) at position j, where it is useless when z_j = 0, is pre-caching it.
+``paper`` is the authors' task (``SyntheticSeqDataset(conv=10, shift=1)`` in their code): the sum
+stops at n-1, so s_n is useless at n, and a model that computes it at n (to be read by the next
+``window`` positions) is pre-caching. ``breadcrumb`` keeps s_n inside its own target: computing it
+at n pays at n, and later positions read it for free, so myopic training loses little there.
 
 Model: a GPT-2 block stack (pre-LayerNorm, causal multi-head attention, a 4d ReLU MLP, learned
 positions) with a linear input (x_n, z_n) -> d and a linear output d -> y_n, trained with the mean
@@ -16,9 +19,15 @@ positions from stop-gradient copies of their hidden states (the current position
 value keep their gradient), so the loss at n sends no gradient into any earlier position's
 computation; the weights still learn from every position's own loss.
 
+Training stops on a plateau: every ``eval_every`` steps the MSE on fixed validation sequences is
+measured; after ``patience`` measurements without a relative improvement of ``min_delta`` the
+learning rate is halved, and the ``decays``-th plateau ends the run (``steps`` and
+``max_cpu_seconds`` cap it; ``stopped`` records which ended it).
+
 Reported per mode: the test MSE beside two baselines on the same held-out sequences, the trivial
 one (predict the mean of y) and the best predictor from the current input alone,
-E[y_n | x_n, z_n] = z_n sin(10 x_n) + (1 - z_n) x_n; and, for each layer (0 = the input embedding,
+E[y_n | x_n, z_n] (paper: (1 - z_n) x_n; breadcrumb: z_n sin(10 x_n) + (1 - z_n) x_n), which is
+what a model that reads nothing of the past can reach; and, for each layer (0 = the input embedding,
 k = output of block k), the R^2 of a linear probe (least squares with an intercept) from the state
 at n to sin(10 x_{n-i}) for i = 0..max_lag, fitted on half the held-out sequences and scored on the
 other half, over positions n >= max_lag.
@@ -43,22 +52,34 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "collide-precache/1"
 MODES = ("vanilla", "myopic")
+TASKS = {"paper": 1.0, "breadcrumb": 0.5}  # task -> its default p (paper: the authors' training notebook)
 FREQ = 10.0  # the task's sin(FREQ * x)
-WARMUP = 0.05  # share of the steps with a linear learning-rate warm-up (then cosine decay to 0)
-LOG_EVERY = 100  # steps between two points of the recorded training-loss curve
+WARMUP_STEPS = 100  # linear learning-rate warm-up, in steps
+VAL_SEQUENCES = 256  # fixed validation sequences of the plateau test (their own seed)
 PROBE_RIDGE = 1e-6  # ridge of the R^2 probes, times the mean eigenvalue of their Gram matrix (numerical only)
 
 
+def task_p(cfg: PrecacheConfig) -> float:
+    """P(z_n = 1): ``cfg.p``, or the task's default when it is None."""
+    return TASKS.get(cfg.task, 0.5) if cfg.p is None else cfg.p
+
+
 def make_batch(n: int, cfg: PrecacheConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """n sequences: inputs (n, seq_len, 2) = (x, z), target y (n, seq_len), x, z and sin(10 x) (n, seq_len)."""
+    """n sequences: inputs (n, seq_len, 2) = (x, z), target y (n, seq_len), x, z, sin(10 x) (n, seq_len) and
+    ``current``, E[y_n | x_n, z_n] (the best prediction from the current input alone)."""
     x = torch.randn(n, cfg.seq_len, generator=generator)
-    z = (torch.rand(n, cfg.seq_len, generator=generator) < cfg.p).float()
+    z = (torch.rand(n, cfg.seq_len, generator=generator) < task_p(cfg)).float()
     s = torch.sin(FREQ * x)
     c = s.cumsum(1)
-    window_sum = c.clone()
+    window_sum = c.clone()  # window_sum[n] = sum of s_j, j = n-window+1 .. n
     window_sum[:, cfg.window:] -= c[:, :-cfg.window]
+    if cfg.task == "paper":  # j = n-window .. n-1: the same window shifted by one position
+        window_sum = torch.cat([torch.zeros(n, 1), window_sum[:, :-1]], 1)
+        current = (1 - z) * x
+    else:
+        current = z * s + (1 - z) * x
     y = z * window_sum + (1 - z) * x
-    return {"inputs": torch.stack([x, z], -1), "y": y, "x": x, "z": z, "sin": s}
+    return {"inputs": torch.stack([x, z], -1), "y": y, "x": x, "z": z, "sin": s, "current": current}
 
 
 class Block(nn.Module):
@@ -121,31 +142,51 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(h)).squeeze(-1), states
 
 
-def train(cfg: PrecacheConfig, mode: str) -> tuple[TinyGPT, list[dict]]:
-    """One model trained on fresh batches (seeded) with AdamW; returns it and its loss curve."""
+def train(cfg: PrecacheConfig, mode: str) -> tuple[TinyGPT, list[dict], str]:
+    """One model trained on fresh batches (seeded) with AdamW until a plateau (module docstring).
+
+    Returns the model, its curve (per ``eval_every`` steps: mean train MSE, validation MSE,
+    learning rate) and why training stopped: "plateau", "steps" or "cpu_seconds"."""
     torch.manual_seed(cfg.seed)
     model = TinyGPT(cfg, myopic=mode == "myopic")
     generator = torch.Generator().manual_seed(cfg.seed + 1)
+    val = make_batch(VAL_SEQUENCES, cfg, torch.Generator().manual_seed(cfg.seed + 3))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    warmup = max(1, int(WARMUP * cfg.steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(
-        math.pi * min(1.0, (s - warmup) / max(1, cfg.steps - warmup))))))
-    curve, running = [], []
+    curve, running, best, waited, decays, stopped = [], [], math.inf, 0, 0, "steps"
+    lr, c0 = cfg.lr, time.process_time()
     for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / WARMUP_STEPS)
         batch = make_batch(cfg.batch_size, cfg, generator)
         loss = ((model(batch["inputs"])[0] - batch["y"]) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        schedule.step()
         running.append(loss.item())
-        if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.steps:
-            curve.append({"step": step + 1, "train_mse": sum(running) / len(running)})
-            running = []
-            if len(curve) % 5 == 0:
-                log.info("%s: step %d/%d, train MSE %.4f", mode, step + 1, cfg.steps, curve[-1]["train_mse"])
-    return model, curve
+        if (step + 1) % cfg.eval_every and step + 1 < cfg.steps:
+            continue
+        with torch.no_grad():
+            val_mse = float(((model(val["inputs"])[0] - val["y"]) ** 2).mean())
+        curve.append({"step": step + 1, "train_mse": sum(running) / len(running), "val_mse": val_mse, "lr": lr})
+        running = []
+        if val_mse < best * (1 - cfg.min_delta):
+            best, waited = val_mse, 0
+        else:
+            waited += 1
+        if waited >= cfg.patience:  # a plateau: halve the learning rate, or stop at the last one
+            decays, waited = decays + 1, 0
+            if decays >= cfg.decays:
+                stopped = "plateau"
+                break
+            lr *= 0.5
+        if len(curve) % 10 == 0:
+            log.info("%s: step %d, train MSE %.4f, validation MSE %.4f, lr %.2g", mode, step + 1,
+                     curve[-1]["train_mse"], val_mse, lr)
+        if time.process_time() - c0 > cfg.max_cpu_seconds:
+            stopped = "cpu_seconds"
+            break
+    return model, curve, stopped
 
 
 def r2_probes(states: torch.Tensor, sin: torch.Tensor, max_lag: int) -> list[float]:
@@ -176,42 +217,49 @@ def evaluate(model: TinyGPT, batch: dict[str, torch.Tensor], max_lag: int) -> di
     """Test MSE against the baselines, and the R^2 probes of every layer, on held-out sequences."""
     with torch.no_grad():
         prediction, states = model(batch["inputs"])
-    y, x, z, s = batch["y"], batch["x"], batch["z"], batch["sin"]
+    y, s = batch["y"], batch["sin"]
     mse = float(((prediction - y) ** 2).mean())
     trivial = float(((y - y.mean()) ** 2).mean())
-    current_only = float(((z * s + (1 - z) * x - y) ** 2).mean())
+    current_only = float(((batch["current"] - y) ** 2).mean())
     return {"test_mse": mse, "trivial_mse": trivial, "current_input_mse": current_only,
-            "normalised_loss": mse / trivial,
+            "normalised_loss": mse / trivial, "loss_vs_current_input": mse / current_only,
             "probes": [{"layer": k, "r2": r2_probes(h, s, max_lag)} for k, h in enumerate(states)]}
 
 
 def check(cfg: PrecacheConfig) -> None:
     """One-line errors for values the experiment cannot run with."""
+    if cfg.task not in TASKS:
+        raise CollideError(f"task={cfg.task}: choose among {list(TASKS)}, e.g. task=paper")
     bad = [m for m in cfg.modes if m not in MODES]
     if bad or not cfg.modes:
         raise CollideError(f"modes={cfg.modes}: choose among {list(MODES)}, e.g. modes=[vanilla,myopic]")
-    if not 0 < cfg.p < 1:
-        raise CollideError(f"p={cfg.p}: the Bernoulli probability must be in (0, 1), e.g. p=0.5")
+    if not 0 < task_p(cfg) <= 1:
+        raise CollideError(f"p={cfg.p}: the Bernoulli probability must be in (0, 1], e.g. p=1 (or p=null: the task's)")
     if not 1 <= cfg.window <= cfg.seq_len or not 0 <= cfg.max_lag < cfg.seq_len - 1:
         raise CollideError(f"window={cfg.window}, max_lag={cfg.max_lag}, seq_len={cfg.seq_len}: need 1 <= window <= "
                            "seq_len and max_lag < seq_len - 1, e.g. window=10 max_lag=20 seq_len=64")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.eval_sequences < 4:
-        raise CollideError(f"steps={cfg.steps}, batch_size={cfg.batch_size}, eval_sequences={cfg.eval_sequences}: "
-                           "need steps >= 1, batch_size >= 1 and eval_sequences >= 4")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.eval_sequences < 4 or cfg.eval_every < 1 or cfg.patience < 1 \
+            or cfg.decays < 1:
+        raise CollideError(f"steps={cfg.steps}, batch_size={cfg.batch_size}, eval_sequences={cfg.eval_sequences}, "
+                           f"eval_every={cfg.eval_every}, patience={cfg.patience}, decays={cfg.decays}: need each "
+                           ">= 1 and eval_sequences >= 4")
 
 
 def markdown(result: dict) -> str:
     """precache.md: losses against the baselines and the R^2 table of every mode and layer."""
     c = result["config"]
-    lines = ["# Pre-caching on the synthetic task (arXiv 2404.00859)", "",
-             f"{c['n_layers']}-layer GPT-2 (d={c['d_model']}, {c['n_heads']} heads, ReLU), {c['steps']} steps of "
-             f"{c['batch_size']} fresh sequences of {c['seq_len']}, p={c['p']}, window={c['window']}, seed "
-             f"{c['seed']}; evaluated on {c['eval_sequences']} held-out sequences.", "",
-             "| mode | test MSE | trivial MSE (mean of y) | current-input-only MSE | test / trivial | wall s | CPU s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"# Pre-caching on the synthetic task (arXiv 2404.00859), task={c['task']}", "",
+             f"{c['n_layers']}-layer GPT-2 (d={c['d_model']}, {c['n_heads']} heads, ReLU), batches of "
+             f"{c['batch_size']} fresh sequences of {c['seq_len']}, p={result['p']}, window={c['window']}, lr "
+             f"{c['lr']} halved on each plateau (patience {c['patience']} x {c['eval_every']} steps, "
+             f"{c['decays']} plateaus end it), seed {c['seed']}; evaluated on {c['eval_sequences']} held-out "
+             "sequences.", "",
+             "| mode | steps | stopped | test MSE | trivial MSE (mean of y) | current-input-only MSE | test / trivial | "
+             "test / current-input | wall s | CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m in result["models"]:
-        lines.append(f"| {m['mode']} | {m['test_mse']:.4f} | {m['trivial_mse']:.4f} | {m['current_input_mse']:.4f} | "
-                     f"{m['normalised_loss']:.3f} | {m['seconds']:.0f} | {m['cpu_seconds']:.0f} |")
+        lines.append(f"| {m['mode']} | {m['steps']} | {m['stopped']} | {m['test_mse']:.4f} | {m['trivial_mse']:.4f} | "
+                     f"{m['current_input_mse']:.4f} | {m['normalised_loss']:.3f} | {m['loss_vs_current_input']:.3f} | "
+                     f"{m['seconds']:.0f} | {m['cpu_seconds']:.0f} |")
     lags = range(c["max_lag"] + 1)
     lines += ["", "R^2 of a linear probe from the state at n to sin(10 x_{n-i}) (held-out sequences; layer 0 = "
               "the input embedding):", "", "| mode | layer | " + " | ".join(f"i={i}" for i in lags) + " |",
@@ -243,12 +291,14 @@ def _run(cfg: PrecacheConfig, command: str | None) -> dict:
 
     t0, c0 = time.perf_counter(), time.process_time()
     held_out = make_batch(cfg.eval_sequences, cfg, torch.Generator().manual_seed(cfg.seed + 2))
-    result = {"schema": SCHEMA, "command": command, "config": json.loads(json.dumps(asdict(cfg))), "models": []}
+    result = {"schema": SCHEMA, "command": command, "config": json.loads(json.dumps(asdict(cfg))), "p": task_p(cfg),
+              "models": []}
     for mode in cfg.modes:
         t1, c1 = time.perf_counter(), time.process_time()
-        model, curve = train(cfg, mode)
-        entry = {"mode": mode, **evaluate(model, held_out, cfg.max_lag), "curve": curve,
-                 "seconds": time.perf_counter() - t1, "cpu_seconds": time.process_time() - c1}
+        model, curve, stopped = train(cfg, mode)
+        entry = {"mode": mode, **evaluate(model, held_out, cfg.max_lag), "steps": curve[-1]["step"],
+                 "stopped": stopped, "curve": curve, "seconds": time.perf_counter() - t1,
+                 "cpu_seconds": time.process_time() - c1}
         result["models"].append(entry)
         log.info("%s: test MSE %.4f (trivial %.4f, current input only %.4f), best R^2 at layer 1: %.2f (%.0f s)",
                  mode, entry["test_mse"], entry["trivial_mse"], entry["current_input_mse"],

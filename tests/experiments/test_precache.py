@@ -10,7 +10,7 @@ import torch
 from collide.cli import main as cli_main
 from collide.config import PrecacheConfig
 from collide.errors import CollideError
-from collide.experiments.precache import TinyGPT, make_batch, r2_probes, run_experiment as run
+from collide.experiments.precache import TinyGPT, make_batch, r2_probes, run_experiment as run, train
 
 
 def main(argv: list[str]) -> int:
@@ -24,16 +24,34 @@ def small(**overrides) -> PrecacheConfig:
     return PrecacheConfig(**{**base, **overrides})
 
 
-def test_target_follows_the_definition():
-    cfg = small(seq_len=16, window=3)
+@pytest.mark.parametrize("task, last", [("paper", -1), ("breadcrumb", 0)])
+def test_target_follows_the_definition(task, last):
+    """paper: y_n sums sin(10 x_j) for j = n-3 .. n-1; breadcrumb: for j = n-2 .. n (window 3)."""
+    cfg = small(seq_len=16, window=3, task=task, p=0.5)
     b = make_batch(5, cfg, torch.Generator().manual_seed(0))
     x, z, y = b["x"], b["z"], b["y"]
+    assert 0 < z.sum() < z.numel()
     for i in range(5):
         for n in range(16):
-            window = sum(torch.sin(10 * x[i, j]) for j in range(max(0, n - 2), n + 1))
+            window = sum(torch.sin(10 * x[i, j]) for j in range(max(0, n + last - 2), n + last + 1))
             want = window if z[i, n] == 1 else x[i, n]
-            assert torch.isclose(y[i, n], torch.as_tensor(want), atol=1e-5)
+            assert torch.isclose(y[i, n], torch.as_tensor(float(want)), atol=1e-5)
+            own = torch.sin(10 * x[i, n]) if task == "breadcrumb" else 0.0
+            assert torch.isclose(b["current"][i, n], z[i, n] * own + (1 - z[i, n]) * x[i, n])
     assert torch.equal(b["inputs"][..., 0], x) and torch.equal(b["inputs"][..., 1], z)
+
+
+def test_paper_task_defaults_to_p_one():
+    b = make_batch(4, small(), torch.Generator().manual_seed(0))
+    assert torch.all(b["z"] == 1) and torch.all(b["current"] == 0)
+
+
+def test_training_stops_on_a_plateau():
+    """With a zero learning rate the validation MSE never improves: each plateau comes after `patience`
+    measurements, and the `decays`-th ends training long before `steps`."""
+    model, curve, stopped = train(small(lr=0.0, steps=1000, eval_every=2, patience=2, decays=2), "vanilla")
+    assert stopped == "plateau" and curve[-1]["step"] == 2 * (1 + 2 * 2)
+    assert [c["lr"] for c in curve] == [0.0] * len(curve)
 
 
 @pytest.mark.parametrize("tau", [1, 5])
@@ -80,7 +98,7 @@ def test_r2_probe_recovers_a_planted_lag():
 
 
 def test_shortened_run_writes_results(tmp_path):
-    result = run(small(out=str(tmp_path)))
+    result = run(small(out=str(tmp_path), task="breadcrumb"))
     assert [m["mode"] for m in result["models"]] == ["vanilla", "myopic"]
     for m in result["models"]:
         # p=0.5, window 4: Var(y) ~ 0.5 * 4 * 0.5 + 0.5 * 1 = 1.5 (positions n < 3 sum fewer terms)
@@ -89,6 +107,7 @@ def test_shortened_run_writes_results(tmp_path):
         assert [p["layer"] for p in m["probes"]] == [0, 1, 2] and all(len(p["r2"]) == 7 for p in m["probes"])
         # the input embedding is linear in (x, z): sin(10 x_n) is out of a linear probe's reach
         assert abs(m["probes"][0]["r2"][0]) < 0.05
+        assert m["stopped"] == "steps" and m["steps"] == 30 and m["curve"][-1]["step"] == 30
     saved = json.loads((tmp_path / "precache.json").read_text())
     assert saved["models"][1]["test_mse"] == result["models"][1]["test_mse"]
     assert "| myopic | 2 |" in (tmp_path / "precache.md").read_text()
@@ -98,5 +117,7 @@ def test_shortened_run_writes_results(tmp_path):
 def test_bad_values_are_one_line(capsys):
     assert main(["modes=[greedy]"]) == 2
     assert "choose among ['vanilla', 'myopic']" in capsys.readouterr().err
+    assert main(["task=shifted"]) == 2
+    assert "choose among ['paper', 'breadcrumb']" in capsys.readouterr().err
     with pytest.raises(CollideError, match="not a multiple of n_heads"):
         TinyGPT(small(d_model=33), myopic=False)
