@@ -74,11 +74,11 @@ def choose(prune: str, m: int, device: torch.device, nearest: bool = True) -> tu
 
     Rule for auto: prune on CPU without ``nearest`` from AUTO_MIN_ROWS valid rows on; otherwise
     brute force. Measured with benchmarks/suite/bench_prune.py (benchmarks/results/2026-12-03-prune.md,
-    LLM-like rows, d=576, one core of a shared machine): without nearest the pruned search took
-    0.5x the brute-force time at n=10000 (0.75x at n=8000) and a smaller share as n grows; with
-    nearest it took 3x the brute-force time (a third of all pairs still need their full distance,
-    on small tiles), so auto leaves it off there. On CUDA auto stays off until measured
-    (search.prune=pca runs it on any device).
+    synthetic LLM-like rows, one core of a shared machine): without nearest the pruned search took
+    0.48x the brute-force time at n=5000 and 0.13x at n=20000 (d=576), 0.44x at n=5000, d=4096;
+    with nearest it took 2.4-4.1x the brute-force time (a third of all pairs still needed their
+    full distance: the per-row bounds are not tight early enough), so auto leaves it off there.
+    On CUDA auto stays off until measured (search.prune=pca runs it on any device).
     """
     mode = check_mode(prune)
     if mode == "off":
