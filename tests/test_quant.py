@@ -201,3 +201,35 @@ def test_int4_collision_is_reported_as_certified_at_distance_zero(tmp_path):
     assert reports["int4"]["quantization"]["collisions_are"] == "model"
     md = (tmp_path / "run-int4" / "report.md").read_text()
     assert "They are collisions of the model" in md and "text 0:" in md and "text 1:" in md
+
+
+def test_epsilon_rule_widens_for_quantized_activations():
+    from collide.invert.sipit import epsilon_rule
+
+    base = epsilon_rule(100.0, 64, "fp32", "fp32")
+    assert epsilon_rule(100.0, 64, "fp32", "fp32", "none") == base
+    assert base < epsilon_rule(100.0, 64, "fp32", "fp32", "int8") < epsilon_rule(100.0, 64, "fp32", "fp32", "int4")
+
+
+@pytest.mark.parametrize("level", ["int8", "int4"])
+def test_invert_recovers_prompts_from_quantized_states_and_reports_ties(level):
+    """States written by a padded batched forward with quantized activations, recovered by cached single-token
+    steps of the same quantized model (brute force over the tiny vocabulary): every token exact, and each
+    position says which other tokens were also within ε (a list, possibly empty)."""
+    from collide.config import InvertConfig
+    from collide.invert.sipit import Inverter
+    from collide.models import all_token_states, load_model
+
+    lm = load_model(tiny(activations=level))
+    prompts = [[256, 72, 101, 108, 108, 111], [256, 33]]
+    ids = torch.tensor([p + [257] * (6 - len(p)) for p in prompts])
+    mask = torch.tensor([[1] * len(p) + [0] * (6 - len(p)) for p in prompts])
+    states = all_token_states(lm, ids, mask, [2])[2][0].double().numpy()
+    inverter = Inverter(lm, 2, InvertConfig(source="-", policy="random", batch=64), bos=256)
+    results = inverter.invert(states)
+    assert [r.token for r in results] == prompts[0]
+    assert all(r.recovered and isinstance(r.ties, list) and r.token not in r.ties for r in results)
+    from collide.invert.sipit import epsilon_rule
+
+    norm = float(np.linalg.norm(states[1]))
+    assert results[1].epsilon == pytest.approx(epsilon_rule(norm, 64, "fp32", "fp32", level))
