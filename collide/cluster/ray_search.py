@@ -40,9 +40,9 @@ import torch
 from collide.cluster.session import chaos_point, ray_session, remote_options, task_failed
 from collide.config import ClusterConfig, SearchConfig
 from collide.errors import CollideError
-from collide.search.api import LayerResult, _check, _result, _search_context, as_tensor, pick_backend, \
+from collide.search.api import LayerResult, _check, _result, _search_context, pick_backend, \
     resolve_device
-from collide.search.blocks import finite_rows, make_block, right_operand, sum_rows
+from collide.search.blocks import as_tensor, finite_rows, make_block, right_operand, sum_rows
 from collide.search.symmetric import PairSearch
 from collide.store import MANIFEST, open_store
 

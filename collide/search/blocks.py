@@ -8,10 +8,13 @@ sees; squared norms and exact distances are fp64 and squared (see bounds.py for 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from collide.errors import CollideError
 
 PAD = 8  # the augmented width d + 2 is padded with zero columns to a multiple of this (GEMM speed)
 RERANK_ELEMENTS = 1 << 22  # fp64 elements per chunk of exact re-ranks (bounds their memory)
@@ -131,3 +134,47 @@ def exact_sq(xa: torch.Tensor, ia: torch.Tensor, xb: torch.Tensor, ib: torch.Ten
             pb = torch.cat([pb, pb.new_zeros(step - k)])
         out[s:s + k] = (xa[pa].to(torch.float64) - xb[pb].to(torch.float64)).square().sum(1)[:k]
     return out
+
+
+def _numpy_rows(x: np.ndarray) -> np.ndarray:
+    """x as a native-byte-order fp32 or fp64 array, exactly; any other dtype is refused."""
+    dt = x.dtype
+    if dt.kind == "f" and dt.itemsize in (2, 4, 8):  # fp16/fp32/fp64 in either byte order: all exact in fp64
+        native = dt.newbyteorder("=")
+        return np.ascontiguousarray(x, dtype=np.float32 if native.itemsize == 2 else native)
+    if dt.name == "bfloat16":  # ml_dtypes' bf16: exact in fp32
+        return np.ascontiguousarray(x.astype(np.float32))
+    raise CollideError(f"min_pairwise takes fp16, bf16, fp32 or fp64 rows, got dtype {dt}; cast them to float64 "
+                       "yourself (long double and complex values would be rounded or dropped, not searched exactly)"
+                       + ("; bf16 bit patterns held as uint16 go in as torch.from_numpy(x).view(torch.bfloat16)"
+                          if dt == np.uint16 else ""))
+
+
+def as_tensor(x) -> torch.Tensor:
+    """x as a 2-D float32/float64 torch tensor holding exactly the values given.
+
+    Takes fp16, bf16, fp32 and fp64 (numpy arrays in either byte order, or torch tensors; bf16 as a
+    torch.bfloat16 tensor, numpy having no bf16); fp16/bf16 are widened to fp32, exactly. Refuses
+    every other dtype (long double, complex, object, integers) with a CollideError. Zero-copy
+    where possible (native fp32/fp64 numpy arrays stay shared).
+    """
+    if isinstance(x, np.ndarray):
+        x = _numpy_rows(x)
+        with warnings.catch_warnings():  # read-only arrays (e.g. Arrow buffers) are never written to
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(x)
+    elif isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            raise CollideError(f"min_pairwise takes fp16, bf16, fp32 or fp64 rows, got {x.dtype}; cast them to "
+                               "torch.float64 yourself (complex values would be dropped)")
+        t = x.detach()
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.to(torch.float32)  # fp16/bf16 (and fp8) values are exact in fp32
+    else:
+        raise CollideError(f"min_pairwise needs an (n, d) numpy array or torch tensor, got {type(x).__name__}")
+    if t.ndim != 2:
+        raise CollideError(f"min_pairwise needs a 2-D (n, d) matrix, got shape {tuple(t.shape)}")
+    if t.shape[1] == 0:
+        raise CollideError(f"min_pairwise got zero-width rows, shape {tuple(t.shape)}: every row needs at least "
+                           "one column")
+    return t.contiguous()

@@ -105,8 +105,7 @@ def check_mode(prune) -> str:
 
 def load_rows(store, layer: int, block_rows: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, rows): the valid (finite) rows of a store layer in store order on ``dev``, and their store rows."""
-    from collide.search.api import as_tensor
-    from collide.search.blocks import finite_rows
+    from collide.search.blocks import as_tensor, finite_rows
 
     xs, rows, row = [], [], 0
     for _, states in store.iter_blocks(layer, block_rows):
