@@ -35,11 +35,15 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m collide hydra.run.dir=$(RUN_DIR) $(ARGS)
 
+# Two pytest workers (one per core of the smallest machine); a test file stays on one worker, so its
+# module fixtures are built once. PYTEST_WORKERS=0 runs in this process (for a debugger).
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 # Benchmarks on asv (benchmarks/README.md): the suite on this environment (no rebuild), its results
 # recorded for HEAD under benchmarks/results/asv/<BENCH_MACHINE>/, then the gate: a cost ratio more
