@@ -1,7 +1,8 @@
 """Joining a Ray cluster, checking that every node sees the store, and Ray failures as one-line errors.
 
-``ray_session(cluster_cfg, store_path)`` joins the cluster (``cluster.address``: ``auto``, a
-``ray://`` client address, or None for a Ray instance in this process), or reuses the Ray
+``ray_session(cluster_cfg, store_path)`` joins the cluster (``cluster.address``: ``auto``, a running
+cluster or else a local instance; a ``ray://`` client address; or None for a Ray instance in this
+process), or reuses the Ray
 session this process is already in, and checks that every alive node can read and write
 ``store_path`` (one zero-CPU task pinned to each node): a store that some node cannot reach is a
 one-line CollideError before any work starts.
@@ -43,17 +44,41 @@ def ray_session(cfg: ClusterConfig, store_path: str | os.PathLike):
     layer: one join, one local instance), and Ray leaves it at exit.
     """
     if not ray.is_initialized():
-        kwargs = dict(address=cfg.address or "local", log_to_driver=True)  # "local": never a stale cluster
-        if not cfg.address:  # a new local instance: no dashboard (it would serve on the network)
-            kwargs.update(include_dashboard=False, object_store_memory=int(cfg.object_store_mb) << 20 or None)
-        try:
-            ray.init(**kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise CollideError(f"cannot join the Ray cluster at cluster.address={cfg.address!r}: "
-                               f"{str(exc).splitlines()[0]}; start it with `ray start --head`, fix the address, "
-                               "or set cluster.address=null for a Ray instance in this process") from None
+        join(cfg)
     check_reachable(Path(store_path))
     yield
+
+
+def join(cfg: ClusterConfig) -> None:
+    """``ray.init`` as ``cluster.address`` says, with one log line saying what it did.
+
+    ``auto`` joins a running cluster (``ray start``) and, where none runs, starts a local Ray instance
+    in this process, as ``ray.init()`` does; None always starts a local instance; any other address
+    (``ray://host:10001``, ``host:6379``) must answer, or the run stops with one line.
+    """
+    def start_local() -> None:  # no dashboard: it would serve on the network
+        ray.init(address="local", log_to_driver=True, include_dashboard=False,
+                 object_store_memory=int(cfg.object_store_mb) << 20 or None)
+
+    try:
+        if not cfg.address:
+            start_local()
+            log.info("cluster.address=null: started a local Ray instance in this process")
+            return
+        try:
+            ray.init(address=cfg.address, log_to_driver=True)
+            log.info("cluster.address=%s: joined the Ray cluster (%d nodes)", cfg.address,
+                     sum(1 for n in ray.nodes() if n.get("Alive")))
+        except ConnectionError:
+            if cfg.address != "auto":
+                raise
+            start_local()
+            log.info("cluster.address=auto: no running Ray cluster found, started a local Ray instance in this "
+                     "process")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise CollideError(f"cannot join the Ray cluster at cluster.address={cfg.address!r}: "
+                           f"{str(exc).splitlines()[0]}; start it with `ray start --head`, fix the address, "
+                           "or set cluster.address=auto to start a local Ray instance when none runs") from None
 
 
 @ray.remote(num_cpus=0, max_retries=0)

@@ -35,3 +35,20 @@ def test_ray_search_without_nearest_equals_local(ray_local, search_store_300):
     local = search_store(search_store_300, 1, 1e-6, no_nn)
     assert_same(local, search_store_ray(search_store_300, 1, 1e-6, no_nn, CLUSTER))
     assert np.isnan(local.result.nn_distance).all() and local.result.distance > 0
+
+
+def test_address_auto_starts_a_local_instance_when_no_cluster_runs(chaos_dir, caplog):
+    """cluster.address=auto: no `ray start` cluster runs in the namespace, so a local instance is started."""
+    import ray
+
+    from collide.cluster.session import join
+
+    if ray.is_initialized():
+        ray.shutdown()
+    with caplog.at_level("INFO", logger="collide.cluster.session"):
+        join(dataclasses.replace(CLUSTER, address="auto"))
+    try:
+        assert ray.is_initialized()
+        assert "no running Ray cluster found, started a local Ray instance" in caplog.text
+    finally:
+        ray.shutdown()
