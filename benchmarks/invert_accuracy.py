@@ -28,8 +28,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--random-layers", default=None, help="layers for the random-id prompts (default: --layers)")
     ap.add_argument("--length", type=int, default=20)
     ap.add_argument("--policy", default="auto")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--lens", action="append", default=[], help="layer:key=value lens settings, e.g. 30:table=false")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -54,7 +55,10 @@ def main(argv=None) -> dict:
 
     for layer in sorted(set(layers) | set(rlayers)):
         t0 = time.perf_counter()
-        inverter = Inverter(lm, layer, cfg, bos=bos)
+        from dataclasses import replace
+        extra = dict(kv.split(":", 1)[1].split("=", 1) for kv in args.lens if int(kv.split(":", 1)[0]) == layer)
+        typed = {k: (None if v == "None" else v == "true" if v in ("true", "false") else int(v)) for k, v in extra.items()}
+        inverter = Inverter(lm, layer, replace(cfg, lens=replace(cfg.lens, **typed)), bos=bos)
         fit_s = time.perf_counter() - t0
         distinct = np.asarray(inverter.first_of_group)
         kinds = {}

@@ -7,7 +7,9 @@ so a ranker changes how many candidates are verified before the accepted one, ne
   applied to the decoder's output at the prefix's last token, which ``GrowingPrefix.append``
   computes anyway), most probable first. None at position 0 (no prefix).
 * ``lens`` / ``cont``: a ridge lens (``collide.invert.lens``) predicts the input-embedding row of
-  the token from the target state ĥ_t; rows nearest (L2) to the prediction first.
+  the token from the target state ĥ_t; the own-states lens ranks rows by cosine similarity to the
+  prediction, the continuation lens by L2 distance (the better of the two measured for each, see
+  ``benchmarks/results/2026-12-03-invert.md``).
 * ``table``: at the position the lens bundle's table covers, the exact state of every token is
   known: rows whose table state is nearest (L2) to ĥ_t first. The true token comes first, at a
   distance of round-off.
@@ -52,9 +54,14 @@ def nearest_rows(rows: torch.Tensor, sq_norms: torch.Tensor, point: torch.Tensor
     return torch.argsort(sq_norms - 2.0 * (rows @ point.float()))
 
 
-def lens_order(ridge: Ridge, target: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """(V,) token ids by L2 distance of their rows to the lens's prediction from ``target`` (d,), nearest first."""
-    return nearest_rows(rows, sq_norms, ridge.predict(target))
+def lens_order(ridge: Ridge, target: torch.Tensor, rows: torch.Tensor, sq_norms: torch.Tensor,
+               cosine: bool = False) -> torch.Tensor:
+    """(V,) token ids by L2 distance of their rows to the lens's prediction from ``target`` (d,), nearest first;
+    ``cosine``: by cosine similarity instead, highest first (blind to the rows' norms)."""
+    pred = ridge.predict(target)
+    if cosine:
+        return torch.argsort((rows @ pred) / sq_norms.sqrt().clamp(min=1e-30), descending=True)
+    return nearest_rows(rows, sq_norms, pred)
 
 
 def table_distances(lens: Lens, target: torch.Tensor, chunk: int = 16384) -> torch.Tensor:

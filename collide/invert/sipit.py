@@ -194,7 +194,7 @@ class Inverter:
             orders, first = [rankers.table_order(self.lens, target)[0]], 1
         else:
             prior = rankers.prior_order(self.lm, prefix) if policy in ("auto", "prior") else None
-            lenses = [rankers.lens_order(r, target, self.rows_cpu, self.sq_norms_cpu)
+            lenses = [rankers.lens_order(r, target, self.rows_cpu, self.sq_norms_cpu, cosine=r is self.lens.own)
                       for r in (self.lens.own, self.lens.cont)] if policy != "prior" or prior is None else []
             orders = ([] if prior is None else [prior[prior < self.vocab]]) + lenses
         skip = tried.cpu().clone()

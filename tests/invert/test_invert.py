@@ -280,8 +280,8 @@ def test_store_source_scored_against_its_true_tokens(models, tmp_path):
 def test_real_smollm2_prompts_inverted_exactly(compose):
     """The embedded SmolLM2 (Q4_1 rows: 11 duplicates), two stdlib-docs windows cut to 3 tokens, layer L/4.
 
-    The random policy with large batches: on this model the gradient policy's ranking gives no
-    head start (docs/inversion.md), so each position costs about half the vocabulary either way."""
+    The random policy with large batches (about half the vocabulary per position): the brute-force
+    baseline, so this test depends on no ranker. The default policy: test_rankers.py."""
     from collide.corpus import iter_prompts, load_corpus_config
 
     lm = load_model(compose(["model=smollm2"]).model)

@@ -102,3 +102,18 @@ def test_lens_path_of_another_identity_is_refused(llama, tmp_path):
     lens_mod.load_or_fit(llama, 2, small_lens(tmp_path, path=str(tmp_path / "mine")), [256])
     with pytest.raises(CollideError, match="another model, layer"):
         lens_mod.load_or_fit(llama, 1, small_lens(tmp_path, path=str(tmp_path / "mine")), [256])
+
+
+@pytest.mark.slow
+def test_real_smollm2_prose_inverted_at_half_depth(compose):
+    """The embedded SmolLM2 at L/2, default policy (auto), two 20-token prose prompts no lens was fit on
+    (stdlib module docstrings, benchmarks/suite/invert_texts.py). Fits the lens on first use (minutes)."""
+    from benchmarks.suite.invert_texts import prose_prompts
+
+    lm = load_model(compose(["model=smollm2"]).model)
+    layer = lm.n_layers // 2
+    inverter = Inverter(lm, layer, InvertConfig(source="-"))
+    for ids, _ in prose_prompts(lm.tokenizer, 2):
+        results = inverter.invert(states(lm, ids, layer))
+        assert len(results) == len(ids) and all(r.recovered and t in r.group for r, t in zip(results, ids))
+        assert sum(r.tried for r in results) / len(results) < 1000  # about 8% of the vocabulary before
