@@ -73,11 +73,10 @@ def choose(prune: str, m: int, device: torch.device, nearest: bool = True) -> tu
     """(prune?, why not) for ``search.prune`` = auto | off | pca, m valid rows, on ``device``.
 
     Rule for auto: prune on CPU without ``nearest`` from AUTO_MIN_ROWS valid rows on; otherwise
-    brute force. Measured with benchmarks/suite/bench_prune.py (benchmarks/results/2026-12-03-prune.md,
-    synthetic LLM-like rows, one core of a shared machine): without nearest the pruned search took
-    0.48x the brute-force time at n=5000 and 0.13x at n=20000 (d=576), 0.44x at n=5000, d=4096;
-    with nearest it took 2.4-4.1x the brute-force time (a third of all pairs still needed their
-    full distance: the per-row bounds are not tight early enough), so auto leaves it off there.
+    brute force. The rule follows benchmarks/suite/bench_prune.py (figures in benchmarks/results/):
+    without nearest the pruned search wins from a few thousand rows on and more so as n grows; with
+    nearest it loses (the per-row bounds tighten too late, so a large share of pairs still needs its
+    full distance), so auto leaves it off there.
     On CUDA auto stays off until measured (search.prune=pca runs it on any device).
     """
     mode = check_mode(prune)
