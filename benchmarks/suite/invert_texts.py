@@ -39,11 +39,11 @@ def prose_prompts(tokenizer, n: int, length: int = 20) -> list[tuple[list[int], 
     """(token ids, source) of ``n`` prose prompts of exactly ``length`` tokens (the tokenizer's BOS included)."""
     prompts = []
     for where, para in docstring_paragraphs():
+        if len(prompts) >= n:
+            break
         ids = tokenizer(para).input_ids[:length]
         if len(ids) == length:
             prompts.append((ids, where))
-        if len(prompts) == n:
-            break
     return prompts
 
 
