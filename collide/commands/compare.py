@@ -4,7 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from collide.config import CompareConfig
+from dataclasses import dataclass
+from typing import List
+
+from omegaconf import MISSING
+
+from collide.config import DepthAxis
+
+
+@dataclass
+class CompareConfig:
+    """``collide compare RUN_DIR [RUN_DIR ...]``: one table and figure for several runs or a sweep."""
+
+    runs: List[str] = MISSING  # run directories or multirun sweep directories (positional)
+    out: str = "comparison"  # output directory for comparison.{md,json,png}
+    depth_axis: DepthAxis = DepthAxis.relative  # x axis of the figure: layer / L, or the layer index
+
 
 SCHEMA = CompareConfig
 POSITIONAL = "runs"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collide.config import ExhaustiveConfig
+from collide.exhaustive.config import ExhaustiveConfig
 
 SCHEMA = ExhaustiveConfig
 POSITIONAL = "run_dir"
@@ -12,7 +12,7 @@ SUMMARY = "the paper's exhaustive continuation test on a finished run"
 def run(cfg: ExhaustiveConfig, command: str = "") -> dict:
     """The whole test (``collide.exhaustive.exhaustive_test``), then a table of its per-layer results."""
     from collide.console import print_table
-    from collide.exhaustive import exhaustive_test
+    from collide.exhaustive.driver import exhaustive_test
     from collide.report.figures import fmt_distance
 
     result = exhaustive_test(cfg, command)

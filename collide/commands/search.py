@@ -11,8 +11,26 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from collide.config import SearchCommandConfig
+from dataclasses import dataclass, field as default
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from collide.config import SearchConfig
 from collide.errors import CollideError
+
+
+@dataclass
+class SearchCommandConfig:
+    """``collide search STORE``: the certified search again on a store (no model, no corpus)."""
+
+    store: str = MISSING  # the store directory, or a run directory (its store) (positional)
+    layers: Any = "all"  # store layers to search: all, an int, a list [0, 5] or a range "a:b" (inclusive)
+    threshold: float = 1e-6  # L2 distance (not squared) under which a pair is a collision
+    out: Optional[str] = None  # JSON summary path; None = search.json beside STORE (or in RUN_DIR)
+    max_listed: int = 100  # collisions per layer copied into the JSON (the Parquet files hold them all)
+    search: SearchConfig = default(default_factory=SearchConfig)  # engine settings (search.backend=...)
+
 
 SCHEMA = SearchCommandConfig
 POSITIONAL = "store"

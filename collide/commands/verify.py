@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from collide.config import VerifyConfig
+from dataclasses import dataclass
+from typing import List
+
+from omegaconf import MISSING
+
+
+@dataclass
+class VerifyConfig:
+    """``collide verify STORE [STORE ...]``: re-check every shard's sha256, size, rows and prompt ids."""
+
+    stores: List[str] = MISSING  # store directories (positional)
+
 
 SCHEMA = VerifyConfig
 POSITIONAL = "stores"

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from collide.config import ExhaustiveConfig, ModelConfig, SearchConfig
+from collide.config import ModelConfig, SearchConfig
+from collide.exhaustive.config import ExhaustiveConfig
 from collide.errors import CollideError
 from collide.extract import MEMORY_FRACTION, free_memory, model_widths
 from collide.models import LoadedModel

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from collide.config import ExhaustiveConfig, ExtractConfig, ModelConfig, StoreConfig
+from collide.config import ExtractConfig, ModelConfig, StoreConfig
+from collide.exhaustive.config import ExhaustiveConfig
 from collide.console import progress
 from collide.continuations import continuation_states, input_groups
 from collide.errors import CollideError

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from collide.atomic import atomic_write_json
-from collide.config import ExhaustiveConfig, SearchConfig
+from collide.config import SearchConfig
+from collide.exhaustive.config import ExhaustiveConfig
 from collide.search import LayerResult, min_pairwise, search_store
 
 log = logging.getLogger(__name__)

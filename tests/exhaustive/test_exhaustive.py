@@ -16,10 +16,11 @@ import pytest
 import torch
 from scipy.spatial.distance import pdist
 
-from collide.config import ExhaustiveConfig, ModelConfig
+from collide.config import ModelConfig
+from collide.exhaustive.config import ExhaustiveConfig
 from collide.continuations import continuation_states, full_forward_states, input_groups
 from collide.errors import CollideError
-from collide.exhaustive import exhaustive_test as run
+from collide.exhaustive.driver import exhaustive_test as run
 from collide.cli import compose as cli_compose, main as cli_main
 from collide.exhaustive.inputs import validate
 from collide.extract import BF16_RTOL
@@ -175,7 +176,7 @@ def test_pair_counts_are_exact_and_match_a_brute_force(run_copy):
 
 
 def test_planted_duplicate_found_through_the_command(run_copy, monkeypatch):
-    import collide.exhaustive as exhaustive
+    import collide.exhaustive.driver as exhaustive
 
     def load_planted(cfg):
         lm = load_model(cfg)
