@@ -93,3 +93,13 @@ def test_every_command_is_registered_as_a_function_with_its_schema():
 def test_modules_stay_readable():
     long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_the_command_line_starts_without_torch():
+    """`collide --help` and every one-line error come before any heavy import: stages load lazily."""
+    import subprocess
+    import sys
+
+    code = "import sys, collide.cli; sys.exit(sorted({'torch', 'transformers', 'pyarrow'} & set(sys.modules)) or 0)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
