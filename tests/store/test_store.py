@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import re
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import collide.store.writer as store_mod
 from collide import cli
+from tests.support.stores import rewrite_listed_file
 from collide.errors import CollideError
 from collide.store import StoreWriter, open_store, prompt_table
 from collide.store.verify import verify_store
@@ -212,12 +212,7 @@ def test_verify_cli_ok_and_checks_ids_against_the_prompts_file(tmp_path, capsys)
     rel = "layer=0/part-00001.parquet"
     table = pq.read_table(tmp_path / "s" / rel)
     table = table.set_column(0, "prompt_id", pa.array(np.arange(100, 110, dtype=np.int64)))
-    pq.write_table(table, tmp_path / "s" / rel)
-    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    data = (tmp_path / "s" / rel).read_bytes()
-    import hashlib
-    manifest["shards"][1]["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_listed_file(tmp_path / "s", 1, rel, table)
     problems = verify_store(tmp_path / "s")
     assert len(problems) == 1 and rel in problems[0] and "differ" in problems[0]
 

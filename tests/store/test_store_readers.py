@@ -3,7 +3,6 @@ readers, and the examples of docs/store-format.md run against a store built here
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ from collide.errors import CollideError
 from collide.store import StoreWriter, decode_states, encode_states, open_store
 from collide.store.verify import verify_store
 from test_store import D, header, shard_data, write_store
+from tests.support.stores import rewrite_listed_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,11 +79,7 @@ def test_every_position_shards_are_listed_checked_and_verified(tmp_path):
         list(store.position_states(0, [25]))
     # the positions are checked: a rewritten file (manifest updated) with positions out of order
     table = table.set_column(1, "position", pa.array(table.column("position").to_numpy()[::-1]))
-    pq.write_table(table, tmp_path / "s" / rel)
-    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    data = (tmp_path / "s" / rel).read_bytes()
-    manifest["shards"][1]["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_listed_file(tmp_path / "s", 1, rel, table)
     problems = verify_store(tmp_path / "s")
     assert len(problems) == 1 and rel in problems[0] and "positions 0..n_tokens-1" in problems[0]
 
