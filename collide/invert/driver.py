@@ -54,11 +54,13 @@ def check(source: Source, lm, layer: Optional[int]) -> int:
 
 def header(cfg: InvertConfig, source: Source, lm, layer: int, bos: Optional[int]) -> dict:
     """What identifies an inversion (a resume must match it) and the settings it ran with."""
-    from collide.invert.sipit import ATOL, RTOL, STORAGE_RTOL
+    from collide.invert.sipit import ATOL, QUANT_RTOL, RTOL, STORAGE_RTOL
 
+    act = (getattr(lm, "quant", None) or {}).get("activations", "none")
     rule = (f"fixed {cfg.epsilon}" if cfg.epsilon is not None else
             f"({RTOL[lm.dtype]:g} [{lm.dtype} compute] + {STORAGE_RTOL.get(source.dtype, 0):.3g} [{source.dtype} "
-            f"storage]) * ||h_t|| + {ATOL:g} * sqrt(d)")
+            f"storage]" + (f" + {QUANT_RTOL[act]:g} [{act} activations]" if act != "none" else "")
+            + f") * ||h_t|| + {ATOL:g} * sqrt(d)")
     return {"schema_version": output.SCHEMA_VERSION, "source": str(source.path), "source_kind": source.kind,
             "model": {k: str(v) if hasattr(v, "value") else v for k, v in asdict(cfg.model).items()},
             "layer": layer, "n_layers": lm.n_layers, "final_norm": lm.final_norm, "compute_dtype": lm.dtype,

@@ -26,7 +26,8 @@ def position_record(res: PositionResult, tokenizer, true_id: Optional[int]) -> d
               "group": res.group if len(res.group) > 1 else None, "recovered": res.recovered,
               "distance": res.distance, "epsilon": res.epsilon, "tried": res.tried,
               "best_rejected": res.best_rejected, "ratio": res.ratio, "margin": res.margin,
-              "certified": res.certified, "known": res.known, "seconds": round(res.seconds, 4)}
+              "certified": res.certified, "known": res.known, "seconds": round(res.seconds, 4),
+              "ties": list(getattr(res, "ties", []))}
     if true_id is not None:
         record["true_token"] = true_id
         record["exact"] = true_id in res.group
@@ -44,6 +45,8 @@ def prompt_record(key: str, results: list[PositionResult], tokenizer, n_position
               "recovered_ids": ids, "recovered_text": tokenizer.decode(ids, skip_special_tokens=True),
               "not_recovered": [r.position for r in results if not r.recovered],
               "indistinguishable": [r.position for r in results if len(r.group) > 1],
+              # positions where another token's state was also within ε (a quantized forward makes these likely)
+              "tied": [r.position for r in results if getattr(r, "ties", None)],
               "seconds": round(sum(r.seconds for r in results), 4), "positions": positions}
     if true_ids is not None:
         true_ids = [int(t) for t in true_ids]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -60,11 +60,23 @@ RTOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}
 # Rounding of the stored states to their storage dtype (half an ulp, relative, in L2 at most).
 STORAGE_RTOL = {"fp64": 0.0, "fp32": 2.0 ** -24, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
 ATOL = 1e-6  # per-coordinate absolute floor, for states near zero
+# Quantized activations (model.quant.activations, collide/quant.py): the cached step and the batched forward
+# differ by reassociation before each quantizer, which can move a value across a rounding boundary: one
+# level (max|x| / 127 or / 7) at one input, and the jump cascades through the later quantizers. Measured on
+# SmolLM2 (benchmarks/quant_cached_vs_batched.py, 65 positions, docs/quantization.md): int8 gaps up to
+# 0.135 relative (median 0.04-0.07 at layers 15 and 30); int4 gaps of 1e-6 at 57 of 65 positions and
+# 0.67-1.1 at the others, beyond any useful ε. 0.2 covers every int8 gap measured with a 1.5x margin, and
+# int4 positions without a flip; an int4 position with one is reported as missed, not accepted wrongly.
+# Weight quantization is applied once at load and adds nothing. Several tokens within this wider ε are
+# ties, reported (PositionResult.ties), never broken silently.
+QUANT_RTOL = {"none": 0.0, "int8": 0.2, "int4": 0.2}
 
 
-def epsilon_rule(norm: float, d: int, compute: str, stored: str) -> float:
-    """ε (L2, not squared) for a target of L2 norm ``norm`` and width d; see RTOL for the numbers' origin."""
-    return (RTOL[compute] + STORAGE_RTOL.get(stored, STORAGE_RTOL["fp32"])) * norm + ATOL * math.sqrt(d)
+def epsilon_rule(norm: float, d: int, compute: str, stored: str, activations: str = "none") -> float:
+    """ε (L2, not squared) for a target of L2 norm ``norm`` and width d, computed by a forward whose linear
+    inputs are quantized to ``activations`` (none | int8 | int4); see RTOL and QUANT_RTOL for the numbers."""
+    rtol = RTOL[compute] + STORAGE_RTOL.get(stored, STORAGE_RTOL["fp32"]) + QUANT_RTOL.get(str(activations), 0.0)
+    return rtol * norm + ATOL * math.sqrt(d)
 
 
 @dataclass
@@ -83,6 +95,9 @@ class PositionResult:
     certified: Optional[bool] = None  # exhaustive: Δ > 2ε, ``token`` is the only one within ε
     known: bool = False  # the position held the tokenizer's BOS and was verified, not searched
     seconds: float = 0.0  # wall time spent on this position
+    # other tokens (first of their identical-row group) whose states were also within ε: ties, among the
+    # verified candidates (all tokens under the exhaustive policy); ``token`` is the closest of them
+    ties: list = field(default_factory=list)
 
     @property
     def ratio(self) -> Optional[float]:
@@ -140,7 +155,8 @@ class Inverter:
     def eps(self, target: torch.Tensor) -> float:
         if self.epsilon is not None:
             return self.epsilon
-        return epsilon_rule(float(target.norm()), target.shape[0], self.lm.dtype, self.stored_dtype)
+        activations = (getattr(self.lm, "quant", None) or {}).get("activations", "none")
+        return epsilon_rule(float(target.norm()), target.shape[0], self.lm.dtype, self.stored_dtype, activations)
 
     # ----------------------------------------------------------------- verification
 
@@ -225,6 +241,7 @@ class Inverter:
         tried = self.duplicate.clone()
         best = (math.inf, -1)  # (distance, token) of the closest candidate so far
         second = math.inf  # smallest distance among the others
+        ties: set[int] = set()  # tokens verified within ε (the accepted one and its ties)
         accepted = None
         known = False
         if t == 0 and self.bos is not None:
@@ -249,6 +266,7 @@ class Inverter:
             for batch in batches:
                 tried[batch] = True
                 dist = self._distances(prefix, batch, target)
+                ties.update(int(tok) for tok in batch[dist <= eps].tolist())
                 i = int(dist.argmin())
                 if float(dist[i]) < best[0]:
                     second = min(second, best[0])
@@ -264,6 +282,7 @@ class Inverter:
         result = PositionResult(position=t, token=token, group=self.group(token), recovered=best[0] <= eps,
                                 distance=best[0], epsilon=eps, tried=n_tried,
                                 best_rejected=None if math.isinf(second) else second, known=known,
+                                ties=sorted(ties - {best[1]}) if best[0] <= eps else [],
                                 seconds=0.0)
         if policy == "exhaustive":
             result.margin = result.best_rejected

@@ -126,9 +126,21 @@ def flag_problems(runs: list[Run]) -> list[str]:
     return differing
 
 
+def quant_tag(report: dict) -> str:
+    """The quantized forward of a run in short: "A4" (int4 activations), "W8A8", "fp" (none)."""
+    q = report["model"].get("quant") or {}
+    bits = {"int8": "8", "int4": "4"}
+    tag = "".join(f"{k}{bits[q[key]]}" for k, key in (("W", "weights"), ("A", "activations"))
+                  if q.get(key, "none") in bits)
+    return (tag + (" (bnb)" if q.get("backend") == "bitsandbytes" else "")) or "fp"
+
+
 def label_runs(runs: list[Run]) -> None:
-    """'model / corpus', plus the run directory's name where two runs would share a label."""
-    base = [f"{r.report['model']['name']} / {r.report['corpus']['name']}" if r.report else r.path.name for r in runs]
+    """'model / corpus' (plus the quantized forward when any run quantizes), plus the run directory's name
+    where two runs would still share a label."""
+    quantized = any(r.report and quant_tag(r.report) != "fp" for r in runs)
+    base = [f"{r.report['model']['name']} / {r.report['corpus']['name']}"
+            + (f" / {quant_tag(r.report)}" if quantized else "") if r.report else r.path.name for r in runs]
     counts = Counter(base)
     for run, name in zip(runs, base):
         run.label = name if counts[name] == 1 else f"{name} ({run.path.name})"
@@ -154,10 +166,13 @@ def run_summary(run: Run) -> dict:
         "model": r["model"]["name"], "source": r["model"]["source"], "corpus": r["corpus"]["name"],
         "n_prompts": r["n_prompts"], "dtype": r["dtype"], "final_norm": r["layer_convention"]["final_norm"],
         "threshold": r["threshold"], "n_layers": L, "verdict": r["verdict"]["status"],
-        "n_collisions": r["verdict"]["n_collisions"], "git_commit": r["git_commit"],
+        "n_collisions": r["verdict"]["n_collisions"], "git_commit": r["git_commit"], "quant": quant_tag(r),
         "paper_layers": {"1": _at_depth(r, 1), "L/2": _at_depth(r, L // 2), "L": _at_depth(r, L)},
         "per_layer": [{"layer": e["layer"], "depth": _depth(e["layer"], L), "min_distance": e["min_distance"],
-                       "certified": e["certified"], "n_collisions": e["n_collisions"]} for e in r["layers"]],
+                       "certified": e["certified"], "n_collisions": e["n_collisions"],
+                       "relative_margin": (e.get("diagnostics") or {}).get("relative_margin"),
+                       "co_lipschitz_min": ((e.get("diagnostics") or {}).get("co_lipschitz") or {}).get("min")}
+                      for e in r["layers"]],
     }
 
 
@@ -186,7 +201,31 @@ def comparison_markdown(summary: dict) -> str:
                    f"| {fmt_distance(p['1'])} | {fmt_distance(p['L/2'])} | {fmt_distance(p['L'])} "
                    f"| {r['n_collisions']:,} | {r['verdict']} | {'; '.join(r['problems'])} |")
     out += ["", "![min distance per layer](comparison.png)"]
+    out += _side_by_side(summary)
     return "\n".join(out) + "\n"
+
+
+def _side_by_side(summary: dict) -> list[str]:
+    """Per layer, each run's collisions, relative separation margin and co-Lipschitz min (L2 per token edit),
+    side by side: e.g. the quantization levels of a sweep. Empty without diagnostics."""
+    runs = [r for r in summary["runs"] if r["complete"]]
+    if not any(p.get("co_lipschitz_min") is not None or p.get("relative_margin") is not None
+               for r in runs for p in r["per_layer"]):
+        return []
+    layers = sorted({p["layer"] for r in runs for p in r["per_layer"]})
+    at = {(i, p["layer"]): p for i, r in enumerate(runs) for p in r["per_layer"]}
+    out = ["", "## Side by side: collisions, relative margin, co-Lipschitz min", "",
+           "Per layer and run: colliding pairs / min L2 over the median state norm / min over nearest-neighbour "
+           "pairs of L2 per token edit (docs/report-schema.md). Figure: `comparison_diagnostics.png`.", "",
+           "| layer | " + " | ".join(r["label"] for r in runs) + " |", "|---:|" + "---|" * len(runs)]
+    for layer in layers:
+        cells = []
+        for i in range(len(runs)):
+            p = at.get((i, layer))
+            cells.append("-" if p is None else f"{p['n_collisions']:,} / {fmt_distance(p.get('relative_margin'), 3)}"
+                         f" / {fmt_distance(p.get('co_lipschitz_min'), 3)}")
+        out.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return out + ["", "![diagnostics per layer](comparison_diagnostics.png)"]
 
 
 def compare(paths: list[Path], out: Path, depth_axis: DepthAxis = DepthAxis.relative) -> dict:
@@ -201,6 +240,8 @@ def compare(paths: list[Path], out: Path, depth_axis: DepthAxis = DepthAxis.rela
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "depth_axis": str(depth_axis),
                "differing": differing, "runs": [run_summary(r) for r in runs]}
     drawn = [r for r in summary["runs"] if r["complete"]]
-    write_outputs(out, "comparison", summary, comparison_markdown(summary),
-                  {"comparison.png": lambda path: figures.comparison_figure(drawn, path, depth_axis)})
+    extra = {"comparison.png": lambda path: figures.comparison_figure(drawn, path, depth_axis)}
+    if _side_by_side(summary):
+        extra["comparison_diagnostics.png"] = lambda path: figures.comparison_diagnostics_figure(drawn, path)
+    write_outputs(out, "comparison", summary, comparison_markdown(summary), extra)
     return summary

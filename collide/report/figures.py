@@ -283,3 +283,66 @@ def precache_figure(result: dict, path: Path) -> Path:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.set_title("pre-caching: what the state at n keeps of past sin(10 x) (0 = the input embedding)", fontsize=10)
     return _save(fig, path)
+
+
+def _diagnostic_series(layers: list[dict]) -> tuple[list, list, list, list]:
+    """(layer, relative margin, co-Lipschitz min, co-Lipschitz median) of the entries that have diagnostics."""
+    rows = [(e["layer"], e["diagnostics"]) for e in layers if e.get("diagnostics")]
+    xs = [x for x, _ in rows]
+    margin = [d["relative_margin"] for _, d in rows]
+    co_min = [(d["co_lipschitz"] or {}).get("min") for _, d in rows]
+    co_med = [(d["co_lipschitz"] or {}).get("p50") for _, d in rows]
+    return xs, margin, co_min, co_med
+
+
+def _log_panel(ax, series: list[tuple[list, list, str, str]], ylabel: str) -> None:
+    """Lines on a log y axis; exact zeros as red down-triangles at the floor."""
+    values = [y for _, ys, _, _ in series for y in ys]
+    floor = log_floor(values, min([v for v in values if v] or [1e-6]))
+    for xs, ys, style, label in series:
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        ax.plot([x for x, y in pts if y > 0], [y for _, y in pts if y > 0], style, ms=3, lw=1.2, label=label)
+        zeros = [x for x, y in pts if y == 0]
+        if zeros:
+            ax.plot(zeros, [floor] * len(zeros), "v", color="C3", ms=6)
+    if any(v == 0 for v in values if v is not None):
+        ax.axhline(floor, color="C3", lw=0.8, ls=":", label="exactly 0 (a collision; drawn at the floor)")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor / 2)
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=MAX_TICKS, integer=True))
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def diagnostics_figure(report: dict, path: Path) -> Path:
+    """Two panels per layer (log y): the relative separation margin (min L2 / median state norm), and the
+    co-Lipschitz estimate (L2 per token edit over nearest-neighbour pairs: min and median)."""
+    xs, margin, co_min, co_med = _diagnostic_series(report["layers"])
+    fig = _new_figure((10.0, 4.5))
+    left, right = fig.subplots(1, 2)
+    _log_panel(left, [(xs, margin, "-o", "min L2 / median state norm")], "relative separation margin (log)")
+    _log_panel(right, [(xs, co_min, "-o", "min over NN pairs"), (xs, co_med, "--.", "median over NN pairs")],
+               "co-Lipschitz: L2 per token edit (log)")
+    for ax in (left, right):
+        ax.set_xlabel("layer (0 = embeddings)")
+    quant = (report["model"].get("quant") or {})
+    tag = f"activations {quant.get('activations', 'none')}, weights {quant.get('weights', 'none')}"
+    fig.suptitle(_title(report) + f"\nquantized forward: {tag}", fontsize=10)
+    return _save(fig, path)
+
+
+def comparison_diagnostics_figure(runs: list[dict], path: Path) -> Path:
+    """Relative separation margin and co-Lipschitz min per layer, one line per run (``per_layer`` entries
+    with ``relative_margin`` and ``co_lipschitz_min``), e.g. the quantization levels of a sweep."""
+    fig = _new_figure(COMPARE_SIZE)
+    left, right = fig.subplots(1, 2)
+    _log_panel(left, [([p["layer"] for p in r["per_layer"]], [p.get("relative_margin") for p in r["per_layer"]],
+                       "-o", r["label"]) for r in runs], "relative separation margin (log)")
+    _log_panel(right, [([p["layer"] for p in r["per_layer"]], [p.get("co_lipschitz_min") for p in r["per_layer"]],
+                        "-o", r["label"]) for r in runs], "co-Lipschitz min: L2 per token edit (log)")
+    for ax in (left, right):
+        ax.set_xlabel("layer (0 = embeddings)")
+    fig.suptitle("geometric diagnostics per layer, one line per run (arXiv 2511.14808's margin and co-Lipschitz)",
+                 fontsize=10)
+    return _save(fig, path)

@@ -64,6 +64,7 @@ def render_markdown(report: dict) -> str:
             f"| model | {m['name']} (`{m['source']}`{' @ ' + m['revision'] if m.get('revision') else ''}), "
             f"family {m['family']}, L = {L} blocks, d = {m['d']} |",
             f"| dtype | {report['dtype']} (states stored as {report['store_dtype']}) |",
+            *_quantization_rows(report),
             f"| layers | 0 = embeddings, k = output of block k, {L} = last block "
             f"{'after' if m['final_norm'] == 'post' else 'before'} the final norm (`final_norm={m['final_norm']}`) |",
             f"| corpus | {c['name']} ({corpus_desc}) |",
@@ -91,13 +92,14 @@ def render_markdown(report: dict) -> str:
         out.append(f"| {name} | {e['n_vectors']:,} | {e['n_pairs']:,} | {fmt_distance(e['min_distance'], 6)} | {cert} "
                    f"| {pair} | {e['n_collisions']:,} | {fmt_distance(nn.get('p5'))} | {fmt_distance(nn.get('p50'))} "
                    f"| {fmt_distance(nn.get('p95'))} | {fmt_distance(nn.get('max'))} | {len(e['invalid_rows'])} |")
+    out += _diagnostics_section(report)
     if report["figures"]:
         out += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]
     collided = [e for e in report["layers"] if e["n_collisions"] and not e["is_embedding_layer"]]
     if collided:
         out += ["", "## Colliding pairs", "",
                 f"Pairs of distinct prompts under L2 {fmt_distance(report['threshold'])}. The full lists are in "
-                "`collisions/layer=K.parquet`."]
+                "`collisions/layer=K.parquet`." + _collisions_are(report)]
         for e in collided:
             out += ["", f"### Layer {e['layer']}: {plural(e['n_collisions'], 'pair')}"]
             for col in e["collisions"][:MD_COLLISIONS]:
@@ -105,6 +107,55 @@ def render_markdown(report: dict) -> str:
                         _prompt(report, col["b"])]
     out += _closest_pairs_section(report)
     return "\n".join(out) + "\n"
+
+
+def _quantization_rows(report: dict) -> list[str]:
+    """The run table's rows on the quantized forward (the model) and the storage (the store), kept apart."""
+    q = report.get("quantization")
+    if q is None:
+        return []
+    lossless = "lossless" if q["storage"]["lossless"] else "**rounded**: a collision may come from storage"
+    return [f"| quantized forward | {q['forward'].get('description', 'none')} |",
+            f"| storage | states stored as {q['storage']['dtype']} ({lossless}) |"]
+
+
+def _collisions_are(report: dict) -> str:
+    """What the colliding pairs are evidence of: the model's forward (quantized or not), or possibly the storage."""
+    q = report.get("quantization")
+    if q is None:
+        return ""
+    forward = q["forward"]
+    quantized = forward.get("activations", "none") != "none" or forward.get("weights", "none") != "none"
+    what = "the quantized forward (" + forward.get("description", "") + ")" if quantized else "the model's forward"
+    if q["collisions_are"] == "model":
+        return (f" They are collisions of the model: {what} maps both prompts to these states, stored "
+                f"losslessly as {q['storage']['dtype']}; a distance 0 means bitwise-identical states.")
+    return (f" The states were stored as {q['storage']['dtype']}, narrower than the compute dtype: a collision may "
+            f"come from the storage rounding, not from {what}; rerun with store.dtype=auto to tell them apart.")
+
+
+def _diagnostics_section(report: dict) -> list[str]:
+    """Separation margin and co-Lipschitz estimate per layer (collide.report.diagnostics)."""
+    entries = [e for e in report["layers"] if e.get("diagnostics")]
+    if not entries:
+        return []
+    out = ["", "## Geometric diagnostics", "",
+           "After arXiv 2511.14808, with collide's definitions: the **separation margin** is the min L2 between "
+           "two distinct prompts' states (relative: over the median state norm); the **co-Lipschitz** estimate "
+           "is, over nearest-neighbour pairs in state space, the L2 distance per token edit (Levenshtein "
+           "distance of the token-id sequences), in L2 per edit; its min estimates the lower Lipschitz constant.",
+           "", "| layer | margin | relative margin | median norm | co-Lipschitz min | p5 | median "
+           "| min pair (edits) | NN pairs |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for e in entries:
+        d = e["diagnostics"]
+        c = d["co_lipschitz"] or {}
+        pair = "{} / {} ({})".format(*c["pair"], c["pair_prompt_distance"]) if c else "-"
+        n = f"{c['n_pairs']:,}{' (sample)' if c.get('sampled') else ''}" if c else "-"
+        out.append(f"| {e['layer']}{' (emb)' if e['is_embedding_layer'] else ''} "
+                   f"| {fmt_distance(d['separation_margin'])} | {fmt_distance(d['relative_margin'])} "
+                   f"| {fmt_distance(d['state_norm_p50'])} | {fmt_distance(c.get('min'))} "
+                   f"| {fmt_distance(c.get('p5'))} | {fmt_distance(c.get('p50'))} | {pair} | {n} |")
+    return out
 
 
 def _closest_pairs_section(report: dict) -> list[str]:

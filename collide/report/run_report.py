@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import collide
-from collide.report import figures
+from collide.report import diagnostics, figures
 from collide.atomic import write_outputs
 from collide.console import print_table, say
 from collide.config import ReportConfig
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1.0"  # major.minor: a reader of major M reads every M.x report
 FIGURES = {"min_distance": "figures/min_distance.png", "nn_boxplot": "figures/nn_boxplot.png"}
+DIAGNOSTICS_FIGURE = "figures/diagnostics.png"  # separation margin and co-Lipschitz per layer (when computed)
 # A section's block of report.md: <!-- collide.COMMAND:NAME:begin --> ... <!-- collide.COMMAND:NAME:end -->
 SECTION_BLOCK = re.compile(r"<!-- collide\.(\w+):(\w+):begin -->\n.*?<!-- collide\.\1:\2:end -->\n", re.S)
 
@@ -239,9 +240,15 @@ def write_report(run_dir: Path, run_info: dict, results: list, store, cfg: Repor
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(run_info, results, cfg.max_collisions_listed, store)
+    report["quantization"] = diagnostics.quantization_record(report)
+    if getattr(cfg, "diagnostics", True):
+        diagnostics.attach(report, results, store, getattr(cfg, "diagnostics_rows", 4096))
     write_collisions(run_dir, results)
     if cfg.figures:
         report["figures"] = write_figures(report, run_dir)
+        if "diagnostics" in report:
+            figures.diagnostics_figure(report, run_dir / DIAGNOSTICS_FIGURE)
+            report["figures"].append(DIAGNOSTICS_FIGURE)
     report["timings"]["report"] = time.perf_counter() - start
     sections, extra_figures, blocks = earlier_sections(run_dir)
     report.update(sections)
@@ -296,7 +303,8 @@ def earlier_sections(run_dir: Path) -> tuple[dict, list[str], list[str]]:
     blocks = list(SECTION_BLOCK.finditer(md))
     keys = [_section_key(*m.groups()) for m in blocks]
     sections = {key: earlier[key] for key in keys if key in earlier}
-    extra_figures = [f for f in earlier.get("figures", []) if f not in FIGURES.values()] if sections else []
+    extra_figures = [f for f in earlier.get("figures", []) if f not in (*FIGURES.values(), DIAGNOSTICS_FIGURE)] \
+        if sections else []
     return sections, extra_figures, [m.group(0) for m in blocks]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from collide.errors import CollideError
 from collide.layers import canonical_spec, parse_layers
+from collide.quant import is_default
 from collide.store.layout import MANIFEST, read_manifest
 from collide.store.reader import open_store
 
@@ -27,12 +28,15 @@ def store_identity(cfg) -> dict:
     """What determines a store's states (and so its location): a resumed store must match every key.
 
     Model: name, source, revision, family, GGUF file, compute dtype, final-norm convention, seed
-    (random models) and trust_remote_code; not its device or device map. Corpus: every key but its
+    (random models), trust_remote_code and the quantized forward (``model.quant``, only when it
+    quantizes something); not its device or device map. Corpus: every key but its
     name. Then n_prompts, the layer spec as given (resolved layers are in the manifest), positions,
     the storage dtype (auto resolved to the compute dtype), and keep_text and shard_rows (shard
     boundaries fix which prompts share a forward batch, so a resume stays bit-identical).
     """
     model = {k: v for k, v in asdict(cfg.model).items() if k not in RUNTIME_MODEL_KEYS}
+    if is_default(model.get("quant")):
+        model.pop("quant", None)  # the unquantized model: its stores keep the identity they had before quant
     corpus = {k: v for k, v in asdict(cfg.corpus).items() if k != "name"}
     stored = cfg.model.dtype if cfg.store.dtype == "auto" else cfg.store.dtype
     return json.loads(json.dumps({
