@@ -208,7 +208,8 @@ def test_epsilon_rule_widens_for_quantized_activations():
 
     base = epsilon_rule(100.0, 64, "fp32", "fp32")
     assert epsilon_rule(100.0, 64, "fp32", "fp32", "none") == base
-    assert base < epsilon_rule(100.0, 64, "fp32", "fp32", "int8") < epsilon_rule(100.0, 64, "fp32", "fp32", "int4")
+    for level in ("int8", "int4"):
+        assert epsilon_rule(100.0, 64, "fp32", "fp32", level) > base + 10.0  # the measured gaps are 0.1-1 x norm
 
 
 @pytest.mark.parametrize("level", ["int8", "int4"])
