@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.invert_exhaustive_cost --layer 7 --threads 1
 
-One 2-token prose prompt (``benchmarks/suite/invert_texts.py``), batch 1024; prints per position the
+The first ``--tokens`` tokens (default 2) of a prose prompt (``benchmarks/suite/invert_texts.py``), batch 1024; prints per position the
 seconds, the candidates compared, the margin Δ and whether it is certified.
 """
 
@@ -17,6 +17,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layer", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=2, help="positions to invert (1 = position 0 only: the table)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from collide.cli import compose
@@ -26,7 +27,7 @@ def main(argv=None) -> None:
     from benchmarks.suite.invert_texts import prose_prompts
 
     lm = load_model(compose("invert", ["-", "model=smollm2"]).model)
-    ids = prose_prompts(lm.tokenizer, 1)[0][0][:2]
+    ids = prose_prompts(lm.tokenizer, 1)[0][0][:args.tokens]
     with torch.no_grad():
         target = lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[args.layer][0]
     inverter = Inverter(lm, args.layer, InvertConfig(source="-", policy="exhaustive", batch=1024))
