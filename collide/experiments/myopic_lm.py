@@ -47,6 +47,7 @@ from torch.nn import functional as F
 from collide.atomic import atomic_write, fsync_dir, write_outputs
 from collide.config import MyopicLMConfig
 from collide.errors import CollideError
+from collide.experiments import torch_threads
 from collide.experiments.precache import MODES, Block
 
 log = logging.getLogger(__name__)
@@ -266,13 +267,8 @@ def run_experiment(cfg: MyopicLMConfig, command: str | None = None) -> dict:
 
     ``cfg.threads`` applies for the call only; ``command`` is recorded in myopic_lm.json."""
     check(cfg)
-    threads = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run(cfg, command)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: MyopicLMConfig, command: str | None) -> dict:

@@ -47,6 +47,7 @@ from torch import nn
 from collide.atomic import write_outputs
 from collide.config import PrecacheConfig
 from collide.errors import CollideError
+from collide.experiments import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -277,13 +278,8 @@ def run_experiment(cfg: PrecacheConfig, command: str | None = None) -> dict:
     ``command``, the command line that asked for it, is recorded in precache.json.
     """
     check(cfg)
-    threads = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run(cfg, command)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: PrecacheConfig, command: str | None) -> dict:
