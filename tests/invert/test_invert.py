@@ -22,15 +22,6 @@ def tiny_cfg(family: str, dtype: str = "fp32") -> ModelConfig:
     return ModelConfig(name=f"tiny-{family}", source=f"random:{family}", family=family, dtype=dtype)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run a step per position: one thread is 8x faster than a contended pool of two here."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def models():
     cache = {}
