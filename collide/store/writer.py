@@ -171,10 +171,14 @@ class StoreWriter:
                 raise CollideError(os_error_message(self.path / directory, exc, "creating")) from exc
 
     def _remove_strays(self) -> None:
-        """Delete temporary files and shards not listed in the manifest (left by a killed run)."""
+        """Delete temporary files and shards not listed in the manifest (left by a killed run).
+
+        A file may vanish while this runs: on a cluster, a worker of the killed run can still be
+        finishing its shard (it renames its temporary file) until Ray reaps it.
+        """
         for file in stray_files(self.path, self.manifest):
             log.info("removing %s, left by an interrupted run", file)
-            file.unlink()
+            file.unlink(missing_ok=True)
 
     # ----------------------------------------------------------------- state
 
