@@ -1,4 +1,5 @@
-"""The subcommands of ``collide``: one module each, holding its schema and its one ``run(cfg, command)``.
+"""The subcommands of ``collide``: one module each, holding its schema (or naming the stage's) and its
+one ``run(cfg, command)``.
 
 ``collide.cli`` registers these functions; each composes nothing itself and prints its own results
 through ``collide.console``. The stages they call (``collide.pipeline``, ``collide.search``,
