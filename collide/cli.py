@@ -148,9 +148,8 @@ def compose(name: str, argv: list[str]):
         with initialize_config_module(config_module="collide.conf", version_base="1.3"):
             cfg = hydra_compose(config_name=name, overrides=list(overrides))
         if positional:
-            list_key = typing.get_origin(typing.get_type_hints(command.schema)[command.positional]) in (list,
-                                                                                                        typing.List)
-            OmegaConf.update(cfg, command.positional, positional if list_key else positional[0], merge=False)
+            OmegaConf.update(cfg, command.positional, positional if takes_many(command) else positional[0],
+                             merge=False)
         return OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException, ValueError, AssertionError) as exc:
         cause = exc.__cause__ or exc.__context__
@@ -159,6 +158,11 @@ def compose(name: str, argv: list[str]):
         keys = "collide run --cfg job" if name == "run" else f"collide {name} --help"
         raise CollideError((first if detail in first else f"{first}: {detail}")
                            + f"; see `{keys}` for the keys and their types") from None
+
+
+def takes_many(command: Command) -> bool:
+    """Whether the command's positional key is a list (several STORES or RUN_DIRS), not one path."""
+    return typing.get_origin(typing.get_type_hints(command.schema)[command.positional]) in (list, typing.List)
 
 
 def split_arguments(name: str, argv: list[str]) -> tuple[list[str], list[str]]:
@@ -174,8 +178,7 @@ def split_arguments(name: str, argv: list[str]) -> tuple[list[str], list[str]]:
             raise CollideError(f"`collide {name}` takes only key=value overrides, got {positional}; "
                                f"see `collide {name} --help`")
         return [], overrides
-    hint = typing.get_type_hints(command.schema)[command.positional]
-    list_key = typing.get_origin(hint) in (list, typing.List)
+    list_key = takes_many(command)
     if not positional or (len(positional) > 1 and not list_key):
         wanted = f"one or more {command.positional.upper()}" if list_key else f"one {command.positional.upper()}"
         raise CollideError(f"`collide {name}` takes {wanted} argument, got {positional or 'none'}; "

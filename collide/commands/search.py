@@ -8,6 +8,7 @@ fp64), however many there are. Example: ``collide search runs/stores/x layers=0:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class SearchCommandConfig:
     search: SearchConfig = default(default_factory=SearchConfig)  # engine settings (search.backend=...)
 
 
+log = logging.getLogger(__name__)
+
 SCHEMA = SearchCommandConfig
 POSITIONAL = "store"
 SUMMARY = "search a store again (no model): search.json + collisions Parquet"
@@ -47,8 +50,6 @@ def summary_path(cfg: SearchCommandConfig, store_dir: Path) -> Path:
 
 def run(cfg: SearchCommandConfig, command: str = "") -> dict:
     """Search every selected layer of the store (or of the run's store); write and return the JSON summary."""
-    import logging
-
     from collide.atomic import os_error_message, write_outputs
     from collide.console import print_table, say
     from collide.layers import select_layers
@@ -58,8 +59,7 @@ def run(cfg: SearchCommandConfig, command: str = "") -> dict:
     store = open_run_store(cfg.store)
     layers = select_layers(cfg.layers, store.layers)
     if not store.complete:
-        logging.getLogger(__name__).warning("store %s is in-progress: searching its %d complete rows", store.path,
-                                            store.n_rows)
+        log.warning("store %s is in-progress: searching its %d complete rows", store.path, store.n_rows)
     out = summary_path(cfg, store.path)
     collisions_dir = out.with_name(f"{out.stem}-collisions")
     try:
