@@ -70,8 +70,8 @@ class Precision(Choice):
 
 
 class Prune(Choice):
-    """Certified pruning of the search (collide/search/prune.py): auto (on CPU with nearest=false and
-    >= 8192 rows, see collide.search.prune.choose), off (brute force) or pca (always)."""
+    """Certified pruning of the search (collide/search/prune.py): auto (on CPU from 8192 rows, unless every
+    row's nearest neighbour is wanted; see collide.search.prune.choose), off (brute force) or pca (always)."""
     auto = "auto"
     off = "off"
     pca = "pca"
@@ -201,13 +201,24 @@ class SearchConfig:
     max_candidates: int = 50_000_000
     threads: int = 0  # CPU threads for search; 0 = all cores
     progress: bool = True  # show a progress bar of pairs done, pairs/s and ETA
-    # Exact certified nearest-neighbour distance of every row (nn percentiles, boxplot);
-    # false = minimum and collisions only (nn_distance is null), a little faster.
-    nearest: bool = True
+    # Exact certified nearest neighbour (distance and prompt) of each row, for the nn percentiles, the
+    # boxplot and the diagnostics: true = every row; false = none (minimum and collisions only);
+    # auto = every row, unless the search is pruned and has more than nearest_cutoff rows: then a
+    # seeded uniform sample of nearest_sample rows (collide/search/nearest.py).
+    nearest: Any = "auto"
+    nearest_sample: int = 4096  # rows whose nearest neighbours nearest=auto certifies above the cut-off
+    nearest_cutoff: int = 20_000  # valid rows up to which nearest=auto certifies every row's nearest neighbour
     # Skip the pairs a certified PCA lower bound rules out (same answers): auto = on where measured to
-    # pay (CPU, nearest=false, >= 8192 valid rows; collide.search.prune.choose), off = brute force,
-    # pca = always (any device).
+    # pay (CPU, >= 8192 valid rows, not every row's nearest neighbour; collide.search.prune.choose),
+    # off = brute force, pca = always (any device).
     prune: Prune = Prune.auto
+
+    def __post_init__(self) -> None:
+        """``nearest`` as auto, True or False (bools, or their names as strings); anything else is refused."""
+        value = self.nearest.lower() if isinstance(self.nearest, str) else self.nearest
+        if value not in ("auto", True, False, "true", "false"):
+            raise ValueError(f"search.nearest={self.nearest!r} is not one of auto, true, false")
+        self.nearest = {"true": True, "false": False}.get(value, value)
 
 
 @dataclass
@@ -216,8 +227,8 @@ class ReportConfig:
     figures: bool = True  # write the PNG figures
     # separation margin and co-Lipschitz estimate per layer (collide/report/diagnostics.py)
     diagnostics: bool = True
-    # rows whose nearest neighbour is looked up for the co-Lipschitz estimate (an fp64 scan of
-    # rows x n x d): all rows up to this many, else a seeded sample of this many
+    # nearest-neighbour pairs of the search (search.nearest) the co-Lipschitz estimate reads: all of them
+    # up to this many, else a seeded sample of this many (token edit distances cost O(rows x tokens^2))
     diagnostics_rows: int = 4096
 
 

@@ -42,8 +42,9 @@ from collide.config import ClusterConfig, SearchConfig
 from collide.errors import CollideError
 from collide.search.api import LayerResult, _check, _result, _search_context, pick_backend, \
     resolve_device
-from collide.search.blocks import as_tensor, finite_rows, make_block, right_operand, sum_rows
-from collide.search.symmetric import PairSearch
+from collide.search.blocks import as_tensor, finite_rows, make_block, right_operand, row_norms, sum_rows
+from collide.search.nearest import nearest_mode
+from collide.search.symmetric import NO_ROW, PairSearch
 from collide.store import MANIFEST, open_store
 
 log = logging.getLogger(__name__)
@@ -80,14 +81,15 @@ def _read(view, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarr
 
 @ray.remote
 def scan_panel(path: str, first_id: int, stop_id: int, layer: int, start: int, stop: int, block_rows: int):
-    """Pass 1 for rows [start, stop) of the view: (ids, [(valid rows, invalid rows, fp64 sum)] per block)."""
+    """Pass 1 for rows [start, stop) of the view: (ids, [(valid rows, invalid rows, fp64 sum, L2 norms of the
+    valid rows)] per block)."""
     ids, states = _read(_store(path, first_id, stop_id), layer, start, stop)
     blocks = []
     for s in range(0, stop - start, block_rows):
         xb = as_tensor(states[s:s + block_rows])
         valid = finite_rows(xb, block_rows)
         blocks.append((torch.nonzero(valid)[:, 0].numpy(), torch.nonzero(~valid)[:, 0].numpy(),
-                       sum_rows(xb[valid], block_rows).numpy()))
+                       sum_rows(xb[valid], block_rows).numpy(), row_norms(xb[valid], block_rows).numpy()))
     return ids, blocks
 
 
@@ -132,6 +134,7 @@ def search_tile(path: str, first_id: int, stop_id: int, layer: int, panel_p: lis
             if same:
                 state.screen(bj, bj, rhs, "diag")
     return dict(tau=state.tau, pair=state.pair, coll=state.coll, nn=state.nn_exact.cpu().numpy(),
+                nn_row=state.nn_row.cpu().numpy(),
                 n_candidates=state.n_candidates, n_skipped=state.n_skipped, reason=state.reason,
                 gemm_s=state.gemm_s)
 
@@ -146,12 +149,15 @@ class _Reduction:
 
     def __init__(self, m: int, d: int, threshold: float, cfg: SearchConfig):
         self.state = PairSearch(m, d, torch.device("cpu"), threshold, cfg.precision, cfg.max_candidates, 1,
-                                nearest=cfg.nearest)
+                                nearest=nearest_mode(cfg.nearest) != "none")
         self.nn = np.full(m, math.inf)  # squared exact nn distance per engine row, so far
+        self.nn_row = np.full(m, NO_ROW, np.int64)  # its nearest neighbour's row (smallest among exact ties)
 
     def merge(self, part: dict, rows: np.ndarray) -> None:
         st = self.state
-        np.minimum.at(self.nn, rows, part["nn"])
+        d2, row = part["nn"], part["nn_row"]  # a panel pair's rows are distinct: plain fancy indexing
+        better = (d2 < self.nn[rows]) | ((d2 == self.nn[rows]) & (row < self.nn_row[rows]))
+        self.nn[rows[better]], self.nn_row[rows[better]] = d2[better], row[better]
         if part["pair"] is not None and (part["tau"], part["pair"]) < (st.tau, st.pair or (math.inf,)):
             st.tau, st.pair = part["tau"], part["pair"]
         st.coll.extend(part["coll"])
@@ -161,27 +167,28 @@ class _Reduction:
         st.gemm_s += part["gemm_s"]
 
     def finish(self) -> PairSearch:
-        self.state.nn_exact = torch.from_numpy(self.nn)
+        self.state.nn_exact, self.state.nn_row = torch.from_numpy(self.nn), torch.from_numpy(self.nn_row)
         return self.state
 
 
 def _panels(view, layer: int, block_rows: int, panel_rows: int, opts: dict, max_retries: int):
-    """Scan round: (prompt ids, valid rows, invalid rows, mu, panels of BlockSpecs)."""
+    """Scan round: (prompt ids, valid rows, invalid rows, mu, panels of BlockSpecs, L2 norms of the valid rows)."""
     path, first, stop = str(view.path.resolve()), view.first_id, view.stop_id
     bounds = [(s, min(s + panel_rows, view.n_rows)) for s in range(0, view.n_rows, panel_rows)]
     refs = [scan_panel.options(**opts, name="collide-scan").remote(path, first, stop, layer, a, b, block_rows)
             for a, b in bounds]
     parts = _get_all(refs, [f"scan of rows {a}..{b - 1}" for a, b in bounds], max_retries)
     total = torch.zeros(view.d, dtype=torch.float64)
-    ids, valid_rows, invalid_rows, panels, engine = [], [], [], [], 0
+    ids, valid_rows, invalid_rows, norms, panels, engine = [], [], [], [], [], 0
     for (a, _), (p_ids, blocks) in zip(bounds, parts):
         ids.append(p_ids)
         panel = []
-        for n, (valid, invalid, block_sum) in enumerate(blocks):
+        for n, (valid, invalid, block_sum, block_norms) in enumerate(blocks):
             start = a + n * block_rows
             total += torch.tensor(block_sum)  # block by block, in order: the local pass's additions
             valid_rows.append(valid + start)
             invalid_rows.append(invalid + start)
+            norms.append(block_norms)
             if len(valid):
                 panel.append(BlockSpec(start, min(start + block_rows, view.n_rows), valid.astype(np.int64), engine))
                 engine += len(valid)
@@ -189,7 +196,8 @@ def _panels(view, layer: int, block_rows: int, panel_rows: int, opts: dict, max_
             panels.append(panel)
     cat = lambda parts: np.concatenate(parts) if parts else np.empty(0, np.int64)  # noqa: E731
     valid_rows = cat(valid_rows)
-    return cat(ids), valid_rows, cat(invalid_rows), (total / max(len(valid_rows), 1)).numpy(), panels
+    return (cat(ids), valid_rows, cat(invalid_rows), (total / max(len(valid_rows), 1)).numpy(), panels,
+            np.concatenate(norms) if norms else np.empty(0))
 
 
 def _get_all(refs: list, names: list[str], max_retries: int) -> list:
@@ -224,11 +232,11 @@ def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConf
         raise CollideError(f"cluster.panel_blocks={cluster_cfg.panel_blocks} must be >= 1")
     block_rows = search_cfg.block_rows
     cfg = dict(device=search_cfg.device, precision=str(search_cfg.precision), block_rows=block_rows,
-               nearest=bool(search_cfg.nearest))
+               nearest=nearest_mode(search_cfg.nearest) != "none")  # auto: every row (brute-force panels)
     threads = search_cfg.threads or max(1, int(cluster_cfg.cpus_per_worker))
     with ray_session(cluster_cfg, store.path):
         opts = remote_options(cluster_cfg, retries=True)
-        prompt_ids, valid_rows, invalid_rows, mu, panels = _panels(
+        prompt_ids, valid_rows, invalid_rows, mu, panels, norms = _panels(
             store, layer, block_rows, block_rows * cluster_cfg.panel_blocks, opts, cluster_cfg.max_retries)
         red = _Reduction(len(valid_rows), store.d, threshold, search_cfg)
         pairs = [(p, q) for q in range(len(panels)) for p in range(q + 1)]
@@ -259,5 +267,5 @@ def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConf
                     bar.update(1)
         if bar is not None:
             bar.close()
-    res = _result(red.finish(), len(prompt_ids), valid_rows, invalid_rows, "torch", tic)
+    res = _result(red.finish(), len(prompt_ids), valid_rows, invalid_rows, "torch", tic, norms)
     return LayerResult(layer=layer, prompt_ids=prompt_ids, result=res)

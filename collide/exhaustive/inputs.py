@@ -7,6 +7,7 @@ is HF ``hidden_states[k]`` (collide.models); distances are L2, not squared.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -112,7 +113,7 @@ def select_closest(store, layer: int, n_prompts: int, threshold: float, search: 
         raise CollideError(f"n_prompts={n_prompts} but the run's store holds {store.n_rows} prompts; "
                            f"set n_prompts<={store.n_rows}")
     t0 = time.perf_counter()
-    found = search_store(store, layer, threshold, search)
+    found = search_store(store, layer, threshold, dataclasses.replace(search, nearest=True))  # every row's nn
     nn = np.where(np.isfinite(found.result.nn_distance), found.result.nn_distance, np.inf)
     order = np.lexsort((found.prompt_ids, nn))[:n_prompts]
     ids = [int(found.prompt_ids[i]) for i in order]

@@ -17,17 +17,21 @@ definitions below are collide's (stated in full in docs/report-schema.md and doc
   nearest-neighbour pairs is an upper bound of the minimum over all pairs of the set (a pair farther
   in state space may be farther still in edit distance); 0 exactly when the layer has a collision.
 
-The numerator is the search's exact nearest-neighbour distance of each row (``nn_distance``); the
-neighbour itself is found here by an fp64 scan of the stored states (direct differences for the
-candidates), for at most ``max_rows`` rows (a seeded sample that always holds the closest pair).
+Both read what the search computed, never the states: the separation margin is its certified minimum,
+the norms are its per-row norms (``row_norm``), and the nearest-neighbour pairs and their exact
+distances are its ``nn_index`` and ``nn_distance`` (every row's, or a seeded sample's: the record
+``nearest`` says which), with the prompts' token ids from the store. The co-Lipschitz ratios are
+taken over at most ``max_rows`` of those rows (a seeded sample), plus the two rows of the closest
+pair, whose nearest neighbours are each other at the minimum distance.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from collide.search.results import nn_pairs
+
 PROMPT_DISTANCE = "token_edit"  # the prompt-space distance of the co-Lipschitz estimate
-SCAN_ROWS = 256  # rows per fp64 scan block: memory O(SCAN_ROWS * n) doubles
 
 
 def edit_distances(a: list, b: list) -> np.ndarray:
@@ -57,63 +61,42 @@ def edit_distances(a: list, b: list) -> np.ndarray:
     return out
 
 
-def nearest_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """For each of ``rows``, the index of its nearest other row of x (exact fp64 L2; smallest index on ties).
+def layer_diagnostics(result, token_ids: list, prompt_ids: np.ndarray | None = None, max_rows: int = 4096,
+                      seed: int = 0) -> dict:
+    """The diagnostics of one layer (see the module docstring) from its search result; distances L2, not squared.
 
-    Screens with an fp64 Gram matrix of the centred rows, then compares every candidate within the
-    screen's error of the best by direct fp64 differences.
+    ``result``: the layer's collide.search.PairwiseResult (its distance, pair, nn_index, nn_distance and
+    row_norm, in row order); ``token_ids`` (n sequences) in the same row order; ``prompt_ids`` (n,) names
+    rows in the output.
     """
-    xc = np.asarray(x, np.float64)
-    xc = xc - xc.mean(axis=0)
-    sq = np.einsum("ij,ij->i", xc, xc)
-    out = np.empty(len(rows), np.int64)
-    slack = 1e-10 * (sq.max() if len(sq) else 0.0) * max(xc.shape[1], 1)  # >> fp64 rounding of the Gram form
-    for lo in range(0, len(rows), SCAN_ROWS):
-        r = rows[lo:lo + SCAN_ROWS]
-        d2 = sq[r, None] + sq[None, :] - 2.0 * (xc[r] @ xc.T)
-        d2[np.arange(len(r)), r] = np.inf
-        best = d2.min(axis=1)
-        for t, i in enumerate(r):
-            cand = np.flatnonzero(d2[t] <= best[t] + slack)
-            exact = ((xc[cand] - xc[i]) ** 2).sum(axis=1)
-            out[lo + t] = cand[np.flatnonzero(exact == exact.min())[0]]
-    return out
-
-
-def layer_diagnostics(states: np.ndarray, token_ids: list, nn_distance: np.ndarray, min_distance: float | None,
-                      closest: tuple[int, int] | None = None, max_rows: int = 4096, seed: int = 0,
-                      prompt_ids: np.ndarray | None = None) -> dict:
-    """The diagnostics of one layer (see the module docstring); distances L2, not squared.
-
-    ``states`` (n, d) and ``token_ids`` (n sequences) are in row order, ``nn_distance`` (n,) is the
-    search's exact per-row nearest-neighbour distance (nan/inf rows are left out), ``closest`` the
-    rows of the closest pair (always kept in a sample), ``prompt_ids`` (n,) names rows in the output.
-    """
-    n = len(states)
+    n = len(token_ids)
     ids = np.arange(n) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
-    norms = np.linalg.norm(np.asarray(states, np.float64), axis=1)
+    norms = np.asarray(result.row_norm if result.row_norm is not None else np.full(n, np.nan), np.float64)
     finite = np.isfinite(norms)
     norm_p50 = float(np.median(norms[finite])) if finite.any() else None
+    min_distance = float(result.distance) if np.isfinite(result.distance) else None
     out = {"separation_margin": min_distance,
            "state_norm_p50": norm_p50,
            "relative_margin": (min_distance / norm_p50) if min_distance is not None and norm_p50 else None,
            "co_lipschitz": None}
-    nn = np.asarray(nn_distance, np.float64)
-    usable = np.flatnonzero(np.isfinite(nn) & finite)
-    if len(usable) < 1:
+    rows, partner, dist = nn_pairs(result)
+    sampled = len(rows) > max_rows
+    if sampled:
+        keep = np.random.default_rng(seed).choice(len(rows), size=max_rows, replace=False)
+        rows, partner, dist = rows[keep], partner[keep], dist[keep]
+    if result.pair is not None and min_distance is not None:  # each is the other's nearest neighbour
+        i, j = result.pair
+        have = set(rows.tolist())
+        extra = [(a, b) for a, b in ((i, j), (j, i)) if a not in have]
+        rows = np.concatenate([rows, [a for a, _ in extra]]).astype(np.int64)
+        partner = np.concatenate([partner, [b for _, b in extra]]).astype(np.int64)
+        dist = np.concatenate([dist, [min_distance] * len(extra)])
+    if len(rows) == 0:
         return out
-    rows, sampled = usable, False
-    if len(usable) > max_rows:
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(usable, size=max_rows, replace=False))
-        if closest is not None:
-            rows = np.unique(np.concatenate([rows, np.asarray(closest, np.int64)]))
-        sampled = True
-    valid = np.flatnonzero(finite)
-    local = nearest_rows(np.asarray(states)[valid], np.searchsorted(valid, rows))
-    partner = valid[local]
+    order = np.argsort(rows, kind="stable")
+    rows, partner, dist = rows[order], partner[order], dist[order]
     edits = edit_distances([token_ids[i] for i in rows], [token_ids[j] for j in partner]).astype(np.float64)
-    ratio = nn[rows] / np.maximum(edits, 1.0)
+    ratio = dist / np.maximum(edits, 1.0)
     k = int(np.argmin(ratio))
     out["co_lipschitz"] = {
         "min": float(ratio[k]),
@@ -121,30 +104,29 @@ def layer_diagnostics(states: np.ndarray, token_ids: list, nn_distance: np.ndarr
         "p50": float(np.percentile(ratio, 50)),
         "min_relative": float(ratio[k] / norm_p50) if norm_p50 else None,
         "pair": sorted([int(ids[rows[k]]), int(ids[partner[k]])]),
-        "pair_state_distance": float(nn[rows[k]]),
+        "pair_state_distance": float(dist[k]),
         "pair_prompt_distance": int(edits[k]),
         "prompt_distance_p50": float(np.percentile(edits, 50)),
         "n_pairs": int(len(rows)),
-        "sampled": sampled,
+        "sampled": bool(sampled or (result.nearest or {}).get("rows") == "sample"),
     }
     return out
 
 
 def store_diagnostics(store, results: list, max_rows: int = 4096, seed: int = 0) -> dict[int, dict]:
-    """{layer: layer_diagnostics} for every search result of ``store`` (a collide Store; rows in prompt-id order)."""
+    """{layer: layer_diagnostics} for every search result of ``store`` (a collide Store): reads the prompts'
+    token ids, never the states."""
     if not results:
         return {}
     prompts = store.prompts(["prompt_id", "token_ids"])
     by_id = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("token_ids").to_pylist()))
     out = {}
     for r in results:
-        ids, states = store.layer(int(r.layer))
-        if not np.array_equal(ids, np.asarray(r.prompt_ids, np.int64)):
-            continue  # the result does not describe these rows (another selection of the store)
+        ids = np.asarray(r.prompt_ids, np.int64)
+        if not all(int(p) in by_id for p in ids):
+            continue  # the result does not describe these prompts (another store)
         tokens = [by_id[int(p)] for p in ids]
-        res = r.result
-        md = float(res.distance) if np.isfinite(res.distance) else None
-        out[int(r.layer)] = layer_diagnostics(states, tokens, res.nn_distance, md, res.pair, max_rows, seed, ids)
+        out[int(r.layer)] = layer_diagnostics(r.result, tokens, ids, max_rows, seed)
     return out
 
 
@@ -164,7 +146,7 @@ def lossless_storage(compute: str, stored: str) -> bool:
 def attach(report: dict, results: list, store, max_rows: int = 4096) -> None:
     """Add the diagnostics to a report dict: ``layers[i]["diagnostics"]`` and the top-level
     ``diagnostics`` record. Nothing when ``store`` cannot give its states and token ids."""
-    if not (hasattr(store, "layer") and hasattr(store, "prompts")):
+    if not hasattr(store, "prompts"):
         return
     per_layer = store_diagnostics(store, results, max_rows)
     for entry in report["layers"]:

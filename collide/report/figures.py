@@ -136,8 +136,11 @@ def nn_boxplot_figure(report: dict, path: Path) -> Path:
         ax.set_xlim(min(positions) - 0.6, max(positions) + 0.6)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=MAX_TICKS, integer=True))
     ax.set_xlabel("layer (0 = embeddings, k = output of block k)")
-    ax.set_ylabel("nearest-neighbour L2 distance per prompt (log)")
-    ax.set_title(_title(report) + "\nbox 25-75%, whiskers 5-95%, dots min and max", fontsize=10)
+    sampled = {e["nearest"]["n_rows"] for e in entries if (e.get("nearest") or {}).get("rows") == "sample"}
+    ax.set_ylabel("nearest-neighbour L2 distance per prompt (log)" if not sampled else
+                  f"nearest-neighbour L2 distance, sample of {', '.join(f'{k:,}' for k in sorted(sampled))} prompts (log)")
+    ax.set_title(_title(report) + "\nbox 25-75%, whiskers 5-95%, dots min and max"
+                 + (" (sample: each nn exact)" if sampled else ""), fontsize=10)
     ax.grid(True, axis="y", which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)

@@ -80,7 +80,8 @@ def render_markdown(report: dict) -> str:
             "## Timings", "", "| stage | seconds |", "|---|---:|"]
     out += [f"| {stage} | {s:.1f} |" for stage, s in report["timings"].items()]
     out += ["", "## Per-layer results", "",
-            "Distances are L2 (not squared). NN = each prompt's distance to its nearest other prompt.", "",
+            "Distances are L2 (not squared). NN = each prompt's distance to its nearest other prompt"
+            + (f" ({nn_scope(report['layers'])})." if nn_scope(report["layers"]) else "."), "",
             "| layer | vectors | pairs | min distance | certified | closest pair | collisions "
             "| NN 5% | NN median | NN 95% | NN max | invalid rows |",
             "|---:|---:|---:|---:|:---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -132,6 +133,19 @@ def _collisions_are(report: dict) -> str:
                 f"losslessly as {q['storage']['dtype']}; a distance 0 means bitwise-identical states.")
     return (f" The states were stored as {q['storage']['dtype']}, narrower than the compute dtype: a collision may "
             f"come from the storage rounding, not from {what}; rerun with store.dtype=auto to tell them apart.")
+
+
+def nn_scope(layers: list[dict]) -> str:
+    """Whose nearest neighbours the layers' NN statistics cover, in words ("nn of 4,096 sampled rows, each
+    exact"; layers that differ are named), or "" when no layer says (an older report)."""
+    said = {}
+    for e in layers:
+        text = (e.get("nearest") or {}).get("description")
+        if text:
+            said.setdefault(text, []).append(e["layer"])
+    if len(said) <= 1:
+        return next(iter(said), "")
+    return "; ".join(f"layer{'s' if len(ks) > 1 else ''} {layer_list(ks)}: {text}" for text, ks in said.items())
 
 
 def _diagnostics_section(report: dict) -> list[str]:

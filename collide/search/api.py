@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from collide.errors import CollideError
-from collide.search.blocks import Block, as_tensor, finite_rows, make_block, sum_rows
+from collide.search.blocks import Block, as_tensor, finite_rows, make_block, row_norms, sum_rows
 from collide.search.bounds import PRECISIONS
+from collide.search.nearest import SAMPLE_SEED, nearest_mode, nearest_of, record, resolve, sample_rows
 from collide.search.prune import check_mode, choose, fits_in_memory, load_rows, off_info, pruned_search
 from collide.search.results import LayerResult, PairwiseResult, Pairs
 from collide.search.symmetric import PairSearch, search_blocks
@@ -131,13 +132,16 @@ def _search_context(dev: torch.device, precision: str, threads: int):
 
 
 def _result(state: PairSearch, n: int, valid_rows: np.ndarray, invalid_rows: np.ndarray, backend: str,
-            tic: float) -> PairwiseResult:
-    """Assemble the PairwiseResult of a finished search (rows in the caller's numbering)."""
+            tic: float, norms: np.ndarray | None = None) -> PairwiseResult:
+    """Assemble the PairwiseResult of a finished search (rows in the caller's numbering); ``norms``: the
+    (m,) L2 norms of the valid rows."""
     state.close()
     m = len(valid_rows)
     ci, cj, cd = state.collisions()
-    nn = np.full(n, np.nan)
-    nn[valid_rows] = state.nn_distances()
+    nn, nn_index, row_norm = np.full(n, np.nan), np.full(n, -1, np.int64), np.full(n, np.nan)
+    nn[valid_rows], nn_index[valid_rows] = state.nn_distances(), state.nn_rows()
+    if norms is not None:
+        row_norm[valid_rows] = norms
     reason = state.reason
     if reason is not None and state.n_skipped:
         reason += f" ({state.n_skipped} candidates were not re-ranked)"
@@ -148,6 +152,9 @@ def _result(state: PairSearch, n: int, valid_rows: np.ndarray, invalid_rows: np.
         collisions=Pairs(ci, cj, cd),
         n_collisions=len(ci),
         nn_distance=nn,
+        nn_index=nn_index,
+        nearest=record("all" if state.nearest else "none", m if state.nearest else 0),
+        row_norm=row_norm,
         n_pairs=m * (m - 1) // 2,
         invalid_rows=invalid_rows.tolist(),
         threshold=state.threshold,
@@ -169,12 +176,38 @@ def _result(state: PairSearch, n: int, valid_rows: np.ndarray, invalid_rows: np.
     return res
 
 
+def _add_sampled_nearest(res: PairwiseResult, x: torch.Tensor, rows: torch.Tensor, mu: torch.Tensor, size: int,
+                         block_rows: int, max_candidates: int) -> None:
+    """Certify the exact nearest neighbours of a seeded sample of ``size`` of the rows x (m, d) (caller rows
+    ``rows``, centred on mu) against all of them (nearest.nearest_of), into ``res``: their nn_distance and
+    nn_index, its ``nearest`` record, n_candidates, and certified (False if the re-rank budget runs out)."""
+    tic = time.perf_counter()
+    m, d = x.shape
+    sample = torch.from_numpy(sample_rows(m, size)).to(x.device)
+    blocks = [make_block(x[s:s + block_rows], rows[s:s + block_rows], s, mu) for s in range(0, m, block_rows)]
+    budget = max(max_candidates - res.n_candidates, 0)
+    for q0 in range(0, len(sample), block_rows):
+        part = sample[q0:q0 + block_rows]
+        search = PairSearch(len(part), d, x.device, res.threshold, res.precision, budget, block_rows)
+        nearest_of(make_block(x[part], rows[part], 0, mu), blocks, search)
+        at = rows[part].cpu().numpy()
+        res.nn_distance[at], res.nn_index[at] = search.nn_distances(), search.nn_rows()
+        res.n_candidates += search.n_candidates
+        budget = max(budget - search.n_candidates, 0)
+        if search.reason is not None and res.certified:
+            res.certified, res.uncertified_reason = False, search.reason
+            log.warning("result NOT certified: %s", search.reason)
+    res.nearest = record("sample", len(sample), SAMPLE_SEED)
+    res.seconds += time.perf_counter() - tic
+    log.info("exact nn of %d sampled rows in %.2f s", len(sample), time.perf_counter() - tic)
+
+
 def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="auto", block_rows: int = 4096,
                  precision: str = "fp32", k: int = 8, max_k: int = 1024, max_candidates: int = 50_000_000,
-                 threads: int = 0, progress: bool = False, nearest: bool = True, prune: str = "auto"
-                 ) -> PairwiseResult:
-    """Certified exact minimum pairwise L2 distance of the rows of x (n, d), every collision, and
-    (``nearest``) every row's exact nearest-neighbour distance.
+                 threads: int = 0, progress: bool = False, nearest="auto", nearest_sample: int = 4096,
+                 nearest_cutoff: int = 20_000, prune: str = "auto") -> PairwiseResult:
+    """Certified exact minimum pairwise L2 distance of the rows of x (n, d), every collision, and the
+    exact nearest neighbour (distance and row) of every row or of a seeded sample of rows (``nearest``).
 
     x: numpy array (any byte order) or torch tensor (CPU or CUDA) of fp16, bf16 (torch only), fp32
     or fp64 values, taken exactly (see as_tensor; other dtypes and d = 0 are refused).
@@ -186,10 +219,11 @@ def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="a
     on an undocumented property of tensor-core accumulation, see bounds.py). k, max_k: initial and
     widest k-NN of the faiss engine. max_candidates: exact re-ranks allowed before the result is
     reported uncertified. threads: CPU threads (0 = all). progress: tqdm bar of pairs done (torch
-    engine). nearest: certify each row's nearest-neighbour distance (False: minimum and collisions
-    only, nn_distance all nan; a little faster). prune: "auto", "off" or "pca" (torch engine: skip the
-    pairs a certified PCA lower bound rules out, same answers; see prune.choose; recorded in
-    ``result.prune``).
+    engine). nearest: True (every row's nearest neighbour), False (none: nn_distance all nan) or
+    "auto" (every row's, or with a pruned search of more than ``nearest_cutoff`` rows those of a seeded
+    sample of ``nearest_sample`` rows: collide.search.nearest; recorded in ``result.nearest``). prune:
+    "auto", "off" or "pca" (torch engine: skip the pairs a certified PCA lower bound rules out, same
+    answers; see prune.choose; recorded in ``result.prune``).
     """
     tic = time.perf_counter()
     chosen = pick_backend(backend, device)
@@ -197,16 +231,18 @@ def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="a
     if chosen == "faiss" and precision != "fp32":
         raise CollideError(f"search.precision={precision!r}: the faiss backend screens in fp32 only")
     _check(threshold, block_rows, precision, k, max_k, max_candidates, dev)
+    mode = _check_nearest(nearest, nearest_sample, nearest_cutoff)
     check_mode(prune)
     xt = as_tensor(x)
     with _search_context(dev, precision, threads):
-        if chosen == "faiss":
+        if chosen == "faiss":  # its k-NN screen finds every row's neighbours anyway: auto = all rows
             from collide.search.faiss_engine import faiss_search
             x_np = xt.cpu().numpy()
             state, valid_rows, invalid_rows = faiss_search(x_np, threshold, dev, block_rows=block_rows, k=k,
                                                            max_k=max_k, max_candidates=max_candidates,
-                                                           threads=threads, nearest=nearest)
-            return _result(state, x_np.shape[0], valid_rows, invalid_rows, "faiss", tic)
+                                                           threads=threads, nearest=mode != "none")
+            return _result(state, x_np.shape[0], valid_rows, invalid_rows, "faiss", tic,
+                           row_norms(xt[torch.from_numpy(valid_rows)], block_rows).numpy())
         xt = xt.to(dev)
         n, d = xt.shape
         valid = finite_rows(xt, block_rows)
@@ -215,8 +251,9 @@ def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="a
         xv = xt if len(invalid_rows) == 0 else xt[valid_rows]
         m = xv.shape[0]
         mu = sum_rows(xv, block_rows) / max(m, 1)
-        state = PairSearch(m, d, dev, threshold, precision, max_candidates, block_rows, progress, nearest)
-        use, why = choose(prune, m, dev, nearest)
+        rows_mode = resolve(mode, m, nearest_cutoff, choose(prune, m, dev, all_nearest=False)[0])
+        state = PairSearch(m, d, dev, threshold, precision, max_candidates, block_rows, progress, rows_mode == "all")
+        use, why = choose(prune, m, dev, rows_mode == "all")
         if use:
             prune_info = pruned_search(xv, valid_rows, mu, state)
         else:
@@ -224,9 +261,21 @@ def min_pairwise(x, threshold: float = 1e-6, backend: str = "auto", *, device="a
                       for s in range(0, m, block_rows)]
             search_blocks(lambda stop: iter(blocks[:stop]), state)
             prune_info = off_info(why)
-    res = _result(state, n, valid_rows.cpu().numpy(), invalid_rows, "torch", tic)
+        res = _result(state, n, valid_rows.cpu().numpy(), invalid_rows, "torch", tic,
+                      row_norms(xv, block_rows).cpu().numpy())
+        if rows_mode == "sample":
+            _add_sampled_nearest(res, xv, valid_rows, mu, nearest_sample, block_rows, max_candidates)
     res.prune = prune_info
     return res
+
+
+def _check_nearest(nearest, sample: int, cutoff: int) -> str:
+    """search.nearest as nearest.MODES names it, after checking nearest_sample and nearest_cutoff."""
+    if sample < 1:
+        raise CollideError(f"search.nearest_sample={sample} must be >= 1 (e.g. 4096)")
+    if cutoff < 0:
+        raise CollideError(f"search.nearest_cutoff={cutoff} must be >= 0 (e.g. 20000)")
+    return nearest_mode(nearest)
 
 
 def _store_blocks(store, layer: int, block_rows: int, dev: torch.device, mu: torch.Tensor, stop: int | None
@@ -248,34 +297,52 @@ def _store_blocks(store, layer: int, block_rows: int, dev: torch.device, mu: tor
         row += xb.shape[0]
 
 
-def _scan_store(store, layer: int, block_rows: int, dev: torch.device):
-    """Pass 1 over a layer: prompt ids, valid and invalid rows, fp64 mean of the valid rows."""
-    ids_parts, valid_parts, invalid_parts, row = [], [], [], 0
+def _scan_store(store, layer: int, block_rows: int, dev: torch.device, keep: bool):
+    """Pass 1 over a layer: prompt ids, valid and invalid rows, the fp64 mean and the L2 norms of the valid
+    rows, and (``keep``) the valid rows themselves on ``dev`` (else None)."""
+    ids_parts, valid_parts, invalid_parts, norm_parts, kept, row = [], [], [], [], [], 0
     total = torch.zeros(store.d, dtype=torch.float64, device=dev)
     for ids, states in store.iter_blocks(layer, block_rows):
         xb = as_tensor(states)
         valid = finite_rows(xb, block_rows)
-        total += sum_rows(xb[valid].to(dev), block_rows)
+        xv = xb[valid].to(dev)
+        total += sum_rows(xv, block_rows)
+        norm_parts.append(row_norms(xv, block_rows).cpu().numpy())
+        if keep:
+            kept.append(xv)
         ids_parts.append(np.asarray(ids, np.int64))
         valid_parts.append(torch.nonzero(valid)[:, 0].numpy() + row)
         invalid_parts.append(torch.nonzero(~valid)[:, 0].numpy() + row)
         row += len(ids)
-    cat = lambda parts: np.concatenate(parts) if parts else np.empty(0, np.int64)  # noqa: E731
+    cat = lambda parts, dt=np.int64: np.concatenate(parts) if parts else np.empty(0, dt)  # noqa: E731
     valid_rows = cat(valid_parts)
-    return cat(ids_parts), valid_rows, cat(invalid_parts), total / max(len(valid_rows), 1)
+    rows = torch.cat(kept) if kept else None
+    return (cat(ids_parts), valid_rows, cat(invalid_parts), total / max(len(valid_rows), 1),
+            cat(norm_parts, np.float64), rows)
+
+
+def _plan(cfg: "SearchConfig", mode: str, m: int, dev: torch.device, fits: bool) -> tuple[str, bool, str | None]:
+    """(rows whose nn is certified: all | sample | none, prune?, why not) for m valid rows of a store layer;
+    ``fits``: whether the layer can be held in memory (pruning needs it)."""
+    rows_mode = resolve(mode, m, cfg.nearest_cutoff, fits and choose(cfg.prune, m, dev, all_nearest=False)[0])
+    use, why = choose(cfg.prune, m, dev, all_nearest=rows_mode == "all")
+    if use and not fits:
+        use, why = False, "the layer is streamed from the store (larger than memory): brute force"
+    return rows_mode, use, why
 
 
 def search_store(store, layer: int, threshold: float, cfg: "SearchConfig") -> LayerResult:
     """Certified search of one layer of a store (collide.store.open_store), rows -> prompt ids.
 
     The store hands out fp32 blocks (states stored as bf16/fp16 are widened exactly by its reader);
-    any dtype min_pairwise takes is taken. The torch engine streams blocks of ``cfg.block_rows``
-    rows (store.iter_blocks), so the layer never sits whole in host memory: a first pass takes the
-    prompt ids, the NaN/Inf rows and the fp64 mean; then for each block J the blocks before it are
-    read again (memory ~2 blocks plus a block_rows^2 tile). On CUDA, when the valid rows fit in
-    DEVICE_FRACTION of the free GPU memory, they are copied block by block onto the device once and
-    searched there (no re-reads). The faiss backend is in-memory only: it loads the layer whole
-    (use the torch engine, the "auto" choice, for layers larger than memory).
+    any dtype min_pairwise takes is taken. A first pass takes the prompt ids, the NaN/Inf rows, the
+    fp64 mean and the row norms, and keeps the layer's valid rows in memory when they fit (on CUDA:
+    DEVICE_FRACTION of the free GPU memory; on the CPU: prune.fits_in_memory, when it will be pruned).
+    A layer held in memory is searched there (pruned, or brute force); any other layer is streamed in blocks
+    of ``cfg.block_rows`` rows (store.iter_blocks: for each block J the blocks before it are read
+    again; memory ~2 blocks plus a block_rows^2 tile), brute force. ``cfg.nearest`` as min_pairwise's
+    ``nearest``. The faiss backend is in-memory only: it loads the layer whole (use the torch engine,
+    the "auto" choice, for layers larger than memory).
     """
     tic = time.perf_counter()
     chosen = pick_backend(cfg.backend, cfg.device)
@@ -283,30 +350,40 @@ def search_store(store, layer: int, threshold: float, cfg: "SearchConfig") -> La
         ids, states = store.layer(layer)
         res = min_pairwise(states, threshold, "faiss", device=cfg.device, block_rows=cfg.block_rows,
                            precision=cfg.precision, k=cfg.k, max_k=cfg.max_k, max_candidates=cfg.max_candidates,
-                           threads=cfg.threads, progress=cfg.progress, nearest=cfg.nearest)
+                           threads=cfg.threads, progress=cfg.progress, nearest=cfg.nearest,
+                           nearest_sample=cfg.nearest_sample, nearest_cutoff=cfg.nearest_cutoff)
         return LayerResult(layer=layer, prompt_ids=np.asarray(ids, np.int64), result=res)
     dev = resolve_device(cfg.device)
     _check(threshold, cfg.block_rows, cfg.precision, cfg.k, cfg.max_k, cfg.max_candidates, dev)
+    mode = _check_nearest(cfg.nearest, cfg.nearest_sample, cfg.nearest_cutoff)
     if store.d == 0:
         raise CollideError(f"layer {layer} of the store has zero-width states: every row needs at least one column")
     with _search_context(dev, cfg.precision, cfg.threads):
-        prompt_ids, valid_rows, invalid_rows, mu = _scan_store(store, layer, cfg.block_rows, dev)
-        m, d = len(valid_rows), store.d
+        n, d = store.n_rows, store.d
+        plan = lambda m, fits: _plan(cfg, mode, m, dev, fits)  # noqa: E731 - (rows mode, prune?, why not)
+        if dev.type == "cuda":  # resident on the device whenever it fits: no re-reads
+            fits = keep = n * d * 4 * 2 < DEVICE_FRACTION * torch.cuda.mem_get_info(dev)[0]
+        else:  # host memory only for a pruned search; brute force streams (memory ~2 blocks)
+            fits = fits_in_memory(n, d)
+            keep = plan(n, fits)[1]
+        prompt_ids, valid_rows, invalid_rows, mu, norms, xv = _scan_store(store, layer, cfg.block_rows, dev, keep)
+        m = len(valid_rows)
+        rows_mode, use, why = plan(m, fits)
         state = PairSearch(m, d, dev, threshold, cfg.precision, cfg.max_candidates, cfg.block_rows, cfg.progress,
-                           cfg.nearest)
-        resident = dev.type == "cuda" and m * d * 4 * 2 < DEVICE_FRACTION * torch.cuda.mem_get_info(dev)[0]
-        use, why = choose(getattr(cfg, "prune", "off"), m, dev, cfg.nearest)
-        if use and not (resident or (dev.type == "cpu" and fits_in_memory(m, d))):
-            use, why = False, "the layer is streamed from the store (larger than memory): brute force"
-        prune_info = off_info(why)
+                           rows_mode == "all")
+        rows = torch.from_numpy(valid_rows).to(dev)
         if use:
-            xv, rows = load_rows(store, layer, cfg.block_rows, dev)
             prune_info = pruned_search(xv, rows, mu, state)
-        elif resident:
-            blocks = list(_store_blocks(store, layer, cfg.block_rows, dev, mu, None))  # resident: read once
+        elif xv is not None:
+            blocks = [make_block(xv[s:s + cfg.block_rows], rows[s:s + cfg.block_rows], s, mu)
+                      for s in range(0, m, cfg.block_rows)]
             search_blocks(lambda stop: iter(blocks[:stop]), state)
+            prune_info = off_info(why)
         else:
             search_blocks(lambda stop: _store_blocks(store, layer, cfg.block_rows, dev, mu, stop), state)
-    res = _result(state, len(prompt_ids), valid_rows, invalid_rows, "torch", tic)
+            prune_info = off_info(why)
+        res = _result(state, len(prompt_ids), valid_rows, invalid_rows, "torch", tic, norms)
+        if rows_mode == "sample":
+            _add_sampled_nearest(res, xv, rows, mu, cfg.nearest_sample, cfg.block_rows, cfg.max_candidates)
     res.prune = prune_info
     return LayerResult(layer=layer, prompt_ids=prompt_ids, result=res)

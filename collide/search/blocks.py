@@ -53,6 +53,18 @@ def sum_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
     return total
 
 
+def row_norms(x: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """(m,) fp64 L2 norm (not squared) of each row of x (m, d), block by block (no fp64 copy of x)."""
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], block_rows):
+        if x.device.type == "cpu":
+            xb = x[s:s + block_rows].numpy()
+            out.numpy()[s:s + block_rows] = np.sqrt(np.einsum("ij,ij->i", xb, xb, dtype=np.float64))
+        else:
+            out[s:s + block_rows] = x[s:s + block_rows].to(torch.float64).square().sum(1).sqrt()
+    return out
+
+
 def augmented_width(d: int) -> int:
     """K: columns of the augmented operands (d + 2, padded with zeros to a multiple of PAD)."""
     return -(-(d + 2) // PAD) * PAD

@@ -151,9 +151,11 @@ def _expand(state: PairSearch, groups: list[np.ndarray], valid_rows: np.ndarray)
     rep_collisions = list(state.coll)  # before the groups' own pairs join the list
     members = {int(valid_rows[g[0]]): valid_rows[g] for g in groups}  # representative's row -> its group's rows
     for g in groups:  # the smallest pair of each group, at exactly 0, for the minimum and the nn distances
-        state.nn_exact[torch.from_numpy(g)] = 0.0
-        first = torch.from_numpy(g[:1])
-        state.offer(torch.from_numpy(valid_rows[g[:1]]), torch.from_numpy(valid_rows[g[1:2]]), first, first,
+        # each member's nearest neighbour: the group's first row (the first's own: the second), at exactly 0
+        partner = valid_rows[np.where(np.arange(len(g)) == 0, g[1], g[0])]
+        state.record_nn(torch.from_numpy(g), torch.from_numpy(partner), torch.zeros(len(g), dtype=torch.float64))
+        first, second = torch.from_numpy(g[:1]), torch.from_numpy(g[1:2])
+        state.offer(torch.from_numpy(valid_rows[g[:1]]), torch.from_numpy(valid_rows[g[1:2]]), first, second,
                     torch.zeros(1, dtype=torch.float64))
     if state.threshold == 0.0:
         return

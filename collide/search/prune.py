@@ -69,14 +69,17 @@ GROUP_ROWS = 128  # rows of a tile pair screened together (each group only again
 SCREEN_COST = 16384
 
 
-def choose(prune: str, m: int, device: torch.device, nearest: bool = True) -> tuple[bool, str | None]:
-    """(prune?, why not) for ``search.prune`` = auto | off | pca, m valid rows, on ``device``.
+def choose(prune: str, m: int, device: torch.device, all_nearest: bool) -> tuple[bool, str | None]:
+    """(prune?, why not) for ``search.prune`` = auto | off | pca, m valid rows, on ``device``;
+    ``all_nearest``: whether every row's nearest neighbour is certified in the same pass.
 
-    Rule for auto: prune on CPU without ``nearest`` from AUTO_MIN_ROWS valid rows on; otherwise
-    brute force. The rule follows benchmarks/suite/bench_prune.py (figures in benchmarks/results/):
-    without nearest the pruned search wins from a few thousand rows on and more so as n grows; with
-    nearest it loses (the per-row bounds tighten too late, so a large share of pairs still needs its
-    full distance), so auto leaves it off there.
+    Rule for auto: prune on CPU from AUTO_MIN_ROWS valid rows on, unless every row's nearest
+    neighbour is wanted; otherwise brute force. The rule follows benchmarks/suite/bench_prune.py and
+    benchmarks/real_store_search.py (figures in benchmarks/results/): for the minimum and the
+    collisions the pruned search wins from a few thousand rows on and more so as n grows; for every
+    row's nearest neighbour it loses (the per-row bounds tighten too late, so a large share of pairs
+    still needs its full distance), so auto leaves it off there (search.nearest=auto then certifies
+    a sample's nearest neighbours in a pass of their own: collide.search.nearest).
     On CUDA auto stays off until measured (search.prune=pca runs it on any device).
     """
     mode = check_mode(prune)
@@ -86,8 +89,8 @@ def choose(prune: str, m: int, device: torch.device, nearest: bool = True) -> tu
         return True, None
     if device.type != "cpu":
         return False, "auto: not measured on CUDA (search.prune=pca turns it on)"
-    if nearest:
-        return False, "auto: off with search.nearest=true (measured slower than brute force)"
+    if all_nearest:
+        return False, "auto: off when every row's nearest neighbour is certified (measured slower than brute force)"
     if m < AUTO_MIN_ROWS:
         return False, f"auto: {m} rows < {AUTO_MIN_ROWS}, brute force is as fast"
     return True, None

@@ -55,8 +55,8 @@ class PairwiseResult:
     collisions: Pairs  # EVERY pair (i, j), i < j, with distance < threshold, sorted by (distance, i, j)
     n_collisions: int  # len(collisions)
     # (n,) float64: each valid row's exact L2 distance to its nearest other valid row (certified, like
-    # `distance`); inf if there is no other row; nan for invalid rows, and for all rows when the search
-    # ran with nearest=False
+    # `distance`); inf if there is no other row; nan for invalid rows and for the rows whose nearest
+    # neighbour was not computed (see `nearest`)
     nn_distance: np.ndarray
     n_pairs: int  # C(n_valid, 2): pairs covered
     invalid_rows: list[int]  # rows with NaN/Inf, excluded from the search (never compared as numbers)
@@ -69,6 +69,13 @@ class PairwiseResult:
     # pruning record (search.prune, collide/search/prune.py): {"method": "pca" | "off", "k", "tile_rows",
     # "pairs_evaluated_fraction", "tile_pairs_evaluated_fraction", "reason"}; None when not asked for
     prune: dict | None = None
+    # (n,) int64: the row of each row's nearest neighbour (the smallest row among exact ties) where
+    # nn_distance is finite, else -1
+    nn_index: np.ndarray | None = None
+    # whose nearest neighbours were computed (collide.search.nearest.record): {"rows": "all" | "sample" |
+    # "none", "n_rows", "seed" (of the sample), "description"}
+    nearest: dict | None = None
+    row_norm: np.ndarray | None = None  # (n,) float64: each row's L2 norm (not squared) as given; nan if invalid
 
 
 def nn_percentiles(nn_distance: np.ndarray) -> dict | None:
@@ -84,6 +91,14 @@ def nn_percentiles(nn_distance: np.ndarray) -> dict | None:
 def _finite(x: float) -> float | None:
     """x as a JSON number, None for inf/nan (JSON has neither)."""
     return float(x) if math.isfinite(x) else None
+
+
+def nn_pairs(result: PairwiseResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, their nearest neighbours' rows, L2 distances) of every row whose nearest neighbour the search
+    certified (rows ascending)."""
+    idx = result.nn_index if result.nn_index is not None else np.full(len(result.nn_distance), -1)
+    rows = np.flatnonzero((np.asarray(idx) >= 0) & np.isfinite(result.nn_distance))
+    return rows, np.asarray(idx, np.int64)[rows], np.asarray(result.nn_distance, np.float64)[rows]
 
 
 @dataclass
@@ -134,8 +149,8 @@ class LayerResult:
 
     def to_dict(self, max_listed: int) -> dict:
         """The JSON form of this result (the ``layers[]`` entry of report.json, docs/report-schema.md,
-        and of ``python -m collide.search``): pairs, collisions and invalid rows as prompt ids, L2
-        distances (None for inf), nn_distance as percentiles (None without nearest-neighbour distances)."""
+        and of ``collide search``): pairs, collisions and invalid rows as prompt ids, L2 distances (None
+        for inf), nn_distance as percentiles over the rows ``nearest`` names (None without any)."""
         r, ids = self.result, np.asarray(self.prompt_ids, np.int64)
         closest = self.closest_pair_ids()
         return {
@@ -149,6 +164,7 @@ class LayerResult:
             "n_collisions": int(r.n_collisions),
             "collisions": self.listed_collisions(max_listed),
             "nn_distance": nn_percentiles(r.nn_distance),
+            "nearest": getattr(r, "nearest", None),
             "invalid_rows": [int(ids[i]) for i in r.invalid_rows],
             "n_candidates": int(r.n_candidates),
             "backend": str(r.backend),

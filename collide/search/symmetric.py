@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 CPU_PANEL = 1024  # row panel of a diagonal tile on CPU: a quarter of a 4096-row block wastes 20% of the GEMM
 # on the lower triangle instead of 33% at 2048 (n=5000, d=576: 0.15 s vs 0.19 s; n=20000: the same)
 GPU_PANEL = 2048  # row panel of a diagonal tile on CUDA (the H100 figures in benchmarks/ use it)
+NO_ROW = torch.iinfo(torch.int64).max  # "no neighbour yet" in PairSearch.nn_row (loses every amin)
 
 
 def collision_gate(threshold: float) -> float:
@@ -93,6 +94,8 @@ class PairSearch:
         # per row: an upper bound of its nearest-neighbour squared distance, min over tiles of (s^ + E)
         self.nn_ub = torch.full((m,), math.inf, dtype=torch.float64, device=device)
         self.nn_exact = torch.full((m,), math.inf, dtype=torch.float64, device=device)  # best exact d^2 per row
+        # per row: the caller row of its nearest neighbour so far (the smallest among exact ties); NO_ROW if none
+        self.nn_row = torch.full((m,), NO_ROW, dtype=torch.int64, device=device)
         self.coll: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (i, j, L2) collision batches, host
         self.n_candidates = 0  # pairs re-ranked exactly because they passed the screening bound
         self.n_skipped = 0  # candidates left un-re-ranked once the budget was spent
@@ -222,10 +225,9 @@ class PairSearch:
         """Record exact squared distances d2 of pairs (caller rows ri, rj; engine indices ei, ej)."""
         if d2.numel() == 0:
             return
+        self.record_nn(torch.cat([ei, ej]), torch.cat([rj, ri]), torch.cat([d2, d2]))
         if reorient:
             ri, rj = torch.minimum(ri, rj), torch.maximum(ri, rj)
-        self.nn_exact.scatter_reduce_(0, ei, d2, "amin")
-        self.nn_exact.scatter_reduce_(0, ej, d2, "amin")
         best = float(d2.min())
         if best <= self.tau:
             at = torch.nonzero(d2 == best)[:, 0]
@@ -239,6 +241,17 @@ class PairSearch:
             if hit.size:
                 sel = near[torch.from_numpy(hit).to(near.device)]
                 self.coll.append((ri[sel].cpu().numpy(), rj[sel].cpu().numpy(), dist[hit]))
+
+    def record_nn(self, eng: torch.Tensor, partner: torch.Tensor, d2: torch.Tensor) -> None:
+        """Offer each row ``eng[k]`` (engine index) the neighbour ``partner[k]`` (caller row) at exact squared
+        distance ``d2[k]``: a row keeps its smallest distance and, among exact ties, the smallest caller row,
+        whatever the order of the offers."""
+        before = self.nn_exact[eng]
+        self.nn_exact.scatter_reduce_(0, eng, d2, "amin")
+        now = self.nn_exact[eng]
+        self.nn_row[eng[now < before]] = NO_ROW  # a closer neighbour replaces the old one, ties or not
+        at = d2 == now
+        self.nn_row.scatter_reduce_(0, eng[at], partner[at].to(self.nn_row.device), "amin")
 
     # ------------------------------------------------------------------ results
     def collisions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -258,6 +271,15 @@ class PairSearch:
         if not self.nearest:
             return np.full(self.nn_exact.shape[0], np.nan)
         return np.sqrt(self.nn_exact.cpu().numpy())
+
+    def nn_rows(self) -> np.ndarray:
+        """(m,) int64 caller row of each row's nearest neighbour (the smallest among exact ties), engine order;
+        -1 for a row with no other row, and for every row when ``nearest`` is off."""
+        if not self.nearest:
+            return np.full(self.nn_row.shape[0], -1, np.int64)
+        rows = self.nn_row.cpu().numpy().copy()
+        rows[rows == NO_ROW] = -1
+        return rows
 
     def close(self) -> None:
         if self.bar is not None:

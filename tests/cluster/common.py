@@ -85,3 +85,5 @@ def assert_same(local, remote):
         (b.distance, b.pair, b.certified, b.n_pairs, b.invalid_rows)
     assert a.collisions == b.collisions and a.n_collisions == b.n_collisions
     assert np.array_equal(a.nn_distance, b.nn_distance, equal_nan=True)
+    assert np.array_equal(a.nn_index, b.nn_index) and a.nearest == b.nearest
+    assert np.array_equal(a.row_norm, b.row_norm, equal_nan=True)

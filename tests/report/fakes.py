@@ -30,6 +30,9 @@ class FakePairwise:
     n_candidates: int = 0  # fp64 re-ranks
     uncertified_reason: str | None = None  # why certified is False
     seconds: float = 0.01  # search time
+    nn_index: np.ndarray | None = None  # (n,) row of each row's nearest neighbour; -1 for invalid rows
+    nearest: dict | None = None  # whose nearest neighbours were computed (collide.search.nearest.record)
+    row_norm: np.ndarray | None = None  # (n,) L2 norm of each row; nan for invalid rows
 
 
 @dataclass
@@ -48,8 +51,11 @@ def brute_force(x: np.ndarray, threshold: float) -> FakePairwise:
     rows = np.flatnonzero(valid)
     dist = np.sqrt(((x[rows, None, :] - x[None, rows, :]) ** 2).sum(-1))
     np.fill_diagonal(dist, np.inf)
-    nn = np.full(len(x), np.nan)
+    nn, nn_index = np.full(len(x), np.nan), np.full(len(x), -1, np.int64)
     nn[rows] = dist.min(axis=1) if len(rows) > 1 else np.inf
+    if len(rows) > 1:
+        nn_index[rows] = rows[dist.argmin(axis=1)]  # the first (smallest) row among ties
+    row_norm = np.where(valid, np.linalg.norm(np.where(valid[:, None], x, 0.0), axis=1), np.nan)
     iu, ju = np.triu_indices(len(rows), 1)
     pairs = dist[iu, ju]
     best = int(np.argmin(pairs)) if len(pairs) else None
@@ -60,7 +66,9 @@ def brute_force(x: np.ndarray, threshold: float) -> FakePairwise:
                         pair=(int(rows[iu[best]]), int(rows[ju[best]])) if best is not None else None,
                         certified=True, collisions=coll, n_collisions=len(coll), nn_distance=nn,
                         n_pairs=len(pairs), invalid_rows=[int(i) for i in np.flatnonzero(~valid)],
-                        threshold=threshold)
+                        threshold=threshold, nn_index=nn_index, row_norm=row_norm,
+                        nearest={"rows": "all", "n_rows": len(rows), "seed": None,
+                                 "description": f"nn of all {len(rows):,} rows, each exact"})
 
 
 def fake_run(n_layers: int = 4, n: int = 30, d: int = 8, collide_at: tuple[int, ...] = (),

@@ -10,7 +10,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from collide.report.diagnostics import edit_distances, layer_diagnostics, nearest_rows, quantization_record
+from collide.report.diagnostics import edit_distances, layer_diagnostics, quantization_record
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "collide" / "report" / "report_schema.json").read_text())
 
@@ -33,24 +33,20 @@ def test_edit_distances_match_the_textbook_recurrence():
     assert edit_distances([[5, 1, 2, 3]], [[1, 2, 3]]).tolist() == [1]  # one deletion, not 4 substitutions
 
 
-def test_nearest_rows_are_exact_and_ties_take_the_smallest_index():
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((300, 8)) * 1000 + 5000  # large norms: the Gram form alone would be ambiguous
-    x[10] = x[3]
-    x[200] = x[3]
-    got = nearest_rows(x, np.arange(300))
-    d = ((x[:, None] - x[None]) ** 2).sum(-1)
-    np.fill_diagonal(d, np.inf)
-    assert (d[np.arange(300), got] == d.min(axis=1)).all()
-    assert got[3] == 10 and got[10] == 3 and got[200] == 3
+def _result(x: np.ndarray):
+    """The certified search of x with every row's nearest neighbour (what the report reads)."""
+    from collide.search import min_pairwise
+
+    return min_pairwise(x, 1e-6, nearest=True, progress=False)
 
 
 def test_layer_diagnostics_on_planted_states():
     # four prompts: 0 and 1 are one token edit apart and 0.5 apart in state space; 2 and 3 two edits and 3.0
     tokens = [[1, 2, 3], [1, 2, 4], [7, 8, 9], [9, 9]]
     x = np.array([[10.0, 0, 0], [10.5, 0, 0], [0, 20.0, 0], [0, 23.0, 0]])
-    nn = np.array([0.5, 0.5, 3.0, 3.0])
-    out = layer_diagnostics(x, tokens, nn, 0.5, closest=(0, 1), prompt_ids=np.array([5, 6, 7, 8]))
+    res = _result(x)
+    assert res.nn_index.tolist() == [1, 0, 3, 2]
+    out = layer_diagnostics(res, tokens, prompt_ids=np.array([5, 6, 7, 8]))
     norms = np.linalg.norm(x, axis=1)
     assert out["separation_margin"] == 0.5
     assert out["state_norm_p50"] == pytest.approx(np.median(norms))
@@ -59,13 +55,34 @@ def test_layer_diagnostics_on_planted_states():
     assert c["min"] == pytest.approx(0.5) and c["pair"] == [5, 6] and c["pair_prompt_distance"] == 1
     assert c["p50"] == pytest.approx(np.median([0.5, 0.5, 1.5, 1.5])) and c["n_pairs"] == 4 and not c["sampled"]
     # with a sample smaller than the rows, the closest pair's rows are always kept
-    out = layer_diagnostics(x, tokens, nn, 0.5, closest=(0, 1), max_rows=1, seed=3)
+    out = layer_diagnostics(res, tokens, max_rows=1, seed=3)
     assert out["co_lipschitz"]["min"] == pytest.approx(0.5) and out["co_lipschitz"]["sampled"]
+    assert out["co_lipschitz"]["n_pairs"] in (2, 3)
+
+
+def test_layer_diagnostics_read_the_search_not_the_states():
+    """The co-Lipschitz pairs are the search's nn pairs, ties broken as the search breaks them."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 8)) * 1000 + 5000  # large norms: the Gram form alone would be ambiguous
+    x[10] = x[3]
+    x[200] = x[3]
+    res = _result(x)
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    assert (d[np.arange(300), res.nn_index] == d.min(axis=1)).all()
+    assert res.nn_index[3] == 10 and res.nn_index[10] == 3 and res.nn_index[200] == 3
+    tokens = [[i, i + 1] for i in range(300)]
+    out = layer_diagnostics(res, tokens)
+    assert out["co_lipschitz"]["min"] == 0.0 and out["co_lipschitz"]["pair"] == [3, 10]
 
 
 def test_layer_diagnostics_without_nearest_distances():
-    out = layer_diagnostics(np.ones((3, 2)), [[1], [2], [3]], np.full(3, np.nan), None)
-    assert out["co_lipschitz"] is None and out["separation_margin"] is None and out["relative_margin"] is None
+    from collide.search import min_pairwise
+
+    res = min_pairwise(np.ones((3, 2)), 1e-6, nearest=False, progress=False)
+    out = layer_diagnostics(res, [[1], [2], [3]])
+    # the minimum (0: identical rows) and its pair are known without nn; nothing else
+    assert out["separation_margin"] == 0.0 and out["co_lipschitz"]["n_pairs"] == 2
 
 
 def test_quantization_record_keeps_model_and_storage_apart():

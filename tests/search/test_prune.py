@@ -35,6 +35,7 @@ def same(a, b) -> None:
     assert (a.distance, a.pair, a.certified, a.n_collisions) == (b.distance, b.pair, b.certified, b.n_collisions)
     assert a.collisions == b.collisions
     assert np.array_equal(a.nn_distance, b.nn_distance, equal_nan=True)
+    assert np.array_equal(a.nn_index, b.nn_index) and a.nearest == b.nearest
     assert a.invalid_rows == b.invalid_rows
 
 
@@ -155,8 +156,8 @@ def test_auto_rule_and_modes():
     assert res.prune["method"] == "off" and "8192" in res.prune["reason"]
     with pytest.raises(CollideError, match="search.prune"):
         min_pairwise(x, 1e-6, "torch", prune="fast")
-    assert prune_mod.choose("auto", 10**6, torch.device("cpu"), nearest=False) == (True, None)
-    assert prune_mod.choose("auto", 10**6, torch.device("cpu"), nearest=True)[0] is False
+    assert prune_mod.choose("auto", 10**6, torch.device("cpu"), all_nearest=False) == (True, None)
+    assert prune_mod.choose("auto", 10**6, torch.device("cpu"), all_nearest=True)[0] is False
 
 
 class Streamed:

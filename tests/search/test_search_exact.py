@@ -23,10 +23,16 @@ ENGINES = ("torch", "faiss")
 
 def brute_nn(x: np.ndarray) -> np.ndarray:
     """Each row's exact L2 distance to its nearest other row (fp64 squared sums, IEEE sqrt)."""
+    return brute_nn_index(x)[0]
+
+
+def brute_nn_index(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(brute_nn, the row of each row's nearest neighbour: the smallest among exact ties)."""
     x = np.asarray(x, np.float64)
     d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
     np.fill_diagonal(d2, np.inf)
-    return np.sqrt(d2.min(1))
+    at = d2.argmin(1)  # numpy's argmin takes the first of equal values
+    return np.sqrt(d2[np.arange(len(x)), at]), at
 
 
 def near_ties(n_groups: int = 80, d: int = 48, seed: int = 0) -> np.ndarray:
@@ -79,16 +85,20 @@ def test_nn_distance_is_exact_for_every_row_on_near_ties(engine, block_rows):
     x = near_ties()
     res = min_pairwise(x, 1e-6, engine, block_rows=block_rows, k=1, max_k=4)
     assert res.certified
-    want = brute_nn(x)
+    want, at = brute_nn_index(x)
     np.testing.assert_array_equal(res.nn_distance, want)  # bit for bit: same fp64 sums, same sqrt
-    assert res.distance == want.min()
+    np.testing.assert_array_equal(res.nn_index, at)  # and the neighbour itself
+    assert res.distance == want.min() and res.nearest["rows"] == "all"
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_nn_distance_is_exact_streamed_from_a_store(engine):
     x = near_ties(40, seed=1)
     lr = search_store(Streamed(x), 0, 1e-6, SearchConfig(backend=engine, block_rows=13, progress=False))
-    np.testing.assert_array_equal(lr.result.nn_distance, brute_nn(x))
+    want, at = brute_nn_index(x)
+    np.testing.assert_array_equal(lr.result.nn_distance, want)
+    np.testing.assert_array_equal(lr.result.nn_index, at)
+    np.testing.assert_allclose(lr.result.row_norm, np.linalg.norm(x.astype(np.float64), axis=1), rtol=1e-15)
     assert lr.result.certified
 
 
