@@ -80,6 +80,21 @@ def tiny_store(tiny_llama, tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def cache_root(tmp_path_factory):
+    """$COLLIDE_CACHE for the whole run: converted models, lens bundles and file digests go to one temporary
+    folder, never the checkout's runs/. One folder per test run, shared by the xdist workers (they write it
+    atomically), so a real model is converted once and every later load reads the cache; inherited by
+    subprocesses. A test that needs an empty cache sets its own."""
+    from collide.config import CACHE_ENV
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "collide-cache"
+    root.mkdir(exist_ok=True)
+    os.environ[CACHE_ENV] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
 def torch_threads():
     """OMP_NUM_THREADS intra-op threads in this process too, even where torch was imported first."""
     import torch

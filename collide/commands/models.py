@@ -54,6 +54,10 @@ def run(cfg: ModelsConfig, command: str = "") -> int:
              e["state"] + (" (being written)" if e["writing"] else ""), str(e["path"])] for e in entries]
     print_table(f"converted models in {model_cache.root()}", ["model", "dtype", "GGUF file", "size", "state", "path"],
                 rows, left=["model", "GGUF file", "state", "path"])
+    for entry in entries:
+        if entry["state"].startswith("damaged"):
+            say(f"DAMAGED {entry['path']}: {entry['state'].removeprefix('damaged: ')}; it is converted again on its "
+                "next load (or run collide models clear)")
     say(f"{len(entries)} cached model director{'y' if len(entries) == 1 else 'ies'}{which}, "
         f"{model_cache.human(sum(e['bytes'] for e in entries))}")
     return 1 if any(e["state"].startswith("damaged") for e in entries) else 0
