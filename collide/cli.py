@@ -50,13 +50,16 @@ class Command:
     schema: type  # the dataclass of collide.config its config is composed into
     positional: str | None  # the key that receives positional arguments (a list key takes several)
     summary: str  # one line for `collide --help`
+    rerun: str  # what running the same command again does after Ctrl-C (the interrupted line's advice)
 
 
-def _command(module: ModuleType) -> Command:
-    return Command(module.run, module.SCHEMA, getattr(module, "POSITIONAL", None), module.SUMMARY)
+def _command(name: str, module: ModuleType) -> Command:
+    rerun = getattr(module, "RERUN", f"what was complete is kept: run the same `collide {name}` command again "
+                                     "to resume")
+    return Command(module.run, module.SCHEMA, getattr(module, "POSITIONAL", None), module.SUMMARY, rerun)
 
 
-COMMANDS: dict[str, Command] = {name: _command(module) for name, module in (
+COMMANDS: dict[str, Command] = {name: _command(name, module) for name, module in (
     ("run", run), ("search", search), ("verify", verify), ("compare", compare), ("exhaustive", exhaustive),
     ("invert", invert), ("lens", lens), ("models", models), ("probe", probe), ("precache", precache),
     ("myopic-lm", myopic_lm))}
@@ -139,10 +142,13 @@ def compose(name: str, argv: list[str]):
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    from collide.corpus import available
 
     command = COMMANDS[name]
     positional, overrides = ([], list(argv)) if name == "run" else split_arguments(name, argv)
+    _check_group_choices(overrides, config_groups(name))
     register_schemas()
     try:
         with initialize_config_module(config_module="collide.conf", version_base="1.3"):
@@ -151,6 +157,11 @@ def compose(name: str, argv: list[str]):
             OmegaConf.update(cfg, command.positional, positional if takes_many(command) else positional[0],
                              merge=False)
         return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:
+        if exc.full_key not in config_groups(name):
+            raise CollideError(f"{str(exc).strip().splitlines()[0]}; see `collide {name} --help` for the keys") from None
+        raise CollideError(f"`collide {name}` needs {exc.full_key}=NAME, one of: {', '.join(available(exc.full_key))}"
+                           ) from None
     except (HydraException, OmegaConfBaseException, ValueError, AssertionError) as exc:
         cause = exc.__cause__ or exc.__context__
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -189,20 +200,35 @@ def split_arguments(name: str, argv: list[str]) -> tuple[list[str], list[str]]:
 # --------------------------------------------------------------------------- collide run (a Hydra app)
 
 
-def _check_group_choices(argv: list[str]) -> None:
-    """One-line error for an unknown model=/corpus=/cluster= name, listing the choices (before Hydra starts)."""
+def config_groups(name: str) -> tuple[str, ...]:
+    """The config groups (directories of collide/conf: model, corpus, cluster) that ``collide NAME`` composes:
+    the group entries of the defaults list of collide/conf/<name>.yaml."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    conf = files("collide.conf")
+    defaults = OmegaConf.to_container(OmegaConf.load(str(conf.joinpath(f"{name}.yaml")))).get("defaults", [])
+    keys = [key.removeprefix("optional ").strip() for entry in defaults if isinstance(entry, dict) for key in entry]
+    return tuple(key for key in keys if conf.joinpath(key).is_dir())
+
+
+def _check_group_choices(argv: list[str], groups: tuple[str, ...]) -> None:
+    """One-line error for an unknown name of a config group (model=, corpus=, cluster=), listing the choices,
+    before Hydra composes anything (it would report an unknown model as a missing one)."""
     import re
 
     from collide.corpus import available
 
     for arg in argv:
-        match = re.fullmatch(r"\+?(model|corpus|cluster)=(.+)", arg)
-        if match:
+        match = re.fullmatch(r"\+?(\w+)=(.+)", arg)
+        if match and match.group(1) in groups:
             group, value = match.groups()
             for name in value.split(","):  # multirun sweeps list several
                 if name and name not in available(group):
                     raise CollideError(f"unknown {group} {name!r}; choose one of: {', '.join(available(group))}"
-                                       + {"model": " (or set model.source=<hub id or local dir>)",
+                                       + {"model": " (a model not listed: model=<a listed model of its family> "
+                                                   "model.source=<hub id or local dir>)",
                                           "corpus": " (or corpus=files corpus.data_files=...)"}.get(group, ""))
 
 
@@ -269,7 +295,7 @@ def _fail(message: str, status: int = 2) -> int:
 def run_hydra(argv: list[str]) -> int:
     """``collide run argv``: check the overrides, then hand them to the Hydra app; returns the exit status."""
     try:
-        _check_group_choices(argv)
+        _check_group_choices(argv, config_groups("run"))
         _check_composes(argv)
     except CollideError as exc:
         return _fail(str(exc))
@@ -328,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"collide: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"collide: error: interrupted; what was complete is kept: run the same `collide {name}` command "
-              "again to resume", file=sys.stderr)
+        print(f"collide: error: interrupted; {COMMANDS[name].rerun}", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0
 

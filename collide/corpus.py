@@ -13,6 +13,7 @@ the extraction stage (``collide.extract``), which counts the drops.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import random
@@ -30,6 +31,7 @@ from collide.errors import CollideError
 
 KINDS = ("hub", "mix", "stdlib-docs", "stdlib-code", "files")
 PARAGRAPH = re.compile(r"\n\s*\n")
+SNIFF_BYTES = 1 << 16  # bytes of each text file that check_corpus decodes before a model is loaded
 
 
 @dataclass(frozen=True)
@@ -78,31 +80,113 @@ def stdlib_code() -> list[tuple[str, str]]:
     return [(str(p.relative_to(root)), p.read_text(encoding="utf-8", errors="replace")) for p in paths]
 
 
-def file_documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
-    """Documents of the user's files: .txt/.md paragraphs, .jsonl rows or .parquet rows (column ``field``)."""
+def file_paths(cfg: CorpusConfig) -> list[str]:
+    """The files ``corpus.data_files`` names (globs expanded), sorted; CollideError if none, or one is not a file."""
     if not cfg.data_files:
         raise CollideError("corpus=files needs its files: set corpus.data_files='[/path/*.jsonl]'")
     paths = sorted({p for pattern in cfg.data_files for p in glob.glob(str(Path(pattern).expanduser()))})
     if not paths:
         raise CollideError(f"corpus.data_files={list(cfg.data_files)} matches no file; check the paths or globs")
+    folders = [p for p in paths if not Path(p).is_file()]
+    if folders:
+        raise CollideError(f"corpus.data_files names {folders[0]}, which is not a file; name the files in it "
+                           f"(corpus.data_files='[{folders[0].rstrip('/')}/*.txt]')")
+    return paths
+
+
+def _not_text(path: str, data: bytes, final: bool = True) -> CollideError | None:
+    """CollideError naming ``path`` if ``data`` (its first bytes, or all of them with ``final``) is not UTF-8
+    text: an undecodable byte, or a NUL (binary files often decode, never hold NULs in text)."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=final)
+        where = data.find(b"\0")
+        reason = None if where < 0 else f"a NUL byte at offset {where}"
+    except UnicodeDecodeError as exc:
+        reason = f"byte 0x{data[exc.start]:02x} at offset {exc.start} is not UTF-8"
+    if reason is None:
+        return None
+    return CollideError(f"{path} is not a text file ({reason}); corpus=files reads UTF-8 .txt/.md, .jsonl and "
+                        ".parquet files: convert it to UTF-8 or drop it from corpus.data_files")
+
+
+def _decoded(path: str, data: bytes) -> str:
+    problem = _not_text(path, data)
+    if problem is not None:
+        raise problem
+    return data.decode("utf-8")
+
+
+def _parquet_names(path: str) -> list[str]:
+    """The column names of a Parquet file; CollideError naming it if it is not one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as exc:
+        raise CollideError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]}); pass Parquet "
+                           "files with a .parquet suffix, or rename a text file to .txt or .jsonl") from None
+
+
+def check_corpus(cfg: CorpusConfig) -> None:
+    """The checks of a corpus config that need no tokenizer, run before a model is loaded: the window bounds,
+    and for corpus=files its files: every one exists and is a file, some hold data, the first ``SNIFF_BYTES``
+    of each text file are UTF-8 text, a .jsonl file's first line is an object with the text field, a .parquet
+    file has that column. What lies further in a file is checked as it is read."""
+    _check_window(cfg)
+    if cfg.kind != "files":
+        return
+    paths = file_paths(cfg)
+    if all(Path(p).stat().st_size == 0 for p in paths):
+        raise CollideError(f"corpus.data_files={list(cfg.data_files)} holds no text: {', '.join(paths[:3])}"
+                           f"{' ...' if len(paths) > 3 else ''} {'is' if len(paths) == 1 else 'are'} empty; "
+                           "point corpus.data_files at files with text")
     for path in paths:
+        if Path(path).suffix.lower() == ".parquet":
+            names = _parquet_names(path)
+            if cfg.field not in names:
+                raise CollideError(f"{path} has no column {cfg.field!r} (it has {names}); "
+                                   "set corpus.field to the text column")
+            continue
+        with open(path, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+        whole = len(head) < SNIFF_BYTES
+        problem = _not_text(path, head, final=whole)
+        if problem is not None:
+            raise problem
+        lines = head.split(b"\n") if whole else head.split(b"\n")[:-1]  # complete lines only
+        first = next((line.decode("utf-8") for line in lines if line.strip()), None)
+        if Path(path).suffix.lower() == ".jsonl" and first is not None:
+            _field(_json_object(first, f"{path}:{lines.index(first.encode()) + 1}"), cfg, path)
+
+
+def _check_window(cfg: CorpusConfig) -> None:
+    if not 1 <= cfg.min_tokens <= cfg.max_tokens:
+        raise CollideError(f"corpus.min_tokens={cfg.min_tokens} and corpus.max_tokens={cfg.max_tokens} must satisfy "
+                           "1 <= min_tokens <= max_tokens")
+
+
+def file_documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
+    """Documents of the user's files: .txt/.md paragraphs, .jsonl rows or .parquet rows (column ``field``)."""
+    for path in file_paths(cfg):
         suffix = Path(path).suffix.lower()
         if suffix == ".jsonl":
-            with open(path, encoding="utf-8") as fh:
-                for row, line in enumerate(fh):
+            with open(path, "rb") as fh:
+                for row, raw in enumerate(fh):
+                    line = _decoded(f"{path}:{row + 1}", raw)
                     if line.strip():
                         yield f"{path}:{row}", _field(_json_object(line, f"{path}:{row + 1}"), cfg, path)
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            names = pq.read_schema(path).names
+            names = _parquet_names(path)
             if cfg.field not in names:
                 raise CollideError(f"{path} has no column {cfg.field!r} (it has {names}); "
                                    "set corpus.field to the text column")
             for row, text in enumerate(pq.read_table(path, columns=[cfg.field]).column(0).to_pylist()):
-                yield f"{path}:{row}", text or ""
+                yield f"{path}:{row}", _text_value(text, f"{path}:{row}")
         else:
-            for i, para in enumerate(_paragraphs(Path(path).read_text(encoding="utf-8", errors="replace"))):
+            for i, para in enumerate(_paragraphs(_decoded(path, Path(path).read_bytes()))):
                 yield f"{path}#{i}", para
 
 
@@ -121,7 +205,15 @@ def _json_object(line: str, where: str) -> dict:
 def _field(record: dict, cfg: CorpusConfig, where: str) -> str:
     if cfg.field not in record:
         raise CollideError(f"{where}: record has no key {cfg.field!r} (keys: {sorted(record)}); set corpus.field")
-    return record[cfg.field] or ""
+    return _text_value(record[cfg.field], where)
+
+
+def _text_value(value, where: str) -> str:
+    """A document's text field: a string (None = an empty document); CollideError naming ``where`` otherwise."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise CollideError(f"{where}: the text field holds a {type(value).__name__}, not a string; set corpus.field "
+                       "to the column or key that holds the text")
 
 
 def hub_documents(cfg: CorpusConfig, path_key: str = "corpus.path") -> Iterator[tuple[str, str]]:
@@ -179,9 +271,7 @@ def special_prefix(tokenizer) -> list[int]:
 
 def windows(docs: Iterable[tuple[str, str]], tokenizer, cfg: CorpusConfig) -> Iterator[Prompt]:
     """One random contiguous window of min_tokens..max_tokens tokens per document."""
-    if not 1 <= cfg.min_tokens <= cfg.max_tokens:
-        raise CollideError(f"corpus.min_tokens={cfg.min_tokens} and corpus.max_tokens={cfg.max_tokens} must satisfy "
-                           "1 <= min_tokens <= max_tokens")
+    _check_window(cfg)
     prefix = special_prefix(tokenizer)
     for doc_id, text in docs:
         ids = tokenizer(text, add_special_tokens=False).input_ids

@@ -324,9 +324,13 @@ def finish_store(writer: StoreWriter, n_done: int, n_prompts: int, store_dir, se
     the stream ended (the store stays resumable with a smaller n_prompts) and raise CollideError."""
     if n_done < n_prompts:
         writer.mark_stream_end(n_done)
+        if n_done < 2:  # no pair to compare: no smaller n_prompts helps
+            raise CollideError(f"the corpus gave {n_done} distinct prompt(s), and a pair needs 2 (documents shorter "
+                               "than corpus.min_tokens tokens are skipped); use a larger corpus or a smaller "
+                               "corpus.min_tokens")
         raise CollideError(f"the corpus gave only {n_done} distinct prompts, fewer than n_prompts={n_prompts}; "
-                           f"set n_prompts<={n_done} or use a larger corpus (n_prompts={n_done} finishes the "
-                           f"store {store_dir} from the prompts already extracted)")
+                           f"set n_prompts<={n_done} or use a larger corpus (n_prompts={n_done} store.path={store_dir} "
+                           "finishes this store from the prompts already extracted)")
     return writer.finish(seconds)
 
 

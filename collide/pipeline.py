@@ -38,9 +38,10 @@ def validate(cfg: CollideConfig) -> None:
 
 def extract(cfg: CollideConfig, identity: dict, location: Path, timings: dict):
     """Load the model and extract (or resume) the store at ``location``; returns (store, layers)."""
-    from collide.corpus import iter_prompts
+    from collide.corpus import check_corpus, iter_prompts
     from collide.models import load_model
 
+    check_corpus(cfg.corpus)  # a bad corpus file fails before the model loads and the store is created
     tic = time.perf_counter()
     log.info("loading model %s (%s)", cfg.model.name, cfg.model.source)
     lm = load_model(cfg.model)

@@ -132,11 +132,14 @@ def test_cli_searches_every_layer_and_writes_json(store, tmp_path, capsys):
     assert "4 / 61" in printed and f"written {out}" in printed
 
 
-def test_cli_default_output_next_to_the_store_and_layer_range(store, capsys):
+def test_cli_default_output_in_the_store_and_layer_range(store, capsys):
     path, _ = store
     assert main(["search", str(path), "layers=1:2", "search.progress=false"]) == 0
-    summary = json.loads((path.parent / "search.json").read_text())
+    [found] = (path / "searches").glob("*/search.json")  # searches/<settings hash>/
+    summary = json.loads(found.read_text())
     assert [e["layer"] for e in summary["layers"]] == [2]
+    assert summary["layers"][0]["collisions_file"] == str(found.parent / "collisions" / "layer=2.parquet")
+    assert not (path.parent / "search.json").exists()
 
 
 def test_cli_errors_are_one_line_with_exit_2(store, capsys):
