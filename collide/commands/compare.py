@@ -24,14 +24,17 @@ class CompareConfig:
 SCHEMA = CompareConfig
 POSITIONAL = "runs"
 SUMMARY = "one table and figure for several runs or a sweep"
+RERUN = "nothing was written: run the same `collide compare` command again to compare from the start"
 
 
 def run(cfg: CompareConfig, command: str = "") -> dict:
     """Write comparison.{md,json,png} into ``cfg.out`` (``collide.report.compare``) and print the table."""
+    from collide.commands import check_out_dir
     from collide.console import print_table, say
     from collide.report.compare import compare
     from collide.report.figures import fmt_distance
 
+    check_out_dir(cfg.out)
     out = Path(cfg.out)
     summary = compare([Path(p) for p in cfg.runs], out, cfg.depth_axis)
     rows = []

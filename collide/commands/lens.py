@@ -8,6 +8,8 @@ SCHEMA = LensCommandConfig
 POSITIONAL = "action"
 SUMMARY = "fit the ranking lens and position-0 table `collide invert` uses (collide lens fit model=... layers=...)"
 ACTIONS = ("fit",)
+RERUN = ("the layers already fitted are kept (under lens.root, or in lens.path): the same `collide lens fit` "
+         "command reads them and fits the rest; the interrupted layer restarts")
 
 
 def run(cfg: LensCommandConfig, command: str = "") -> list[dict]:

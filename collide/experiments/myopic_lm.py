@@ -48,7 +48,7 @@ from collide.atomic import atomic_write, fsync_dir, write_outputs
 from collide.config import MyopicLMConfig
 from collide.errors import CollideError
 from collide.experiments import torch_threads
-from collide.experiments.precache import MODES, Block
+from collide.experiments.precache import MODES, Block, require
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ SCHEMA = "collide-myopic-lm/1"
 WARMUP = 0.02  # share of the steps with a linear learning-rate warm-up
 FINAL_LR = 0.1  # the cosine decay ends at this share of the peak learning rate
 LOG_EVERY = 50  # steps between two points of the recorded training-loss curve
+MAX_SEQ_LEN = 1024  # longest training window: GPT-2's context (the checkpoints are saved as GPT-2)
 PAPER = {"vanilla": 3.28, "myopic": 3.40}  # GPT-2 (124M) on natural language, cross-entropy (arXiv 2404.00859)
 
 
@@ -199,7 +200,7 @@ def evaluate(model: TinyLM, stream: np.ndarray, cfg: MyopicLMConfig) -> dict:
 
 
 def check(cfg: MyopicLMConfig) -> None:
-    """One-line errors for values the experiment cannot run with."""
+    """One-line errors for values the experiment cannot run with, before any work: every number in range."""
     bad = [m for m in cfg.modes if m not in MODES]
     if bad or not cfg.modes:
         raise CollideError(f"modes={cfg.modes}: choose among {list(MODES)}, e.g. modes=[vanilla,myopic]")
@@ -208,6 +209,27 @@ def check(cfg: MyopicLMConfig) -> None:
                            f"{cfg.eval_sequences}, n_layers={cfg.n_layers}: each must be >= 1")
     if not 0 < cfg.val_fraction < 1:
         raise CollideError(f"val_fraction={cfg.val_fraction}: must be in (0, 1), e.g. val_fraction=0.05")
+    step = cfg.batch_size * cfg.seq_len
+    require(cfg, {
+        "seq_len": (cfg.seq_len <= MAX_SEQ_LEN, f"at most {MAX_SEQ_LEN} (GPT-2's context), e.g. seq_len=128"),
+        "tokens": (cfg.tokens >= step, f">= one step of batch_size x seq_len = {step:,} target tokens (the default "
+                                       "819200 is 400 steps of 16 x 128)"),
+        "d_model": (cfg.d_model >= 1, ">= 1, e.g. d_model=256"),
+        "n_heads": (cfg.n_heads >= 1 and cfg.d_model % cfg.n_heads == 0,
+                    f">= 1 and divide d_model={cfg.d_model}, e.g. d_model=256 n_heads=4"),
+        "lr": (math.isfinite(cfg.lr) and cfg.lr > 0, "a positive learning rate, e.g. lr=2e-3"),
+        "threads": (cfg.threads >= 0, ">= 0 (0 = torch's default), e.g. threads=1"),
+        "seed": (cfg.seed >= 0, ">= 0, e.g. seed=0"),
+    })
+
+
+def check_streams(cfg: MyopicLMConfig, train: np.ndarray, held: np.ndarray) -> None:
+    """One line if a stream is too short for one window of ``seq_len`` + 1 tokens (before any training)."""
+    for name, stream in (("training", train), ("held-out", held)):
+        if len(stream) < cfg.seq_len + 2:
+            raise CollideError(f"seq_len={cfg.seq_len}: the {name} stream has only {len(stream):,} tokens at "
+                               f"val_fraction={cfg.val_fraction}, not one window of seq_len + 1; lower seq_len or "
+                               "raise val_fraction (e.g. val_fraction=0.05)")
 
 
 def figure(result: dict, path: Path) -> dict:
@@ -274,6 +296,7 @@ def run_experiment(cfg: MyopicLMConfig, command: str | None = None) -> dict:
 def _run(cfg: MyopicLMConfig, command: str | None) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     train_stream, held, tokenizer = corpus_streams(cfg.val_fraction, cfg.seed)
+    check_streams(cfg, train_stream, held)
     vocab = len(tokenizer)
     result = {"schema": SCHEMA, "command": command, "config": json.loads(json.dumps(asdict(cfg))),
               "tokenizer": "byte", "vocab": vocab, "train_tokens": int(len(train_stream)),

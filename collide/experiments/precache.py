@@ -228,7 +228,7 @@ def evaluate(model: TinyGPT, batch: dict[str, torch.Tensor], max_lag: int) -> di
 
 
 def check(cfg: PrecacheConfig) -> None:
-    """One-line errors for values the experiment cannot run with."""
+    """One-line errors for values the experiment cannot run with, before any work: every number in range."""
     if cfg.task not in TASKS:
         raise CollideError(f"task={cfg.task}: choose among {list(TASKS)}, e.g. task=paper")
     bad = [m for m in cfg.modes if m not in MODES]
@@ -244,6 +244,25 @@ def check(cfg: PrecacheConfig) -> None:
         raise CollideError(f"steps={cfg.steps}, batch_size={cfg.batch_size}, eval_sequences={cfg.eval_sequences}, "
                            f"eval_every={cfg.eval_every}, patience={cfg.patience}, decays={cfg.decays}: need each "
                            ">= 1 and eval_sequences >= 4")
+    require(cfg, {
+        "d_model": (cfg.d_model >= 1, ">= 1, e.g. d_model=128"),
+        "n_layers": (cfg.n_layers >= 1, ">= 1, e.g. n_layers=2"),
+        "n_heads": (cfg.n_heads >= 1 and cfg.d_model % cfg.n_heads == 0,
+                    f">= 1 and divide d_model={cfg.d_model}, e.g. d_model=128 n_heads=2"),
+        "lr": (math.isfinite(cfg.lr) and cfg.lr > 0, "a positive learning rate, e.g. lr=1e-3"),
+        "max_cpu_seconds": (cfg.max_cpu_seconds > 0, "positive CPU seconds, e.g. max_cpu_seconds=600"),
+        "min_delta": (math.isfinite(cfg.min_delta) and cfg.min_delta >= 0, "a relative improvement >= 0, e.g. "
+                      "min_delta=0.01"),
+        "threads": (cfg.threads >= 0, ">= 0 (0 = torch's default), e.g. threads=1"),
+        "seed": (cfg.seed >= 0, ">= 0, e.g. seed=0"),
+    })
+
+
+def require(cfg, rules: dict[str, tuple[bool, str]]) -> None:
+    """CollideError naming the first key of ``cfg`` whose rule fails; ``rules``: {key: (holds, "what it must be")}."""
+    for key, (holds, rule) in rules.items():
+        if not holds:
+            raise CollideError(f"{key}={getattr(cfg, key)} must be {rule}")
 
 
 def markdown(result: dict) -> str:
