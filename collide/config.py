@@ -44,9 +44,11 @@ class DType(Choice):
 
 
 class FinalNorm(Choice):
-    """Which state is layer L: after the final norm (HF hidden_states[-1]) or the raw residual stream."""
+    """Which state is layer L: after the final norm (HF hidden_states[-1]) or the raw residual stream; auto:
+    ``collide invert`` and ``collide audit`` find it from a dump's first rows (a model is loaded as post or pre)."""
     post = "post"
     pre = "pre"
+    auto = "auto"
 
 
 # corpus kinds have hyphens, so the functional form (members are named by their values)
@@ -406,8 +408,9 @@ class InvertConfig:
     source: str = MISSING
     # the model the states came from (model=<name>, then model.final_norm=pre ...); None = the store's own
     model: Optional[ModelConfig] = None
-    # HF hidden_states index of the states (0 = embeddings, L = last); None = the store's deepest (files: required)
-    layer: Optional[int] = None
+    # HF hidden_states index of the states (0 = embeddings, L = last); None or auto = the store's deepest layer,
+    # or, for a file, the layer its first rows match (collide.invert.locate)
+    layer: Any = None
     # auto (prior + lens + table, merged) | prior | lens | gradient (the paper's SIPIT) | random (brute force) | exhaustive
     policy: InvertPolicy = InvertPolicy.auto
     batch: int = 64  # gradient, random, exhaustive: candidate tokens verified per batched single-token step
@@ -417,8 +420,16 @@ class InvertConfig:
     grad_steps: int = 1  # gradient policy: SGD steps on the proxy before each batch of candidates
     snap_every: int = 50  # gradient policy: SGD steps between snaps of the proxy onto a token's row (the paper's K)
     seed: int = 0  # seed of the proxy's starting token (gradient) and of the permutation (random)
-    epsilon: Optional[float] = None  # acceptance radius, L2 (not squared); None = the rule of collide.invert.sipit
+    # acceptance radius, L2 (not squared): auto = the rule of collide.invert.sipit, its noise radius widened to
+    # the gap measured on SOURCE's known first rows (recorded); rule = the rule alone; a number = that fixed ε
+    epsilon: Any = "auto"
     on_miss: OnMiss = OnMiss.stop  # no candidate within epsilon: stop that prompt, or go on with the best candidate
+    # candidates verified after the first within epsilon when it lies outside the noise radius (a quantized or
+    # wide epsilon), looking for other tokens within epsilon; None = the whole vocabulary
+    confirm: Optional[int] = 1024
+    # branches a prompt may explore to decide tokens within epsilon of the same state: each backtrack after a
+    # miss and each search of a later position after an alternative counts one (each may verify every token)
+    backtrack: int = 4
     # the first position holds the tokenizer's BOS, verified instead of searched; None = if the tokenizer adds one
     bos: Optional[bool] = None
     n_prompts: Optional[int] = None  # invert the first N prompts of SOURCE only; None = all

@@ -16,7 +16,7 @@ from collide.atomic import write_outputs
 from collide.errors import CollideError
 from collide.invert.sipit import PositionResult
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: alternatives, unique, epsilon_noise, others_within_epsilon, noise
 JSON_NAME, MD_NAME = "inversion.json", "inversion.md"
 
 
@@ -24,10 +24,13 @@ def position_record(res: PositionResult, tokenizer, true_id: Optional[int]) -> d
     """One position of ``inversion.json``."""
     record = {"position": res.position, "token": res.token, "token_text": tokenizer.decode([res.token]),
               "group": res.group if len(res.group) > 1 else None, "recovered": res.recovered,
-              "distance": res.distance, "epsilon": res.epsilon, "tried": res.tried,
-              "best_rejected": res.best_rejected, "ratio": res.ratio, "margin": res.margin,
-              "certified": res.certified, "known": res.known, "seconds": round(res.seconds, 4),
-              "ties": list(getattr(res, "ties", []))}
+              "unique": res.unique, "distance": res.distance, "epsilon": res.epsilon,
+              "epsilon_noise": res.epsilon_noise, "tried": res.tried,
+              "others_within_epsilon": len(res.alternatives), "best_rejected": res.best_rejected,
+              "ratio": res.ratio, "margin": res.margin, "certified": res.certified, "known": res.known,
+              "seconds": round(res.seconds, 4), "ties": res.ties,
+              "alternatives": [{"token": a.token, "token_text": tokenizer.decode([a.token]), "distance": a.distance,
+                                "status": a.status, "at": a.at, "note": a.note} for a in res.alternatives]}
     if true_id is not None:
         record["true_token"] = true_id
         record["exact"] = true_id in res.group
@@ -35,8 +38,9 @@ def position_record(res: PositionResult, tokenizer, true_id: Optional[int]) -> d
 
 
 def prompt_record(key: str, results: list[PositionResult], tokenizer, n_positions: int,
-                  true_ids: Optional[list[int]], true_text: Optional[str]) -> dict:
-    """One entry of the ``prompts`` list: recovered ids and text, per-position records, exactness."""
+                  true_ids: Optional[list[int]], true_text: Optional[str], seconds: float) -> dict:
+    """One entry of the ``prompts`` list: recovered ids and text, per-position records, exactness; ``seconds``:
+    the prompt's wall time (positions, backtracking and the check of alternatives)."""
     ids = [r.token for r in results]
     positions = [position_record(r, tokenizer, None if true_ids is None or r.position >= len(true_ids)
                                  else int(true_ids[r.position])) for r in results]
@@ -45,9 +49,9 @@ def prompt_record(key: str, results: list[PositionResult], tokenizer, n_position
               "recovered_ids": ids, "recovered_text": tokenizer.decode(ids, skip_special_tokens=True),
               "not_recovered": [r.position for r in results if not r.recovered],
               "indistinguishable": [r.position for r in results if len(r.group) > 1],
-              # positions where another token's state was also within ε (a quantized forward makes these likely)
-              "tied": [r.position for r in results if getattr(r, "ties", None)],
-              "seconds": round(sum(r.seconds for r in results), 4), "positions": positions}
+              # positions where another token's state was also within ε and not excluded by the later positions
+              "tied": [r.position for r in results if r.ties],
+              "seconds": round(seconds, 4), "positions": positions}
     if true_ids is not None:
         true_ids = [int(t) for t in true_ids]
         record["true_ids"] = true_ids
@@ -56,6 +60,9 @@ def prompt_record(key: str, results: list[PositionResult], tokenizer, n_position
         record["n_exact_tokens"] = sum(p["exact"] for p in positions)
         record["exact"] = (len(true_ids) == n_positions and record["complete"]
                            and record["n_exact_tokens"] == n_positions)
+        # tokens claimed that are not the true ones: recovered (within ε, nearest consistent) / unique
+        record["wrong_recovered"] = [p["position"] for p in positions if p["recovered"] and not p["exact"]]
+        record["wrong_unique"] = [p["position"] for p in positions if p["unique"] and not p["exact"]]
     return record
 
 
@@ -64,7 +71,7 @@ def summary(prompts: list[dict], n_total: int, n_distinct: int) -> dict:
     positions = [p for prompt in prompts for p in prompt["positions"]]
     searched = [p for p in positions if not p["known"]]
     scored = [p for p in positions if "exact" in p]
-    seconds = sum(p["seconds"] for p in positions)
+    seconds = sum(p["seconds"] for p in prompts)
     with_truth = [p for p in prompts if "exact" in p]
     certified = [p["certified"] for p in positions if p["certified"] is not None]
     return {
@@ -76,6 +83,10 @@ def summary(prompts: list[dict], n_total: int, n_distinct: int) -> dict:
         "exact_prompts": sum(p["exact"] for p in with_truth) if with_truth else None,
         "n_scored_prompts": len(with_truth),
         "n_indistinguishable_positions": sum(len(p["indistinguishable"]) for p in prompts),
+        "n_unique": sum(p["unique"] for p in positions),
+        "n_tied_positions": sum(len(p["tied"]) for p in prompts),
+        "n_wrong_recovered": sum(len(p["wrong_recovered"]) for p in with_truth) if with_truth else None,
+        "n_wrong_unique": sum(len(p["wrong_unique"]) for p in with_truth) if with_truth else None,
         "seconds": round(seconds, 3),
         "seconds_per_token": seconds / len(positions) if positions else None,
         "seconds_per_prompt": seconds / len(prompts) if prompts else None,

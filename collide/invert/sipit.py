@@ -25,9 +25,14 @@ Policies (which untried candidates to verify next):
   escalating batches (``batch_first``, 4x more each step, up to ``batch_max``). At the position the
   table covers, its order alone is used, its nearest token verified first on its own.
 
-Acceptance: a candidate is accepted when the L2 distance (not squared, computed in fp64) from its
-state to ĥ_t is at most ε (``epsilon``); the closest candidate of the batch that first has one
-wins. Tokens whose input-embedding rows are bitwise identical have bitwise-identical states, so
+Acceptance (``position``): the candidates are verified in the policy's order until one lies within the
+noise radius ε_noise of ĥ_t (L2, not squared, fp64: the round-off a verified true token lands in), or
+until ``confirm`` more candidates after the first one within the acceptance radius ε (ε_noise plus
+the quantized-activation allowance, or a user's wider ε), or until the vocabulary is spent. Every
+verified candidate within ε is kept: the nearest is the position's token, the others its
+alternatives. Which alternative survives is decided by the later positions
+(``collide.invert.context``): a token after which a later position has no candidate within ε is
+excluded. Tokens whose input-embedding rows are bitwise identical have bitwise-identical states, so
 each such group is verified once, through its first token, and reported whole.
 """
 
@@ -70,13 +75,48 @@ ATOL = 1e-6  # per-coordinate absolute floor, for states near zero
 # Weight quantization is applied once at load and adds nothing. Several tokens within this wider ε are
 # ties, reported (PositionResult.ties), never broken silently.
 QUANT_RTOL = {"none": 0.0, "int8": 0.2, "int4": 0.2}
+# epsilon=auto: the noise radius is at least NOISE_FACTOR times the relative gap measured on the known rows of
+# SOURCE (collide.invert.locate: the BOS state, the table's nearest) between SOURCE and this model's own forward.
+# Later positions add attention over more tokens to that gap; measured on SmolLM2 bf16 dumps (docs/inversion.md).
+NOISE_FACTOR = 4.0
+
+
+def radii(norm: float, d: int, compute: str, stored: str, activations: str = "none", fixed: Optional[float] = None,
+          noise: Optional[float] = None) -> tuple[float, float]:
+    """(ε, ε_noise), L2 not squared, for a target of L2 norm ``norm`` and width d.
+
+    ε_noise = max(RTOL[compute] + STORAGE_RTOL[stored], NOISE_FACTOR * noise) * norm + ATOL * sqrt(d): the
+    round-off a verified true token lands in (``noise``: the relative gap measured on SOURCE's known rows, or
+    None). ε = ε_noise + QUANT_RTOL[activations] * norm: the acceptance radius. A ``fixed`` ε replaces ε, and
+    ε_noise is then min(fixed, ε_noise)."""
+    rtol = RTOL[compute] + STORAGE_RTOL.get(stored, STORAGE_RTOL["fp32"])
+    if noise is not None:
+        rtol = max(rtol, NOISE_FACTOR * float(noise))
+    eps_noise = rtol * norm + ATOL * math.sqrt(d)
+    eps = eps_noise + QUANT_RTOL.get(str(activations), 0.0) * norm
+    if fixed is not None:
+        return float(fixed), min(float(fixed), eps_noise)
+    return eps, eps_noise
 
 
 def epsilon_rule(norm: float, d: int, compute: str, stored: str, activations: str = "none") -> float:
     """ε (L2, not squared) for a target of L2 norm ``norm`` and width d, computed by a forward whose linear
     inputs are quantized to ``activations`` (none | int8 | int4); see RTOL and QUANT_RTOL for the numbers."""
-    rtol = RTOL[compute] + STORAGE_RTOL.get(stored, STORAGE_RTOL["fp32"]) + QUANT_RTOL.get(str(activations), 0.0)
-    return rtol * norm + ATOL * math.sqrt(d)
+    return radii(norm, d, compute, stored, activations)[0]
+
+
+@dataclass
+class Alternative:
+    """Another token (the first of its identical-row group) whose state was also within ε at a position."""
+
+    token: int
+    distance: float  # L2 from the target to its state, fp64
+    # excluded: with it in place, a later position had no candidate within ε (the whole vocabulary verified there);
+    # consistent: with it in place, the recovered rest of the prompt still lies within ε at every later position;
+    # open: neither shown (not checked, or a later position fits another token after it)
+    status: str = "open"
+    at: Optional[int] = None  # the later position that decided (excluded) or first did not fit the recovered token
+    note: str = ""  # how it was decided, in words
 
 
 @dataclass
@@ -86,7 +126,7 @@ class PositionResult:
     position: int  # 0-based index in the prompt
     token: int  # the accepted token (the first of its identical-row group), or the best candidate if not recovered
     group: list[int]  # every token whose input-embedding row is bitwise identical to ``token``'s
-    recovered: bool  # a candidate was within ε
+    recovered: bool  # ``token`` is within ε (and, after the whole prompt, no later position missed after it)
     distance: float  # distance from the target to ``token``'s state
     epsilon: float  # the acceptance radius used
     tried: int  # candidates verified (distinct input rows)
@@ -95,9 +135,9 @@ class PositionResult:
     certified: Optional[bool] = None  # exhaustive: Δ > 2ε, ``token`` is the only one within ε
     known: bool = False  # the position held the tokenizer's BOS and was verified, not searched
     seconds: float = 0.0  # wall time spent on this position
-    # other tokens (first of their identical-row group) whose states were also within ε: ties, among the
-    # verified candidates (all tokens under the exhaustive policy); ``token`` is the closest of them
-    ties: list = field(default_factory=list)
+    epsilon_noise: float = 0.0  # the noise radius: a candidate within it ends the search (see ``radii``)
+    # the other verified tokens within ε, nearest first, each with what the later positions said of it
+    alternatives: list[Alternative] = field(default_factory=list)
 
     @property
     def ratio(self) -> Optional[float]:
@@ -106,6 +146,16 @@ class PositionResult:
             return None
         return self.distance / self.best_rejected
 
+    @property
+    def ties(self) -> list[int]:
+        """The alternatives not excluded: tokens the states do not tell apart from ``token`` at this ε."""
+        return [a.token for a in self.alternatives if a.status != "excluded"]
+
+    @property
+    def unique(self) -> bool:
+        """Recovered within the noise radius, and every other verified candidate within ε excluded."""
+        return self.recovered and self.distance <= self.epsilon_noise and not self.ties
+
 
 @dataclass
 class Inverter:
@@ -113,11 +163,12 @@ class Inverter:
 
     lm: LoadedModel
     layer: int  # HF hidden_states index of the states (0 = embeddings, L = last, see lm.final_norm)
-    cfg: InvertConfig  # policy, batch, lr, grad_steps, snap_every, seed (the other keys are not read here)
+    cfg: InvertConfig  # policy, batches, confirm, backtrack, gradient settings, seed (the other keys are not read here)
     stored_dtype: str = "fp32"  # dtype the targets were stored in (enters ε)
     epsilon: Optional[float] = None  # a fixed ε (L2) instead of the rule
     bos: Optional[int] = None  # the tokenizer's BOS when it prepends one: verified first at position 0
     lens: Optional[Lens] = None  # the lens bundle (auto, prior, lens, exhaustive); None = cached or fit on first use
+    noise: Optional[float] = None  # relative gap measured on SOURCE's known rows (epsilon=auto); None = the rule's
 
     def __post_init__(self):
         emb = self.lm.model.get_input_embeddings()
@@ -152,11 +203,11 @@ class Inverter:
     def group(self, token: int) -> list[int]:
         return self.members.get(int(self.first_of_group[self.group_of[token]]), [int(token)])
 
-    def eps(self, target: torch.Tensor) -> float:
-        if self.epsilon is not None:
-            return self.epsilon
+    def radii(self, target: torch.Tensor) -> tuple[float, float]:
+        """(ε, ε_noise) for ``target`` (d,): ``radii`` with this model's dtype, quantization and SOURCE's noise."""
         activations = (getattr(self.lm, "quant", None) or {}).get("activations", "none")
-        return epsilon_rule(float(target.norm()), target.shape[0], self.lm.dtype, self.stored_dtype, activations)
+        return radii(float(target.norm()), target.shape[0], self.lm.dtype, self.stored_dtype, activations,
+                     self.epsilon, self.noise)
 
     # ----------------------------------------------------------------- verification
 
@@ -203,11 +254,13 @@ class Inverter:
     def _table_applies(self, prefix: GrowingPrefix) -> bool:
         return self.lens is not None and self.lens.table is not None and prefix.ids == self.lens.prefix
 
-    def _ranked_batches(self, prefix: GrowingPrefix, tried: torch.Tensor, target: torch.Tensor):
-        """The policy's merged order of the untried tokens, in escalating batches (see the module docstring)."""
+    def _ranked_batches(self, prefix: GrowingPrefix, tried: torch.Tensor, target: torch.Tensor, eps: float):
+        """The policy's merged order of the untried tokens, in escalating batches (see the module docstring). At the
+        table's position the first batch holds every token whose table state lies within ε (at least the nearest)."""
         policy, first = self.cfg.policy, self.cfg.batch_first
         if self._table_applies(prefix):
-            orders, first = [rankers.table_order(self.lens, target)[0]], 1
+            order, dist = rankers.table_order(self.lens, target)
+            orders, first = [order], max(1, int((dist <= eps).sum()))
         else:
             prior = rankers.prior_order(self.lm, prefix) if policy in ("auto", "prior") else None
             lenses = [rankers.lens_order(r, target, self.rows_cpu, self.sq_norms_cpu, cosine=r is self.lens.own)
@@ -221,92 +274,94 @@ class Inverter:
             orders.append(torch.nonzero(rest).flatten())
         yield from rankers.batches(rankers.merge(orders, skip), first, self.largest)
 
-    def _table_exhaustive(self, prefix: GrowingPrefix, target: torch.Tensor, eps: float):
-        """Exhaustive at the table's position: the nearest table token verified; Δ from the table. None on a miss."""
-        tokens, dist = rankers.table_order(self.lens, target)
-        token = int(tokens[0])
-        got = float(self._distances(prefix, tokens[:1], target)[0])
-        if got > eps:
-            return None
-        return got, token, float(dist[1]) if len(dist) > 1 else math.inf
+    def _batches(self, prefix: GrowingPrefix, tried: torch.Tensor, target: torch.Tensor, eps: float,
+                 rng: np.random.Generator):
+        policy = self.cfg.policy
+        if policy == "gradient":
+            return self._gradient_batches(prefix, tried, target, rng)
+        if policy in RANKED or (policy == "exhaustive" and self._table_applies(prefix)):
+            return self._ranked_batches(prefix, tried, target, eps)
+        return self._random_batches(tried, rng)
 
     # ----------------------------------------------------------------- one position
 
     def position(self, prefix: GrowingPrefix, t: int, target_np: np.ndarray, rng: np.random.Generator
                  ) -> PositionResult:
-        """Recover the token at position ``t`` = len(prefix.ids) from its target state (d,)."""
+        """Recover the token at position ``t`` = len(prefix.ids) from its target state (d,).
+
+        Verifies candidates until one lies within ε_noise, or ``confirm`` candidates after the first within ε,
+        or every token (policy exhaustive, or no candidate within ε); see the module docstring."""
         t0 = time.perf_counter()
         target = torch.from_numpy(np.asarray(target_np, dtype=np.float64))
-        eps = self.eps(target)
+        eps, eps_noise = self.radii(target)
+        exhaustive = self.cfg.policy == "exhaustive"
         tried = self.duplicate.clone()
-        best = (math.inf, -1)  # (distance, token) of the closest candidate so far
-        second = math.inf  # smallest distance among the others
-        ties: set[int] = set()  # tokens verified within ε (the accepted one and its ties)
-        accepted = None
+        seen: dict[int, float] = {}  # verified tokens within ε -> distance
+        best, second = (math.inf, -1), math.inf  # the closest candidate so far; the smallest distance among the others
         known = False
         if t == 0 and self.bos is not None:
+            first = int(self.first_of_group[self.group_of[self.bos]])
             dist = float(self._distances(prefix, torch.tensor([self.bos]), target)[0])
-            tried[int(self.first_of_group[self.group_of[self.bos]])] = True
-            best = (dist, int(self.first_of_group[self.group_of[self.bos]]))
-            if dist <= eps:
-                accepted, known = best[1], True
-        policy = self.cfg.policy
-        if accepted is None and policy == "exhaustive" and self._table_applies(prefix):
-            found = self._table_exhaustive(prefix, target, eps)
-            if found is not None:
-                best, second, accepted = found[:2], found[2], found[1]
-                tried[:] = True  # every token's state was compared, through the table
-        if (accepted is None or policy == "exhaustive") and not bool(tried.all()):
-            if policy == "gradient":
-                batches = self._gradient_batches(prefix, tried, target, rng)
-            elif policy in RANKED:
-                batches = self._ranked_batches(prefix, tried, target)
-            else:
-                batches = self._random_batches(tried, rng)
-            for batch in batches:
+            tried[first] = True
+            best = (dist, first)
+            known = dist <= eps
+        table = self._table_applies(prefix)
+        left = None  # candidates still to verify after the first within ε (``confirm``)
+        margin = None
+        if (not known or exhaustive) and not bool(tried.all()):
+            for batch in self._batches(prefix, tried, target, eps, rng):
                 tried[batch] = True
                 dist = self._distances(prefix, batch, target)
-                ties.update(int(tok) for tok in batch[dist <= eps].tolist())
+                seen.update((int(tok), float(d)) for tok, d in zip(batch.tolist(), dist.tolist()) if d <= eps)
                 i = int(dist.argmin())
                 if float(dist[i]) < best[0]:
                     second = min(second, best[0])
                     best = (float(dist[i]), int(batch[i]))
                     dist[i] = math.inf
                 second = min(second, float(dist.min())) if len(dist) else second
-                if accepted is None and best[0] <= eps:
-                    accepted = best[1]
-                    if policy != "exhaustive":
+                if exhaustive and table and best[0] <= eps:  # every other token's state is in the table: Δ from it
+                    second = margin = self._table_margin(target, tried, None if math.isinf(second) else second)
+                    tried[:] = True
+                    break
+                if exhaustive:
+                    continue
+                if best[0] <= eps_noise:
+                    break
+                if best[0] <= eps:
+                    left = (math.inf if self.cfg.confirm is None else self.cfg.confirm) if left is None \
+                        else left - len(batch)
+                    if left <= 0:
                         break
         n_tried = int((~self.duplicate & tried).sum())
-        token = best[1]
-        result = PositionResult(position=t, token=token, group=self.group(token), recovered=best[0] <= eps,
+        token, recovered = best[1], best[0] <= eps
+        alternatives = sorted((Alternative(tok, d) for tok, d in seen.items() if tok != token),
+                              key=lambda a: a.distance) if recovered else []
+        result = PositionResult(position=t, token=token, group=self.group(token), recovered=recovered,
                                 distance=best[0], epsilon=eps, tried=n_tried,
                                 best_rejected=None if math.isinf(second) else second, known=known,
-                                ties=sorted(ties - {best[1]}) if best[0] <= eps else [],
-                                seconds=0.0)
-        if policy == "exhaustive":
-            result.margin = result.best_rejected
+                                epsilon_noise=eps_noise, alternatives=alternatives)
+        if exhaustive:
+            result.margin = result.best_rejected if margin is None else margin
             result.certified = result.recovered and result.margin is not None and result.margin > 2 * eps
         result.seconds = time.perf_counter() - t0
         return result
 
+    def _table_margin(self, target: torch.Tensor, tried: torch.Tensor, best_rejected: Optional[float]) -> float:
+        """Δ at the table's position: the nearest untried table state, or the best rejected verified one."""
+        tokens, dist = rankers.table_order(self.lens, target)
+        untried = ~tried.cpu()[tokens]
+        rest = float(dist[untried][0]) if bool(untried.any()) else math.inf
+        return min(rest, math.inf if best_rejected is None else best_rejected)
+
     # ----------------------------------------------------------------- one prompt
 
     def invert(self, states: np.ndarray, stop_on_miss: bool = True, progress=None) -> list[PositionResult]:
-        """Recover a prompt from its (T, d) states; left to right, the prefix's KV cache growing by one token.
+        """Recover a prompt from its (T, d) states, left to right, alternatives decided by the later positions
+        (``collide.invert.context.invert_prompt``).
 
-        A position with no candidate within ε is returned with ``recovered=False`` and its best
-        candidate; then the prompt stops there (``stop_on_miss``) or continues with that candidate.
+        A position with no candidate within ε is returned with ``recovered=False`` and its best candidate;
+        then the prompt stops there (``stop_on_miss``) or continues with that candidate.
         """
-        prefix, results = GrowingPrefix(self.lm), []
-        rng = np.random.default_rng(self.cfg.seed)
-        for t in range(len(states)):
-            res = self.position(prefix, t, states[t], rng)
-            results.append(res)
-            if progress is not None:
-                progress(res)
-            if not res.recovered and stop_on_miss:
-                break
-            if t + 1 < len(states):
-                prefix.append(res.token)
-        return results
+        from collide.invert.context import invert_prompt
+
+        return invert_prompt(self, states, stop_on_miss, progress)

@@ -57,18 +57,35 @@ class Source:
     model: Optional[dict] = None  # the model config recorded by a store (None for auditor files)
     layers: list[int] = field(default_factory=list)  # layers a store holds (empty for auditor files)
     layer: Optional[int] = None  # the store layer read (None for auditor files: the user names it)
-    _read: object = None  # () -> Iterator[Target]
+    _read: object = None  # (indices: sorted list of prompt indices) -> Iterator[Target]
+    keys: list = field(default_factory=list)  # each prompt's key (Target.key), in SOURCE order
 
-    def targets(self) -> Iterator[Target]:
-        """Every prompt, in SOURCE order, each checked (no NaN/Inf, at least one position)."""
-        for target in self._read():
+    def targets(self, indices: Optional[list[int]] = None) -> Iterator[Target]:
+        """The prompts at ``indices`` (0-based, in SOURCE order; None = every prompt), in SOURCE order, each checked
+        (finite values, at least one position, width d)."""
+        wanted = list(range(self.n_prompts)) if indices is None else sorted(set(int(i) for i in indices))
+        for target in self._read(wanted):
             bad = ~np.isfinite(target.states).all(axis=1)
             if bad.any():
                 raise CollideError(f"{self.path}: prompt {target.key} has NaN or Inf in the states at positions "
                                    f"{np.nonzero(bad)[0][:10].tolist()}; remove or recompute those rows")
             if len(target.states) == 0:
                 raise CollideError(f"{self.path}: prompt {target.key} has no positions; drop it from SOURCE")
+            if target.states.shape[1] != self.d:
+                raise CollideError(f"{self.path}: prompt {target.key} has states of width {target.states.shape[1]}, "
+                                   f"the others {self.d}; every prompt must have (T, {self.d}) states")
             yield target
+
+    def check(self, indices: Optional[list[int]] = None, rows: int = 2, keep: int = 4) -> np.ndarray:
+        """Read and check every prompt at ``indices`` (see ``targets``) before anything is inverted; returns the
+        first ``rows`` rows of the first ``keep`` prompts that have that many ((n, rows, d) float32; fewer rows
+        when no prompt is that long)."""
+        firsts: list[np.ndarray] = []
+        for target in self.targets(indices):
+            if len(firsts) < keep:
+                firsts.append(target.states[:rows])
+        width = min(len(x) for x in firsts)
+        return np.stack([x[:width] for x in firsts])
 
 
 def _natural(name: str) -> list:
@@ -97,9 +114,12 @@ def read_npy(path: Path) -> Source:
         raise CollideError(f"{path} has shape {x.shape}; expected (T, d) for one prompt or (N, T, d) for N prompts")
     if x.size == 0:
         raise _empty(path)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise CollideError(f"{path} holds {x.dtype} values, not floating-point hidden states; pass the states file")
     batch = x[None] if x.ndim == 2 else x
     return Source(path, "npy", len(batch), int(x.shape[-1]), _dtype_name(x.dtype),
-                  _read=lambda: (Target(str(i), _float32(batch[i], path)) for i in range(len(batch))))
+                  _read=lambda wanted: (Target(str(i), _float32(batch[i], path)) for i in wanted),
+                  keys=[str(i) for i in range(len(batch))])
 
 
 def read_safetensors(path: Path) -> Source:
@@ -110,21 +130,23 @@ def read_safetensors(path: Path) -> Source:
         names = sorted(f.keys(), key=_natural)
         if not names:
             raise _empty(path)
-        first = f.get_slice(names[0])
-        shape, dtype = first.get_shape(), first.get_dtype()
-    if len(shape) != 2:
-        raise CollideError(f"{path}: tensor {names[0]!r} has shape {shape}; expected one (T, d) tensor per prompt")
+        header = {name: (f.get_slice(name).get_shape(), f.get_slice(name).get_dtype()) for name in names}
+    shape, dtype = header[names[0]]
+    for name, (got, kind) in header.items():  # every tensor's shape and dtype, from the header alone
+        if len(got) != 2 or got[1] != shape[-1] or len(shape) != 2:
+            raise CollideError(f"{path}: tensor {name!r} has shape {list(got)}; every tensor must be one prompt's "
+                               f"(T, d) states with the same d ({names[0]!r} is {list(shape)})")
+        if kind not in SAFETENSORS_DTYPES:
+            raise CollideError(f"{path}: tensor {name!r} holds {kind} values, not floating-point hidden states; "
+                               f"store the states as {'/'.join(SAFETENSORS_DTYPES)}")
 
-    def read() -> Iterator[Target]:
+    def read(wanted: list[int]) -> Iterator[Target]:
         with safe_open(str(path), framework="pt") as f:
-            for name in names:
-                x = f.get_tensor(name)
-                if x.ndim != 2 or x.shape[1] != shape[1]:
-                    raise CollideError(f"{path}: tensor {name!r} has shape {tuple(x.shape)}; every tensor must be "
-                                       f"(T, {shape[1]})")
-                yield Target(name, _float32(x.float().numpy(), path))
+            for name in (names[i] for i in wanted):
+                yield Target(name, _float32(f.get_tensor(name).float().numpy(), path))
 
-    return Source(path, "safetensors", len(names), int(shape[1]), SAFETENSORS_DTYPES.get(dtype, dtype), _read=read)
+    return Source(path, "safetensors", len(names), int(shape[1]), SAFETENSORS_DTYPES.get(dtype, dtype), _read=read,
+                  keys=names)
 
 
 def read_parquet(path: Path) -> Source:
@@ -143,8 +165,8 @@ def read_parquet(path: Path) -> Source:
             text = table.column("text")[i].as_py() if "text" in names else None
             return Target(str(i), _float32(x.reshape(len(x), -1) if x.size else x.reshape(0, 0), path), ids, text)
         d = len(table.column("states")[0].as_py()[0])
-        return Source(path, "parquet", table.num_rows, d, "fp32",
-                      _read=lambda: (prompt(i) for i in range(table.num_rows)))
+        return Source(path, "parquet", table.num_rows, d, "fp32", _read=lambda wanted: (prompt(i) for i in wanted),
+                      keys=[str(i) for i in range(table.num_rows)])
     if not {"prompt_id", "position", "state"} <= set(names):
         raise CollideError(f"{path} has columns {names}; expected `states` (one row per prompt) or `prompt_id`, "
                            "`position`, `state` (one row per position)")
@@ -153,8 +175,9 @@ def read_parquet(path: Path) -> Source:
     keys, starts = np.unique(pids, return_index=True)
     bounds = list(starts) + [len(pids)]
 
-    def read() -> Iterator[Target]:
-        for i, key in enumerate(keys):
+    def read(wanted: list[int]) -> Iterator[Target]:
+        for i in wanted:
+            key = keys[i]
             rows = table.slice(bounds[i], bounds[i + 1] - bounds[i])
             positions = rows.column("position").to_numpy()
             if not np.array_equal(positions, np.arange(len(positions))):
@@ -163,7 +186,7 @@ def read_parquet(path: Path) -> Source:
             yield Target(str(key), _float32(np.asarray(rows.column("state").to_pylist(), dtype=np.float64), path))
 
     d = len(table.column("state")[0].as_py())
-    return Source(path, "parquet", len(keys), d, "fp32", _read=read)
+    return Source(path, "parquet", len(keys), d, "fp32", _read=read, keys=[str(k) for k in keys])
 
 
 def read_store(path: Path, layer: Optional[int]) -> Source:
@@ -178,15 +201,17 @@ def read_store(path: Path, layer: Optional[int]) -> Source:
     table = store.prompts(["prompt_id", "token_ids"]).to_pydict()
     if not table["prompt_id"]:
         raise _empty(path)
-    true_ids = dict(zip(table["prompt_id"], table["token_ids"]))
-    texts = store.texts(table["prompt_id"])
+    pids = list(table["prompt_id"])
+    true_ids = dict(zip(pids, table["token_ids"]))
 
-    def read() -> Iterator[Target]:
-        for pid, states in store.position_states(k):
+    def read(wanted: list[int]) -> Iterator[Target]:
+        chosen = [pids[i] for i in wanted]
+        texts = store.texts(chosen)
+        for pid, states in store.position_states(k, chosen):
             yield Target(str(pid), states, list(true_ids[pid]), texts.get(pid))
 
     return Source(path, "store", len(true_ids), store.d, store.dtype, model=store.manifest["identity"]["model"],
-                  layers=list(store.layers), layer=k, _read=read)
+                  layers=list(store.layers), layer=k, _read=read, keys=[str(pid) for pid in pids])
 
 
 def open_source(spec: str, layer: Optional[int]) -> Source:

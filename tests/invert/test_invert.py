@@ -198,10 +198,10 @@ def test_resume_keeps_finished_prompts(models, tmp_path):
 
 @pytest.mark.parametrize("bad, match", [
     ("width", "width 48 but model"), ("layer", "out of range"), ("nan", "NaN or Inf"), ("empty", "empty"),
-    ("nolayer", "pass layer=K"), ("nomodel", "model=<name>")])
+    ("nomatch", "match no layer"), ("nomodel", "model=<name>")])
 def test_bad_input_is_one_line(models, tmp_path, bad, match):
     lm = models("llama")
-    states = plain_states(lm, token_ids(b"abc"))[1]
+    states = plain_states(models("gpt2") if bad == "nomatch" else lm, token_ids(b"abc"))[1]  # nomatch: another model's
     layer = {"layer": 99}.get(bad, 1)
     if bad == "width":
         states = states[:, :48]
@@ -213,7 +213,7 @@ def test_bad_input_is_one_line(models, tmp_path, bad, match):
     else:
         np.save(path, states)
     cfg = InvertConfig(source=str(path), model=None if bad == "nomodel" else tiny_cfg("llama"),
-                       layer=None if bad == "nolayer" else layer, out=str(tmp_path / "out"), progress=False)
+                       layer="auto" if bad == "nomatch" else layer, out=str(tmp_path / "out"), progress=False)
     with pytest.raises(CollideError, match=match) as info:
         run(cfg)
     assert "\n" not in str(info.value)
