@@ -157,12 +157,10 @@ def compose(name: str, argv: list[str]):
             OmegaConf.update(cfg, command.positional, positional if takes_many(command) else positional[0],
                              merge=False)
         return OmegaConf.to_object(cfg)
-    except MissingMandatoryValue as exc:
-        if exc.full_key not in config_groups(name):
-            raise CollideError(f"{str(exc).strip().splitlines()[0]}; see `collide {name} --help` for the keys") from None
-        raise CollideError(f"`collide {name}` needs {exc.full_key}=NAME, one of: {', '.join(available(exc.full_key))}"
-                           ) from None
     except (HydraException, OmegaConfBaseException, ValueError, AssertionError) as exc:
+        group = exc.full_key if isinstance(exc, MissingMandatoryValue) else None
+        if group in config_groups(name):  # a group left unset (model= of lens): name its choices
+            raise CollideError(f"`collide {name}` needs {group}=NAME, one of: {', '.join(available(group))}") from None
         cause = exc.__cause__ or exc.__context__
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""

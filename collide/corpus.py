@@ -212,8 +212,8 @@ def _text_value(value, where: str) -> str:
     """A document's text field: a string (None = an empty document); CollideError naming ``where`` otherwise."""
     if value is None or isinstance(value, str):
         return value or ""
-    raise CollideError(f"{where}: the text field holds a {type(value).__name__}, not a string; set corpus.field "
-                       "to the column or key that holds the text")
+    raise CollideError(f"{where}: the text field holds a value of type {type(value).__name__}, not a string; "
+                       "set corpus.field to the column or key that holds the text")
 
 
 def hub_documents(cfg: CorpusConfig, path_key: str = "corpus.path") -> Iterator[tuple[str, str]]:
