@@ -300,25 +300,26 @@ def _store_blocks(store, layer: int, block_rows: int, dev: torch.device, mu: tor
 def _scan_store(store, layer: int, block_rows: int, dev: torch.device, keep: bool):
     """Pass 1 over a layer: prompt ids, valid and invalid rows, the fp64 mean and the L2 norms of the valid
     rows, and (``keep``) the valid rows themselves on ``dev`` (else None)."""
-    ids_parts, valid_parts, invalid_parts, norm_parts, kept, row = [], [], [], [], [], 0
+    ids_parts, valid_parts, invalid_parts, norm_parts, row, filled = [], [], [], [], 0, 0
     total = torch.zeros(store.d, dtype=torch.float64, device=dev)
+    kept = torch.empty(store.n_rows, store.d, dtype=torch.float32, device=dev) if keep else None
     for ids, states in store.iter_blocks(layer, block_rows):
         xb = as_tensor(states)
         valid = finite_rows(xb, block_rows)
-        xv = xb[valid].to(dev)
+        xv = (xb if bool(valid.all()) else xb[valid]).to(dev)
         total += sum_rows(xv, block_rows)
         norm_parts.append(row_norms(xv, block_rows).cpu().numpy())
         if keep:
-            kept.append(xv)
+            kept[filled:filled + len(xv)] = xv
+        filled += len(xv)
         ids_parts.append(np.asarray(ids, np.int64))
         valid_parts.append(torch.nonzero(valid)[:, 0].numpy() + row)
         invalid_parts.append(torch.nonzero(~valid)[:, 0].numpy() + row)
         row += len(ids)
     cat = lambda parts, dt=np.int64: np.concatenate(parts) if parts else np.empty(0, dt)  # noqa: E731
     valid_rows = cat(valid_parts)
-    rows = torch.cat(kept) if kept else None
     return (cat(ids_parts), valid_rows, cat(invalid_parts), total / max(len(valid_rows), 1),
-            cat(norm_parts, np.float64), rows)
+            cat(norm_parts, np.float64), None if kept is None else kept[:filled])
 
 
 def _plan(cfg: "SearchConfig", mode: str, m: int, dev: torch.device, fits: bool) -> tuple[str, bool, str | None]:

@@ -10,12 +10,15 @@ bounds.PRUNE_PROOF). The search:
    values, r the residual norm), with ||Z_x - Z_y|| <= ||x - y|| + delta_xy.
 2. Rows are ordered by a median-split tree over Z (each split on the widest coordinate), so close
    rows share tiles of TILE_ROWS rows; each tile gets a centre and a radius in Z.
-3. Tile pairs are visited in increasing order of their lower bound (the larger of the centre/radius
-   bound and the distance between the tiles' bounding boxes in Z), the diagonal
-   tiles first: they give every row an early upper bound of its nearest-neighbour distance. A tile
+3. Each tile is visited with itself and its NEAR_TILES nearest tiles first (early, tight bounds for
+   every row), then every other tile pair in increasing order of its lower bound (the larger of the
+   centre/radius bound and the distance between the tiles' bounding boxes in Z). A tile
    pair whose bound exceeds the largest squared distance B that could still matter to any of its
    rows is skipped whole (and once the next bound exceeds every tile's B, the search stops).
-4. In a visited tile pair, fp32 GEMMs screen the projected squared distances with the rigorous
+4. In a visited tile pair, only the rows whose distance in Z to the other tile's bounding box can
+   still matter take part, then only the columns near the box of those rows, then only the rows
+   near the box of those columns (a point's distance to a box bounds its distance to every row in
+   it, as for a tile pair). fp32 GEMMs screen their projected squared distances with the rigorous
    bound, first on the LEVEL1 leading coordinates (plus the residual norm beyond them: the same
    bound with V's first columns), then on all k, each on the rows and columns the previous level
    left. The pairs whose certified lower bound can still beat B are then either re-ranked
@@ -46,10 +49,12 @@ from collide.search.symmetric import PairSearch
 from collide.search.tiles import FLT_MAX, as_threshold
 
 PRUNE_MODES = ("auto", "off", "pca")
-# principal directions of the bound (the projected screen costs (k + 3) / (d + 2) of a full one): more
-# with nearest, whose bounds need the tighter projection (real SmolLM2 states, n=1000: pairs left for
-# the nn distances 4-17% at k=64, 1.3-3.7% at k=128; for the minimum 2e-6 at either)
-K = {True: 128, False: 64}
+# principal directions of the bound (the projected screen costs (k + 3) / (d + 2) of a full one). For the
+# minimum and collisions a few suffice: on real SmolLM2 stores (d=576, layers 2, 4, 8; n=20,000 and 100,000)
+# k=8..16 ran fastest, 32 about 15% and 64 about 60% slower (benchmarks/results/); the nn distances need the
+# tighter projection (real SmolLM2 states, n=1000: pairs left for the nn distances 4-17% at k=64, 1.3-3.7% at
+# k=128)
+K = {True: 128, False: 16}
 NEAR_TILES = 2  # nearest tiles visited with each tile before all others
 LEVEL1 = 16  # width of the first, cheapest projected screen (then k): 16 beat 4, 8 and 32 (same runs)
 SAMPLE_ROWS = 2048  # rows the basis is estimated from (a fixed-seed sample; any basis is valid)
@@ -60,6 +65,7 @@ TILE_ROWS = {"cpu": 512, "cuda": 2048}
 AUTO_MIN_ROWS = 8192  # auto prunes from this many valid rows on (see choose)
 MEMORY_FRACTION = 0.25  # share of available host memory a streamed layer may take to be pruned in memory
 CHUNK = 8192  # rows per step of the projection
+VAR_ROWS = 4096  # rows a tree node estimates its coordinates' variances from (the split dimension)
 NUMPY_ON_CPU = True  # the per-tile work on CPU in numpy (faster there); False runs the torch code of CUDA
 # A visited tile pair with h pairs left by the bound: they are re-ranked directly in fp64 when
 # h * DIRECT_COST < (rows x columns to screen) + SCREEN_COST, in units of screened entries (CPU, d=576:
@@ -205,18 +211,21 @@ def project(x: torch.Tensor, mu: torch.Tensor, v: torch.Tensor) -> tuple[torch.T
 
 def tree_order(z: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
     """(perm, offsets): rows in the leaf order of a median-split tree over z (m, k), each split on the
-    coordinate of largest variance, leaves of at most ``tile`` rows; tile t is perm[off[t]:off[t+1]]."""
+    coordinate of largest variance (estimated on at most VAR_ROWS evenly spaced rows of the node), leaves
+    of at most ``tile`` rows; tile t is perm[off[t]:off[t+1]]. Any order is valid: the order only decides
+    how tight the tiles' bounds are."""
+    def widest(idx: np.ndarray) -> int:
+        return int(np.argmax(z[idx[::max(1, len(idx) // VAR_ROWS)]].var(0)))
+
     leaves, stack = [], [np.arange(len(z))]
     while stack:
         idx = stack.pop()
         if len(idx) <= tile:  # a leaf, its rows sorted along its widest coordinate (row groups, _pair)
-            leaves.append(idx[np.argsort(z[idx, int(np.argmax(z[idx].var(0)))], kind="stable")] if len(idx) > 1
-                          else idx)
+            leaves.append(idx[np.argsort(z[idx, widest(idx)], kind="stable")] if len(idx) > 1 else idx)
             continue
-        sub = z[idx]
-        dim = int(np.argmax(sub.var(0)))
+        dim = widest(idx)
         half = len(idx) // 2
-        part = np.argpartition(sub[:, dim], half, kind="introselect")
+        part = np.argpartition(z[idx, dim], half, kind="introselect")
         stack.append(idx[part[half:]])
         stack.append(idx[part[:half]])
     sizes = np.array([len(leaf) for leaf in leaves], np.int64)
@@ -241,6 +250,20 @@ def _hits(sv: np.ndarray, tr, tc) -> np.ndarray | None:
     if cols.size:
         h[:, cols] |= sv[:, cols] <= tc[cols]
     return h
+
+
+def _near_box(z, other, reach: float):
+    """Indices of the rows of z (numpy or torch) within ``reach`` (L2, fp64, moved by PRUNE_MARGIN the safe
+    way) of the bounding box of the rows ``other``: the distance to the box is a lower bound of the
+    distance to each of its rows, as for a tile pair. None of them when ``other`` is empty."""
+    if len(other) == 0:
+        return z[:0, 0].astype(np.int64) if isinstance(z, np.ndarray) else torch.zeros(0, dtype=torch.int64)
+    if isinstance(z, np.ndarray):
+        gap = np.maximum(other.min(0) - z, z - other.max(0))
+        np.maximum(gap, 0.0, out=gap)
+        return np.flatnonzero(np.sqrt(np.einsum("ij,ij->i", gap, gap)) * (1.0 - PRUNE_MARGIN) <= reach)
+    gap = torch.maximum(other.amin(0) - z, z - other.amax(0)).clamp(min=0.0)
+    return _nonzero(gap.square().sum(1).sqrt() * (1.0 - PRUNE_MARGIN) <= reach)
 
 
 def _nonzero(mask):
@@ -288,17 +311,18 @@ class PrunedSearch:
         ball = dist * down - (radius[:, None] + radius[None, :]) * up
         lo = torch.stack([z[a:b].amin(0) for a, b in zip(starts, ends)]).cpu().numpy()
         hi = torch.stack([z[a:b].amax(0) for a, b in zip(starts, ends)]).cpu().numpy()
+        self.numpy = dev.type == "cpu" and NUMPY_ON_CPU  # tile work in numpy (else torch, as on CUDA)
+        self.z = z.numpy() if self.numpy else z  # Z in tile order (the rows' own box bounds, _near_box)
         box = np.empty((nt, nt))
         step = max(1, (1 << 22) // (nt * (self.k + 1)))
         for a in range(0, nt, step):  # distance between bounding boxes: a lower bound of every pair's
             gap = np.maximum(lo[None, :, :] - hi[a:a + step, None, :], lo[a:a + step, None, :] - hi[None, :, :])
             box[a:a + step] = np.sqrt(np.square(gap.clip(min=0.0)).sum(-1)) * down
-        delta = (self.coef * (self.wmax[:, None] + self.wmax[None, :]) + 2 * ETA64) * up
-        self.tile_lb = np.maximum(ball, box) - delta  # lower bound of sqrt(D) over each tile pair (L2)
+        self.delta = (self.coef * (self.wmax[:, None] + self.wmax[None, :]) + 2 * ETA64) * up
+        self.tile_lb = np.maximum(ball, box) - self.delta  # lower bound of sqrt(D) over each tile pair (L2)
         self.cdist = dist  # distances between tile centres in Z (the visiting order)
         self.direct = 0  # pairs re-ranked exactly without a full-dimension screen
         self.bt = np.full(nt, math.inf)  # per tile: the largest B of its rows (squared)
-        self.numpy = dev.type == "cpu" and NUMPY_ON_CPU  # tile work in numpy (else torch, as on CUDA)
         self.np_bounds = (state.nn_exact.numpy(), state.nn_ub.numpy()) if self.numpy else None
         self.evaluated = 0.0  # entries of the full-dimension screen, diagonal tiles counted half
         self.tiles_done = 0
@@ -342,19 +366,23 @@ class PrunedSearch:
         nt = len(self.off) - 1
         su, tu = np.triu_indices(nt)
         lb = self.tile_lb[su, tu]
-        # first each tile with itself and its NEAR_TILES nearest tiles (early, tight bounds for every
-        # row), then every other tile pair, nearest centres first
+        # first each tile with itself and its NEAR_TILES nearest tiles (early, tight bounds for every row)
         near = np.argsort(self.cdist, axis=1, kind="stable")[:, :NEAR_TILES + 1]
         first = np.zeros((nt, nt), bool)
         first[np.repeat(np.arange(nt), near.shape[1]), near.ravel()] = True
         first = (first | first.T)[su, tu]
-        order = np.lexsort((lb, self.cdist[su, tu], ~first))
+        order = np.lexsort((lb, ~first))  # the first ones, then every other pair by increasing bound
+        n_first = int(first.sum())
         st = self.state
-        for o in order:
+        for step, o in enumerate(order):
             s, t, bound = int(su[o]), int(tu[o]), lb[o]
             if not st.nearest:
                 self.bt[:] = max(st.tau, st.t2) * st.slack
             if bound > math.sqrt(max(self.bt[s], self.bt[t])) * (1.0 + PRUNE_MARGIN):
+                # bounds only grow from here on, and B only shrinks: past every tile's B, nothing is left
+                if step >= n_first and (step % 64 == 0 or not st.nearest) and \
+                        bound > math.sqrt(self.bt.max()) * (1.0 + PRUNE_MARGIN):
+                    break
                 continue
             self._pair(s, t)
             self.tiles_done += 1
@@ -374,6 +402,15 @@ class PrunedSearch:
         eng_r, eng_c = self.perm[a0:a1], self.perm[b0:b1]
         ri = ci = hit = None  # rows and columns left (positions within the tiles), pairs left among them
         cpu = self.numpy
+        if s != t:  # only the rows near the other tile's box, the columns near the box of those rows, ...
+            reach = math.sqrt(max(self.bt[s], self.bt[t])) * (1.0 + PRUNE_MARGIN) + self.delta[s, t]
+            zr, zc = self.z[a0:a1], self.z[b0:b1]
+            ri = _near_box(zr, zc, reach)
+            ci = _near_box(zc, zr[ri], reach)
+            ri = ri[_near_box(zr[ri], zc[ci], reach)]
+            if len(ri) == 0 or len(ci) == 0:
+                return
+            ri, ci = (torch.from_numpy(ri), torch.from_numpy(ci)) if cpu else (ri, ci)
         for lev in self.levels:
             lz, rz = lev["lz"][a0:a1], lev["rz"][b0:b1]
             er, ec = eng_r, eng_c
