@@ -66,10 +66,10 @@ def layer_diagnostics(result, token_ids: list, prompt_ids: np.ndarray | None = N
     """The diagnostics of one layer (see the module docstring) from its search result; distances L2, not squared.
 
     ``result``: the layer's collide.search.PairwiseResult (its distance, pair, nn_index, nn_distance and
-    row_norm, in row order); ``token_ids`` (n sequences) in the same row order; ``prompt_ids`` (n,) names
-    rows in the output.
+    row_norm, in row order); ``token_ids[row]``: a row's token-id sequence (only the rows used are read);
+    ``prompt_ids`` (n,) names rows in the output.
     """
-    n = len(token_ids)
+    n = len(result.nn_distance)
     ids = np.arange(n) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
     norms = np.asarray(result.row_norm if result.row_norm is not None else np.full(n, np.nan), np.float64)
     finite = np.isfinite(norms)
@@ -113,19 +113,29 @@ def layer_diagnostics(result, token_ids: list, prompt_ids: np.ndarray | None = N
     return out
 
 
+class _TokenColumn:
+    """The token ids of a store's prompts, row by row, read from the Arrow column only where asked for."""
+
+    def __init__(self, column):
+        self.column = column
+
+    def __getitem__(self, row) -> list[int]:
+        return self.column[int(row)].as_py()
+
+
 def store_diagnostics(store, results: list, max_rows: int = 4096, seed: int = 0) -> dict[int, dict]:
     """{layer: layer_diagnostics} for every search result of ``store`` (a collide Store): reads the prompts'
-    token ids, never the states."""
+    token ids (those of the rows it uses), never the states."""
     if not results:
         return {}
     prompts = store.prompts(["prompt_id", "token_ids"])
-    by_id = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("token_ids").to_pylist()))
+    table_ids = prompts.column("prompt_id").to_numpy()
+    tokens = _TokenColumn(prompts.column("token_ids"))
     out = {}
     for r in results:
         ids = np.asarray(r.prompt_ids, np.int64)
-        if not all(int(p) in by_id for p in ids):
-            continue  # the result does not describe these prompts (another store)
-        tokens = [by_id[int(p)] for p in ids]
+        if not np.array_equal(ids, table_ids):
+            continue  # the result does not describe these prompts (another store or selection)
         out[int(r.layer)] = layer_diagnostics(r.result, tokens, ids, max_rows, seed)
     return out
 

@@ -184,12 +184,13 @@ def _add_sampled_nearest(res: PairwiseResult, x: torch.Tensor, rows: torch.Tenso
     tic = time.perf_counter()
     m, d = x.shape
     sample = torch.from_numpy(sample_rows(m, size)).to(x.device)
-    blocks = [make_block(x[s:s + block_rows], rows[s:s + block_rows], s, mu) for s in range(0, m, block_rows)]
+    blocks = lambda: (make_block(x[s:s + block_rows], rows[s:s + block_rows], s, mu)  # noqa: E731 - one at a time
+                      for s in range(0, m, block_rows))
     budget = max(max_candidates - res.n_candidates, 0)
     for q0 in range(0, len(sample), block_rows):
         part = sample[q0:q0 + block_rows]
         search = PairSearch(len(part), d, x.device, res.threshold, res.precision, budget, block_rows)
-        nearest_of(make_block(x[part], rows[part], 0, mu), blocks, search)
+        nearest_of(make_block(x[part], rows[part], 0, mu), blocks(), search)
         at = rows[part].cpu().numpy()
         res.nn_distance[at], res.nn_index[at] = search.nn_distances(), search.nn_rows()
         res.n_candidates += search.n_candidates
