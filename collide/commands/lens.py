@@ -36,5 +36,6 @@ def run(cfg: LensCommandConfig, command: str = "") -> list[dict]:
     print_table(f"lenses of {lm.name}", ["layer", "own states", "continuation states", "table rows", "path"],
                 [[str(e["layer"]), f"{e['n_own_states']:,}", f"{e['n_continuation_states']:,}",
                   f"{e['n_table_rows']:,}", e["path"]] for e in done], left=["path"])
-    say(f"{len(done)} lens bundle(s) ready; `collide invert` reads them from {cfg.lens.root}")
+    say(f"{len(done)} lens bundle(s) ready in {cfg.lens.path or cfg.lens.root}; `collide invert` reads "
+        + ("it when given the same lens.path" if cfg.lens.path else "them from there"))
     return done

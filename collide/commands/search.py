@@ -102,12 +102,14 @@ def run(cfg: SearchCommandConfig, command: str = "") -> dict:
         log.warning("store %s is in-progress: searching its %d complete rows", store.path, store.n_rows)
     out, collisions = output_paths(cfg, layers, store.n_rows)
     staging = out.parent / f".{collisions.name}.partial-{os.getpid()}"  # this process's, so never another's
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # folders a failure removes again
     try:
         shutil.rmtree(staging, ignore_errors=True)  # left by a killed search that had this process id
         staging.mkdir(parents=True)
     except OSError as exc:
         raise CollideError(os_error_message(out.parent, exc, "creating", setting="out=<a .json path>",
                                             rerun="")) from None
+    done = False
     try:
         summaries, rows = [], []
         for k in layers:
@@ -123,10 +125,16 @@ def run(cfg: SearchCommandConfig, command: str = "") -> dict:
         summary = {"store": str(cfg.store), "threshold": cfg.threshold, "search": asdict(cfg.search),
                    "layers": summaries}
         written = publish(staging, collisions, lambda: write_outputs(out.parent, out.stem, summary))
+        done = True
     except OSError as exc:
         raise CollideError(os_error_message(out, exc, setting="out=<a .json path>", rerun="")) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in [] if done else made:  # deepest first; each is empty unless another search filled it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
     print_table(f"certified search of {store.path}", ["layer", "n", "min distance", "certified", "pair (prompt ids)",
                                                       "collisions", "seconds"], rows)
     say(f"written {written} (collisions: {collisions}/)")

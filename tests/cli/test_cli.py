@@ -4,9 +4,11 @@ process shows it (the entry point, a whole run, Ctrl-C)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,6 +145,40 @@ def test_too_many_prompts_says_how_many_the_corpus_gives(tmp_path, collide):
                    f"hydra.run.dir={tmp_path / 'run'}", *QUIET)
     assert proc.returncode == 2
     assert "12" in error_line(proc) and "n_prompts" in error_line(proc)
+    assert not (tmp_path / "run").exists()  # the failed run wrote nothing there: no folder of .hydra/ and a log
+    # the advice, followed, finishes the store that was cut short (no new store is extracted)
+    advice = re.search(r"\((n_prompts=12) (store\.path=(\S+)) finishes this store", error_line(proc))
+    cut_short = Path(advice.group(3))
+    done = collide("model=tiny-random", "corpus=files", f"corpus.data_files=[{data}]", advice.group(1),
+                   advice.group(2), f"hydra.run.dir={tmp_path / 'run'}", *QUIET)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert store_path(tmp_path / "run") == cut_short.resolve()
+    assert open_store(cut_short).complete and open_store(cut_short).n_rows == 12
+    assert [p.name for p in (tmp_path / "runs" / "stores").iterdir()] == [cut_short.name]
+
+
+@pytest.mark.parametrize("name,argv,says", [
+    ("lens", ["fit", "model=tiny-random", "layers=1"], "the interrupted layer restarts"),
+    ("search", ["store"], "search from the start"),
+    ("precache", [], "train from the start"),
+    ("exhaustive", ["run"], "again to resume"),
+])
+def test_ctrl_c_says_what_running_the_command_again_does(monkeypatch, collide, name, argv, says):
+    def interrupted(cfg, command=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, name, dataclasses.replace(cli.COMMANDS[name], fn=interrupted))
+    proc = collide(name, *argv)
+    assert proc.returncode == 130 and says in error_line(proc)
+
+
+def test_myopic_lm_warns_under_the_measured_budget():
+    from collide.commands.myopic_lm import short_budget
+    from collide.config import MyopicLMConfig
+
+    assert short_budget(MyopicLMConfig()) is None  # the default: 400 steps of 16 x 128
+    warning = short_budget(MyopicLMConfig(tokens=16 * 128 * 399))
+    assert warning.startswith("399 training step(s) per mode") and "raise tokens" in warning
 
 
 def test_tiny_run_writes_the_documented_outputs(tmp_path, collide):
