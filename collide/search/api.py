@@ -20,7 +20,7 @@ import torch
 from collide.errors import CollideError
 from collide.search.blocks import Block, as_tensor, finite_rows, make_block, row_norms, sum_rows
 from collide.search.bounds import PRECISIONS
-from collide.search.nearest import SAMPLE_SEED, nearest_mode, nearest_of, record, resolve, sample_rows
+from collide.search.nearest import QUERY_PANEL, SAMPLE_SEED, nearest_mode, nearest_of, record, resolve, sample_rows
 from collide.search.prune import check_mode, choose, fits_in_memory, load_rows, off_info, pruned_search
 from collide.search.results import LayerResult, PairwiseResult, Pairs
 from collide.search.symmetric import PairSearch, search_blocks
@@ -189,7 +189,7 @@ def _add_sampled_nearest(res: PairwiseResult, x: torch.Tensor, rows: torch.Tenso
     budget = max(max_candidates - res.n_candidates, 0)
     for q0 in range(0, len(sample), block_rows):
         part = sample[q0:q0 + block_rows]
-        search = PairSearch(len(part), d, x.device, res.threshold, res.precision, budget, block_rows)
+        search = PairSearch(len(part), d, x.device, res.threshold, res.precision, budget, QUERY_PANEL)
         nearest_of(make_block(x[part], rows[part], 0, mu), blocks(), search)
         at = rows[part].cpu().numpy()
         res.nn_distance[at], res.nn_index[at] = search.nn_distances(), search.nn_rows()

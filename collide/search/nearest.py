@@ -34,6 +34,7 @@ from collide.search.tiles import reduce_tile, select
 
 MODES = ("auto", "all", "none")  # search.nearest = auto | true | false, as nearest_mode names them
 SAMPLE_SEED = 0  # seed of the sampled rows (a fixed seed: the same rows in every run of a store)
+QUERY_PANEL = 1024  # query rows per tile of nearest_of (a 1024 x 4096 fp32 tile: 16 MiB)
 
 
 def nearest_mode(value) -> str:
@@ -78,19 +79,22 @@ def _mask_self(s: torch.Tensor, q_rows: torch.Tensor, b_rows: torch.Tensor) -> N
 def nearest_of(query: Block, blocks: Iterable[Block], search: PairSearch) -> None:
     """Certify the exact nearest neighbour of every row of ``query`` among the rows of ``blocks``
     (itself excluded by caller row) into ``search``: a PairSearch with ``nearest`` whose engine rows are
-    the query's (``query.index`` = 0..len - 1). Both operands are centred on the same vector."""
+    the query's (``query.index`` = 0..len - 1). Both operands are centred on the same vector. Tiles are
+    QUERY_PANEL query rows by one block (memory: one such fp32 tile)."""
     for bj in blocks:
         right = right_operand(bj.left, search.d)
         e = pair_bound(search.c, search.eta, query.norm_max, bj.norm_max)
-        s = search._gemm(query.left, right)
-        _mask_self(s, query.rows, bj.rows)
-        (rv, ri), (cv, ci), extra = reduce_tile(s)
-        tr = search._nn_threshold(query.index, rv, e)
-        rr, cc, vals = select(s, rv, ri, cv, extra, tr.to(rv.device), None)
-        keep = search.within_budget(vals)
-        if keep is not None:
-            rr, cc = rr[keep], cc[keep]
-        if rr.numel():
-            rr, cc = rr.to(query.x.device), cc.to(bj.x.device)
-            search.n_candidates += rr.numel()
-            search.record_nn(query.index[rr], bj.rows[cc], exact_sq(query.x, rr, bj.x, cc))
+        for q0 in range(0, query.x.shape[0], QUERY_PANEL):
+            q = slice(q0, q0 + QUERY_PANEL)
+            s = search._gemm(query.left[q], right)
+            _mask_self(s, query.rows[q], bj.rows)
+            (rv, ri), (cv, ci), extra = reduce_tile(s)
+            tr = search._nn_threshold(query.index[q], rv, e)
+            rr, cc, vals = select(s, rv, ri, cv, extra, tr.to(rv.device), None)
+            keep = search.within_budget(vals)
+            if keep is not None:
+                rr, cc = rr[keep], cc[keep]
+            if rr.numel():
+                rr, cc = rr.to(query.x.device) + q0, cc.to(bj.x.device)
+                search.n_candidates += rr.numel()
+                search.record_nn(query.index[rr], bj.rows[cc], exact_sq(query.x, rr, bj.x, cc))

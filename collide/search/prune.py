@@ -299,7 +299,7 @@ class PrunedSearch:
         # of w beyond them: the same construction with V's first j columns): fp32 screening operands
         self.levels = [self._level(z, n2, j, d, off, state.precision) for j in sorted({min(LEVEL1, self.k), self.k})]
         self.coef = prune_coefficient(d, self.k)
-        self.mu, self.tiles = mu, {}  # tile -> its rows as a Block: built on first visit
+        self.mu = mu
         # per tile (host, fp64): largest norms, centre, radius in Z (moved by PRUNE_MARGIN the safe way)
         up, down = 1.0 + PRUNE_MARGIN, 1.0 - PRUNE_MARGIN
         seg = lambda v: np.array([float(v[a:b].max()) for a, b in zip(starts, ends)])  # noqa: E731
@@ -447,29 +447,21 @@ class PrunedSearch:
             full = rg.numel() * cgi.numel()
             if n_hit * DIRECT_COST < full + SCREEN_COST:  # few pairs: re-rank them exactly, without a screen
                 ii, jj = _nonzero(hg)
-                bi, bj = self._block(s, a0, a1, None), self._block(t, b0, b1, None)
-                ii, jj = rg[ii].to(bi.index.device), cgi[jj].to(bj.index.device)
-                st.offer(bi.rows[ii], bj.rows[jj], bi.index[ii], bj.index[jj], exact_sq(bi.x, ii, bj.x, jj), True)
+                ei, ej = eng_r[rg[ii].to(eng_r.device)], eng_c[cgi[jj].to(eng_c.device)]
+                st.offer(self.rows[ei], self.rows[ej], ei, ej, exact_sq(self.x, ei, self.x, ej), True)
                 self.direct += n_hit
                 self.evaluated += n_hit
                 continue
             self.evaluated += full * (0.5 if s == t else 1.0)
-            bi, bj = self._block(s, a0, a1, rg), self._block(t, b0, b1, cgi)
+            bi, bj = self._block(eng_r[rg.to(eng_r.device)]), self._block(eng_c[cgi.to(eng_c.device)])
             st.screen(bi, bj, right_operand(bj.left, self.d), "rect")
 
-    def _block(self, t: int, a0: int, a1: int, sel: torch.Tensor) -> Block:
-        """The rows ``sel`` (positions within tile t) as a Block of the engine."""
-        if t not in self.tiles:
-            pos = self.perm[a0:a1]
-            x = self.x[pos]
-            left, n2 = augment(x, self.mu)
-            self.tiles[t] = Block(index=pos, rows=self.rows[pos], x=x, left=left, norm_max=math.sqrt(float(n2.max())))
-        blk = self.tiles[t]
-        if sel is None or sel.numel() == a1 - a0:
-            return blk
-        sel = sel.to(blk.index.device)
-        return Block(index=blk.index[sel], rows=blk.rows[sel], x=blk.x[sel], left=blk.left[sel],
-                     norm_max=blk.norm_max)
+    def _block(self, eng: torch.Tensor) -> Block:
+        """The rows ``eng`` (engine indices) as a Block of the engine, built for one screen (nothing is cached:
+        the search holds the rows once, in ``x``)."""
+        x = self.x[eng]
+        left, n2 = augment(x, self.mu)
+        return Block(index=eng, rows=self.rows[eng], x=x, left=left, norm_max=math.sqrt(float(n2.max())))
 
 
 def pruned_search(x: torch.Tensor, rows: torch.Tensor, mu: torch.Tensor, state: PairSearch,

@@ -9,7 +9,7 @@ import pytest
 from collide.config import SearchConfig
 from collide.errors import CollideError
 from collide.search import min_pairwise, search_store
-from collide.search import prune as prune_mod
+from collide.search import nearest as nearest_mod, prune as prune_mod
 from collide.search.nearest import nearest_mode, sample_rows
 
 
@@ -58,8 +58,9 @@ def check_sample(res, x, size):
     assert np.isnan(np.delete(res.nn_distance, rows)).all()
 
 
-@pytest.mark.parametrize("block_rows", [64, 4096])
-def test_auto_above_the_cutoff_certifies_a_sample_and_the_same_minimum(block_rows):
+@pytest.mark.parametrize("block_rows, panel", [(64, 32), (4096, 1024)])
+def test_auto_above_the_cutoff_certifies_a_sample_and_the_same_minimum(block_rows, panel, monkeypatch):
+    monkeypatch.setattr(nearest_mod, "QUERY_PANEL", panel)  # several query panels per block, or one
     x = states()
     full = min_pairwise(x, 1e-6, prune="off", nearest=True, block_rows=block_rows)
     res = min_pairwise(x, 1e-6, prune="pca", nearest="auto", nearest_cutoff=500, nearest_sample=90,
