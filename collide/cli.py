@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
-from collide.commands import compare, exhaustive, invert, lens, models, myopic_lm, precache, probe, run, search, verify
+from collide.commands import audit, compare, exhaustive, invert, lens, models, myopic_lm, precache, probe, run, search, verify
 from collide.config import register_configs
 from collide.errors import CollideError
 
@@ -61,7 +61,7 @@ def _command(name: str, module: ModuleType) -> Command:
 
 COMMANDS: dict[str, Command] = {name: _command(name, module) for name, module in (
     ("run", run), ("search", search), ("verify", verify), ("compare", compare), ("exhaustive", exhaustive),
-    ("invert", invert), ("lens", lens), ("models", models), ("probe", probe), ("precache", precache),
+    ("invert", invert), ("audit", audit), ("lens", lens), ("models", models), ("probe", probe), ("precache", precache),
     ("myopic-lm", myopic_lm))}
 
 

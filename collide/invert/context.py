@@ -18,7 +18,8 @@ it. ``invert_prompt`` takes the nearest token at each position and goes on:
 
 Each backtrack and each such search may verify the whole vocabulary, so a prompt gets ``cfg.backtrack`` of
 them; what is left undecided stays ``open`` and says why. A position is ``unique`` only when every one of
-its alternatives is excluded (``PositionResult.unique``). Distances are L2 (not squared), fp64.
+its alternatives is excluded (``PositionResult.unique``). Distances are L2 (not squared), fp64. ``inv`` is
+the ``collide.invert.sipit.Inverter`` whose ``invert`` calls ``invert_prompt``.
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ import numpy as np
 import torch
 
 from collide.continuations import GrowingPrefix
-from collide.invert.sipit import Alternative, Inverter, PositionResult
+from collide.invert.results import Alternative, PositionResult
 from collide.models import all_token_states
 
 MAX_CHECKED = 64  # alternatives of one position checked against the rest of the prompt, nearest first
 CHECK_BATCH = 32  # sequences per batched forward of that check
 
 
-def grown(inv: Inverter, ids: list[int]) -> GrowingPrefix:
+def grown(inv, ids: list[int]) -> GrowingPrefix:
     """A GrowingPrefix holding ``ids`` (one single-token step each)."""
     prefix = GrowingPrefix(inv.lm)
     for token in ids:
@@ -53,7 +54,7 @@ def backtrack_point(path: list[PositionResult], floor: int) -> Optional[int]:
     return None
 
 
-def switch(res: PositionResult, inv: Inverter, miss: int) -> PositionResult:
+def switch(res: PositionResult, inv, miss: int) -> PositionResult:
     """``res`` with its nearest open alternative as the token; the token it held excluded by the miss at ``miss``."""
     alt = next(a for a in res.alternatives if a.status == "open")
     old = Alternative(res.token, res.distance, "excluded", miss,
@@ -64,7 +65,7 @@ def switch(res: PositionResult, inv: Inverter, miss: int) -> PositionResult:
     return new
 
 
-def invert_prompt(inv: Inverter, states: np.ndarray, stop_on_miss: bool = True, progress=None
+def invert_prompt(inv, states: np.ndarray, stop_on_miss: bool = True, progress=None
                   ) -> list[PositionResult]:
     """Recover one prompt from its (T, d) states (see the module docstring); one PositionResult per position
     searched. A miss stops the prompt (``stop_on_miss``) or goes on with its best candidate."""
@@ -109,7 +110,7 @@ def invert_prompt(inv: Inverter, states: np.ndarray, stop_on_miss: bool = True, 
     return path
 
 
-def misfits(inv: Inverter, ids: list[int], j: int, tokens: list[int], states: np.ndarray,
+def misfits(inv, ids: list[int], j: int, tokens: list[int], states: np.ndarray,
             eps: list[float]) -> list[Optional[int]]:
     """For each token a of ``tokens``: the first position m > j at which ``ids`` with a at j has a state farther
     than ``eps[m]`` from ``states[m]`` (one batched forward of those sequences at the inverter's layer); None
@@ -126,7 +127,7 @@ def misfits(inv: Inverter, ids: list[int], j: int, tokens: list[int], states: np
     return out
 
 
-def resolve(inv: Inverter, path: list[PositionResult], states: np.ndarray, budget: list[int],
+def resolve(inv, path: list[PositionResult], states: np.ndarray, budget: list[int],
             rng: np.random.Generator) -> None:
     """Decide the open alternatives of a finished ``path`` by the positions after them (module docstring); in place."""
     ids = [r.token for r in path]

@@ -23,11 +23,13 @@ from omegaconf import OmegaConf
 from collide.config import InvertConfig, ModelConfig
 from collide.errors import CollideError
 from collide.invert import output
+from collide.invert.sipit import epsilon_choice
 from collide.invert.sources import Source, open_source
 
 log = logging.getLogger(__name__)
 
-MEASURED = ("command", "noise", "location")  # header entries that are measurements, not what a resume must match
+# header entries that are measurements (the lens fit or read and the noise measure: setup_seconds), not settings
+MEASURED = ("command", "noise", "location", "setup_seconds")
 
 
 def model_config(model: dict, overrides: Optional[list[str]] = None) -> ModelConfig:
@@ -62,20 +64,6 @@ def layer_choice(value) -> Optional[int]:
     except ValueError:
         raise CollideError(f"layer={value!r} is not a layer; pass layer=K (HF hidden_states index) or layer=auto"
                            ) from None
-
-
-def epsilon_choice(value) -> tuple[str, Optional[float]]:
-    """``epsilon=``: ("auto", None), ("rule", None) or ("fixed", ε > 0)."""
-    if value is None or str(value) in ("auto", "rule"):
-        return ("rule" if str(value) == "rule" else "auto"), None
-    try:
-        eps = float(str(value))
-    except ValueError:
-        eps = float("nan")
-    if not eps > 0 or not np.isfinite(eps):
-        raise CollideError(f"epsilon={value!r} is not a positive L2 radius; pass epsilon=auto, epsilon=rule or a "
-                           "number such as epsilon=0.5")
-    return "fixed", eps
 
 
 @dataclass
@@ -194,6 +182,7 @@ def invert_prompts(cfg: InvertConfig, p: Plan, lm, layer: int, out: Path, comman
     from collide.invert.locate import measure_noise
     from collide.invert.sipit import Inverter
 
+    t0 = time.perf_counter()
     bos = first_token(cfg, lm.tokenizer)
     fixed = epsilon_choice(cfg.epsilon)[1]
     check_out(out).mkdir(parents=True, exist_ok=True)
@@ -202,7 +191,7 @@ def invert_prompts(cfg: InvertConfig, p: Plan, lm, layer: int, out: Path, comman
     if epsilon_choice(cfg.epsilon)[0] == "auto":
         inverter.noise = noise["relative"]
     head = {**header(cfg, p.source, lm, layer, bos, noise), "lens": lens_record(inverter), "command": command,
-            "noise": noise, "location": location}
+            "noise": noise, "location": location, "setup_seconds": round(time.perf_counter() - t0, 2)}
     done = output.load_previous(out, {k: v for k, v in head.items() if k not in MEASURED})
     for previous, index in zip(done, p.indices):  # an earlier run's prompts must be the first ones asked for now
         if previous["key"] != p.source.keys[index]:

@@ -14,7 +14,7 @@ from typing import Optional
 
 from collide.atomic import write_outputs
 from collide.errors import CollideError
-from collide.invert.sipit import PositionResult
+from collide.invert.results import PositionResult
 
 SCHEMA_VERSION = "1.1"  # 1.1: alternatives, unique, epsilon_noise, others_within_epsilon, noise
 JSON_NAME, MD_NAME = "inversion.json", "inversion.md"
@@ -94,6 +94,14 @@ def summary(prompts: list[dict], n_total: int, n_distinct: int) -> dict:
         "vocab_explored": (sum(p["tried"] for p in searched) / (len(searched) * n_distinct)) if searched else None,
         "n_certified": sum(certified) if certified else None,
     }
+
+
+def read(out: Path) -> Optional[dict]:
+    """The ``inversion.json`` object in ``out``, or None when there is none (or it is not whole JSON)."""
+    try:
+        return json.loads((out / JSON_NAME).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def load_previous(out: Path, header: dict) -> list[dict]:

@@ -48,8 +48,10 @@ import torch
 
 from collide.config import InvertConfig
 from collide.continuations import GrowingPrefix, input_groups
+from collide.errors import CollideError
 from collide.invert import rankers
 from collide.invert.lens import Lens, load_or_fit
+from collide.invert.results import Alternative, PositionResult
 from collide.models import LoadedModel
 
 RANKED = ("auto", "prior", "lens")  # policies that verify a ranked order in escalating batches
@@ -105,56 +107,18 @@ def epsilon_rule(norm: float, d: int, compute: str, stored: str, activations: st
     return radii(norm, d, compute, stored, activations)[0]
 
 
-@dataclass
-class Alternative:
-    """Another token (the first of its identical-row group) whose state was also within ε at a position."""
-
-    token: int
-    distance: float  # L2 from the target to its state, fp64
-    # excluded: with it in place, a later position had no candidate within ε (the whole vocabulary verified there);
-    # consistent: with it in place, the recovered rest of the prompt still lies within ε at every later position;
-    # open: neither shown (not checked, or a later position fits another token after it)
-    status: str = "open"
-    at: Optional[int] = None  # the later position that decided (excluded) or first did not fit the recovered token
-    note: str = ""  # how it was decided, in words
-
-
-@dataclass
-class PositionResult:
-    """What happened at one position (distances L2, not squared, fp64)."""
-
-    position: int  # 0-based index in the prompt
-    token: int  # the accepted token (the first of its identical-row group), or the best candidate if not recovered
-    group: list[int]  # every token whose input-embedding row is bitwise identical to ``token``'s
-    recovered: bool  # ``token`` is within ε (and, after the whole prompt, no later position missed after it)
-    distance: float  # distance from the target to ``token``'s state
-    epsilon: float  # the acceptance radius used
-    tried: int  # candidates verified (distinct input rows)
-    best_rejected: Optional[float]  # smallest distance among the other tried candidates (None if none)
-    margin: Optional[float] = None  # exhaustive: distance to the nearest other token's state (Δ)
-    certified: Optional[bool] = None  # exhaustive: Δ > 2ε, ``token`` is the only one within ε
-    known: bool = False  # the position held the tokenizer's BOS and was verified, not searched
-    seconds: float = 0.0  # wall time spent on this position
-    epsilon_noise: float = 0.0  # the noise radius: a candidate within it ends the search (see ``radii``)
-    # the other verified tokens within ε, nearest first, each with what the later positions said of it
-    alternatives: list[Alternative] = field(default_factory=list)
-
-    @property
-    def ratio(self) -> Optional[float]:
-        """distance / best_rejected: how much closer the accepted state is than the best other one."""
-        if self.best_rejected is None or self.best_rejected == 0:
-            return None
-        return self.distance / self.best_rejected
-
-    @property
-    def ties(self) -> list[int]:
-        """The alternatives not excluded: tokens the states do not tell apart from ``token`` at this ε."""
-        return [a.token for a in self.alternatives if a.status != "excluded"]
-
-    @property
-    def unique(self) -> bool:
-        """Recovered within the noise radius, and every other verified candidate within ε excluded."""
-        return self.recovered and self.distance <= self.epsilon_noise and not self.ties
+def epsilon_choice(value) -> tuple[str, Optional[float]]:
+    """``epsilon=``: ("auto", None), ("rule", None) or ("fixed", ε > 0)."""
+    if value is None or str(value) in ("auto", "rule"):
+        return ("rule" if str(value) == "rule" else "auto"), None
+    try:
+        eps = float(str(value))
+    except ValueError:
+        eps = float("nan")
+    if not eps > 0 or not np.isfinite(eps):
+        raise CollideError(f"epsilon={value!r} is not a positive L2 radius; pass epsilon=auto, epsilon=rule or a "
+                           "number such as epsilon=0.5")
+    return "fixed", eps
 
 
 @dataclass
@@ -165,12 +129,14 @@ class Inverter:
     layer: int  # HF hidden_states index of the states (0 = embeddings, L = last, see lm.final_norm)
     cfg: InvertConfig  # policy, batches, confirm, backtrack, gradient settings, seed (the other keys are not read here)
     stored_dtype: str = "fp32"  # dtype the targets were stored in (enters ε)
-    epsilon: Optional[float] = None  # a fixed ε (L2) instead of the rule
+    epsilon: Optional[float] = None  # a fixed ε (L2) instead of the rule; None = cfg.epsilon's
     bos: Optional[int] = None  # the tokenizer's BOS when it prepends one: verified first at position 0
     lens: Optional[Lens] = None  # the lens bundle (auto, prior, lens, exhaustive); None = cached or fit on first use
     noise: Optional[float] = None  # relative gap measured on SOURCE's known rows (epsilon=auto); None = the rule's
 
     def __post_init__(self):
+        if self.epsilon is None:
+            self.epsilon = epsilon_choice(self.cfg.epsilon)[1]
         emb = self.lm.model.get_input_embeddings()
         self.rows = emb.weight.detach().float()  # (V, d) input-embedding rows, the proxy's space
         self.embed_scale = float(getattr(emb, "embed_scale", 1.0))  # Gemma multiplies rows by sqrt(d)
