@@ -21,7 +21,7 @@ from collide.errors import CollideError
 from collide.search.blocks import Block, as_tensor, finite_rows, make_block, row_norms, sum_rows
 from collide.search.bounds import PRECISIONS
 from collide.search.nearest import QUERY_PANEL, SAMPLE_SEED, nearest_mode, nearest_of, record, resolve, sample_rows
-from collide.search.prune import check_mode, choose, fits_in_memory, load_rows, off_info, pruned_search
+from collide.search.prune import check_mode, choose, fits_in_memory, off_info, pruned_search
 from collide.search.results import LayerResult, PairwiseResult, Pairs
 from collide.search.symmetric import PairSearch, search_blocks
 

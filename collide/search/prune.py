@@ -43,8 +43,9 @@ import numpy as np
 import torch
 
 from collide.search.blocks import Block, augment, exact_sq, right_operand
-from collide.search.bounds import (ETA64, PRUNE_MARGIN, U64, gamma, pair_bound, prune_coefficient,
+from collide.search.bounds import (ETA64, PRUNE_MARGIN, pair_bound, prune_coefficient,
                                    prune_threshold, screening_constant, underflow_term)
+from collide.search.projection import near_box, pca_basis, project, tree_order
 from collide.search.symmetric import PairSearch
 from collide.search.tiles import FLT_MAX, as_threshold
 
@@ -64,8 +65,6 @@ SAMPLE_ROWS = 2048  # rows the basis is estimated from (a fixed-seed sample; any
 TILE_ROWS = {"cpu": 512, "cuda": 2048}
 AUTO_MIN_ROWS = 8192  # auto prunes from this many valid rows on (see choose)
 MEMORY_FRACTION = 0.25  # share of available host memory a streamed layer may take to be pruned in memory
-CHUNK = 8192  # rows per step of the projection
-VAR_ROWS = 4096  # rows a tree node estimates its coordinates' variances from (the split dimension)
 NUMPY_ON_CPU = True  # the per-tile work on CPU in numpy (faster there); False runs the torch code of CUDA
 # A visited tile pair with h pairs left by the bound: they are re-ranked directly in fp64 when
 # h * DIRECT_COST < (rows x columns to screen) + SCREEN_COST, in units of screened entries (CPU, d=576:
@@ -111,20 +110,6 @@ def check_mode(prune) -> str:
     return mode
 
 
-def load_rows(store, layer: int, block_rows: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, rows): the valid (finite) rows of a store layer in store order on ``dev``, and their store rows."""
-    from collide.search.blocks import as_tensor, finite_rows
-
-    xs, rows, row = [], [], 0
-    for _, states in store.iter_blocks(layer, block_rows):
-        xb = as_tensor(states).to(dev)
-        valid = torch.nonzero(finite_rows(xb, block_rows))[:, 0]
-        xs.append(xb[valid])
-        rows.append(valid + row)
-        row += xb.shape[0]
-    return torch.cat(xs), torch.cat(rows)
-
-
 def off_info(reason: str | None) -> dict | None:
     """The result's ``prune`` record when pruning did not run: None when it was not asked for."""
     if reason is None:
@@ -140,96 +125,6 @@ def fits_in_memory(m: int, d: int) -> bool:
     except (ValueError, OSError, AttributeError):
         return False
     return 2.2 * m * d * 4 < MEMORY_FRACTION * free
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b (fp64); on CPU through numpy's multi-threaded BLAS."""
-    if a.device.type == "cpu":
-        return torch.from_numpy(a.numpy() @ b.numpy())
-    return a @ b
-
-
-def pca_basis(ws: torch.Tensor, k: int) -> torch.Tensor:
-    """(d, k) fp64 basis of the leading principal directions of the sample ``ws`` (s, d) (centred),
-    scaled so that ||V||_2 <= 1 holds for the stored values (bounds.PRUNE_PROOF). The directions
-    are estimated in fp32 (a randomised range finder, one power iteration): any basis is valid, only
-    the scaling needs to be rigorous, and it is computed in fp64 from the stored values."""
-    s, d = ws.shape
-    if k >= d:
-        v = torch.eye(d, dtype=torch.float64, device=ws.device)
-    else:
-        q = min(k + 8, s, d)
-        g = torch.Generator(device="cpu").manual_seed(0)
-        omega = torch.randn(d, q, generator=g, dtype=torch.float32)
-        if ws.device.type == "cpu":  # numpy's BLAS takes the transposes without copies
-            a = ws.numpy().astype(np.float32)
-            y = np.linalg.qr(a @ omega.numpy())[0]
-            y = np.linalg.qr(a @ (a.T @ y))[0]
-            vh = np.linalg.svd(y.T @ a, full_matrices=False)[2]
-            v = torch.from_numpy(vh[:k].T.astype(np.float64))
-        else:
-            a = ws.to(torch.float32)
-            y = torch.linalg.qr(a @ omega.to(a.device)).Q
-            y = torch.linalg.qr(a @ (a.T @ y)).Q
-            v = torch.linalg.svd(y.T @ a, full_matrices=False).Vh[:k].T.to(torch.float64)
-        v = v.contiguous()
-    k = v.shape[1]
-    gm = _mm(v.T.contiguous(), v)
-    nu = float(torch.diagonal(gm).max()) * (1.0 + gamma(d, U64)) ** 2
-    bound = (1.0 + gamma(k, U64)) * float(gm.abs().sum(1).max()) + k * gamma(d, U64) * nu * (1.0 + gamma(d, U64))
-    return v * (1.0 / (math.sqrt(bound) * (1.0 + PRUNE_MARGIN)))
-
-
-def project(x: torch.Tensor, mu: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Z (m, k + 1) fp64 = [V^T w, residual norm], W (m,) fp64 >= ||w|| (not squared), n2 (m,) fp64 =
-    fl(||w||^2) (squared)), w = fl64(x - mu)."""
-    m, d = x.shape
-    k = v.shape[1]
-    z = torch.empty(m, k + 1, dtype=torch.float64, device=x.device)
-    w_norm = torch.empty(m, dtype=torch.float64, device=x.device)
-    sq = torch.empty(m, dtype=torch.float64, device=x.device)
-    step = max(1, min(CHUNK, (1 << 21) // max(d, 1)))
-    for s in range(0, m, step):
-        if x.device.type == "cpu":  # one pass, in numpy: fl64(x - mu)
-            w = torch.from_numpy(np.subtract(x[s:s + step].numpy(), mu.numpy(), dtype=np.float64))
-        else:
-            w = x[s:s + step].to(torch.float64) - mu
-        p = _mm(w, v)
-        if w.device.type == "cpu":  # numpy: torch's CPU kernels are slower here
-            wn, pn = w.numpy(), p.numpy()
-            n2 = torch.from_numpy(np.einsum("ij,ij->i", wn, wn))
-            r2 = (n2 - torch.from_numpy(np.einsum("ij,ij->i", pn, pn))).clamp(min=0.0)
-        else:
-            n2 = w.square().sum(1)
-            r2 = (n2 - p.square().sum(1)).clamp(min=0.0)
-        z[s:s + step, :k] = p
-        z[s:s + step, k] = r2.sqrt()
-        w_norm[s:s + step] = n2.sqrt() * (1.0 + gamma(d + 2, U64))
-        sq[s:s + step] = n2
-    return z, w_norm, sq
-
-
-def tree_order(z: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
-    """(perm, offsets): rows in the leaf order of a median-split tree over z (m, k), each split on the
-    coordinate of largest variance (estimated on at most VAR_ROWS evenly spaced rows of the node), leaves
-    of at most ``tile`` rows; tile t is perm[off[t]:off[t+1]]. Any order is valid: the order only decides
-    how tight the tiles' bounds are."""
-    def widest(idx: np.ndarray) -> int:
-        return int(np.argmax(z[idx[::max(1, len(idx) // VAR_ROWS)]].var(0)))
-
-    leaves, stack = [], [np.arange(len(z))]
-    while stack:
-        idx = stack.pop()
-        if len(idx) <= tile:  # a leaf, its rows sorted along its widest coordinate (row groups, _pair)
-            leaves.append(idx[np.argsort(z[idx, widest(idx)], kind="stable")] if len(idx) > 1 else idx)
-            continue
-        dim = widest(idx)
-        half = len(idx) // 2
-        part = np.argpartition(z[idx, dim], half, kind="introselect")
-        stack.append(idx[part[half:]])
-        stack.append(idx[part[:half]])
-    sizes = np.array([len(leaf) for leaf in leaves], np.int64)
-    return np.concatenate(leaves), np.concatenate([[0], np.cumsum(sizes)])
 
 
 def _hits(sv: np.ndarray, tr, tc) -> np.ndarray | None:
@@ -250,20 +145,6 @@ def _hits(sv: np.ndarray, tr, tc) -> np.ndarray | None:
     if cols.size:
         h[:, cols] |= sv[:, cols] <= tc[cols]
     return h
-
-
-def _near_box(z, other, reach: float):
-    """Indices of the rows of z (numpy or torch) within ``reach`` (L2, fp64, moved by PRUNE_MARGIN the safe
-    way) of the bounding box of the rows ``other``: the distance to the box is a lower bound of the
-    distance to each of its rows, as for a tile pair. None of them when ``other`` is empty."""
-    if len(other) == 0:
-        return z[:0, 0].astype(np.int64) if isinstance(z, np.ndarray) else torch.zeros(0, dtype=torch.int64)
-    if isinstance(z, np.ndarray):
-        gap = np.maximum(other.min(0) - z, z - other.max(0))
-        np.maximum(gap, 0.0, out=gap)
-        return np.flatnonzero(np.sqrt(np.einsum("ij,ij->i", gap, gap)) * (1.0 - PRUNE_MARGIN) <= reach)
-    gap = torch.maximum(other.amin(0) - z, z - other.amax(0)).clamp(min=0.0)
-    return _nonzero(gap.square().sum(1).sqrt() * (1.0 - PRUNE_MARGIN) <= reach)
 
 
 def _nonzero(mask):
@@ -405,9 +286,9 @@ class PrunedSearch:
         if s != t:  # only the rows near the other tile's box, the columns near the box of those rows, ...
             reach = math.sqrt(max(self.bt[s], self.bt[t])) * (1.0 + PRUNE_MARGIN) + self.delta[s, t]
             zr, zc = self.z[a0:a1], self.z[b0:b1]
-            ri = _near_box(zr, zc, reach)
-            ci = _near_box(zc, zr[ri], reach)
-            ri = ri[_near_box(zr[ri], zc[ci], reach)]
+            ri = near_box(zr, zc, reach)
+            ci = near_box(zc, zr[ri], reach)
+            ri = ri[near_box(zr[ri], zc[ci], reach)]
             if len(ri) == 0 or len(ci) == 0:
                 return
             ri, ci = (torch.from_numpy(ri), torch.from_numpy(ci)) if cpu else (ri, ci)

@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from collide.config import SearchConfig
 from collide.errors import CollideError
 from collide.search import min_pairwise, search_store
-from collide.search import prune as prune_mod
+from collide.search import projection, prune as prune_mod
 from collide.search.bounds import ETA64, pair_bound, prune_threshold
 from collide.search.symmetric import PairSearch
 from collide.search.tiles import as_threshold
@@ -202,8 +202,8 @@ def check_bound(x: np.ndarray, k: int) -> None:
     bound is below its pairs' distances."""
     xt = torch.from_numpy(x)
     mu = xt.to(torch.float64).mean(0)
-    basis = prune_mod.pca_basis(xt.to(torch.float64) - mu, min(k, x.shape[1], len(x)))
-    z, w_norm, n2 = prune_mod.project(xt, mu, basis)
+    basis = projection.pca_basis(xt.to(torch.float64) - mu, min(k, x.shape[1], len(x)))
+    z, w_norm, n2 = projection.project(xt, mu, basis)
     n = len(x)
     exact = {(i, j): exact_sq(x[i], x[j]) for i in range(n) for j in range(i + 1, n)}
     kk = basis.shape[1]
