@@ -11,6 +11,9 @@ Writes ``<out>/gpu-<UTC date>.json`` (``--cpu-smoke``: ``cpu-smoke.json``) with 
 3. ``error_bound``: the screening GEMM's worst observed error over its rigorous bound, fp32 and
    tf32x3 (``benchmarks.gpu_bound_check.worst_error_ratio``; ``passed`` when at most its LIMIT);
 4. ``search``: ``min_pairwise`` at n=1e5, d=4096, fp32 and tf32x3 (suite.bench_search.gpu_search);
+   ``prune``: the pruned search (``prune="pca"``) against brute force at n=1e5, d=4096 on LLM-like rows
+   (suite.bench_prune.llm_states): the minimum alone, and with a sample's nearest neighbours
+   (``nearest="auto"``) against every row's, seconds and whether the answers are identical;
 5. ``extraction_mfu``: ``extract_to_store`` of 4096 prompts of 9-33 tokens through a random
    Llama-3.1-8B-shaped model in bf16 (all 33 layers kept), as model flops per second (2 x the
    non-embedding parameters per token) over the GPU's bf16 dense peak and over a bf16 8192^3
@@ -20,7 +23,7 @@ Writes ``<out>/gpu-<UTC date>.json`` (``--cpu-smoke``: ``cpu-smoke.json``) with 
 7. ``equal_states``: the diagnostic of benchmarks/equal_states.py (1,000 prompts, both builds);
 8. ``inversion``: the ``track_*`` ratios of ``benchmarks/suite/bench_invert.py`` (quick size).
 
-Without CUDA every GPU section is skipped with a message and nothing is written; ``--cpu-smoke``
+Without CUDA every section is skipped with a message (in seconds) and nothing is written; ``--cpu-smoke``
 then runs the equal-states diagnostic on 24 prompts on the CPU at toy widths (``equal_states.SMOKE``) and writes ``cpu-smoke.json`` (each
 GPU section ``{"skipped": "no CUDA device"}``), to check the script's logic in seconds. A section that raises records its error and the others still run.
 """
@@ -38,7 +41,11 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ImportError:  # a Python without torch has no GPU to check either
+    print("gpu_check: torch is not installed in this Python: every section is skipped", flush=True)
+    sys.exit(0)
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # appended: an installed collide (with its collide.conf) comes first
@@ -159,6 +166,34 @@ def exhaustive_one_set(device: str = "cuda", config=None) -> dict:
             "certified": res.certified, "min_distance": res.distance, "n_collisions": res.n_collisions}
 
 
+def prune_check(n: int = 100_000, d: int = 4096, device: str = "cuda") -> dict:
+    """Pruned vs brute force on ``device`` (see the module docstring); the answers must be identical."""
+    import numpy as np
+
+    from benchmarks.suite.bench_prune import llm_states
+    from collide.search import min_pairwise
+
+    x = torch.from_numpy(llm_states(n, d, seed=0)).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    runs = {"min": (dict(prune="off", nearest=False), dict(prune="pca", nearest=False)),
+            "sampled_nn": (dict(prune="off", nearest=True), dict(prune="pca", nearest="auto", nearest_cutoff=0))}
+    min_pairwise(x[:20000], 1e-6, "torch", block_rows=16384, prune="pca", nearest=False)  # warm-up
+    out = {"n": n, "d": d}
+    for name, (brute_kw, pruned_kw) in runs.items():
+        t_brute, brute = timed(lambda: (min_pairwise(x, 1e-6, "torch", block_rows=16384, **brute_kw), sync())[0])
+        t_pruned, pruned = timed(lambda: (min_pairwise(x, 1e-6, "torch", block_rows=16384, **pruned_kw), sync())[0])
+        rows = np.flatnonzero(pruned.nn_index >= 0)
+        same = (brute.distance, brute.pair, brute.certified) == (pruned.distance, pruned.pair, pruned.certified) \
+            and brute.collisions == pruned.collisions and np.array_equal(brute.nn_index[rows], pruned.nn_index[rows]) \
+            and np.array_equal(brute.nn_distance[rows], pruned.nn_distance[rows])
+        out[name] = {"brute_s": t_brute, "pruned_s": t_pruned, "speedup": t_brute / t_pruned, "identical": bool(same),
+                     "prune": pruned.prune, "nearest": pruned.nearest["description"]}
+    del x
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def inversion() -> dict:
     """The track_* ratios of benchmarks/suite/bench_invert.py at the quick size on this machine."""
     os.environ.setdefault("COLLIDE_BENCH_SIZE", "quick")
@@ -199,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.suite.bench_search import gpu_search
 
     sections = [("tests", gpu_tests), ("prefix_attention", prefix_attention_check), ("error_bound", error_bound),
-                ("search", lambda: gpu_search(100_000)), ("extraction_mfu", extraction_mfu),
+                ("search", lambda: gpu_search(100_000)), ("prune", prune_check), ("extraction_mfu", extraction_mfu),
                 ("exhaustive", exhaustive_one_set), ("equal_states", lambda: equal_states.diagnose("cuda", 1000))]
     for name, fn in sections:
         if cuda:
@@ -209,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda and args.cpu_smoke:
         section("equal_states", lambda: equal_states.diagnose("cpu", 24, config=equal_states.gemma_config(
             **equal_states.SMOKE)), out)
-    section("inversion", inversion, out)
     if not cuda and not args.cpu_smoke:
         return 0
+    section("inversion", inversion, out)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / (f"gpu-{now:%Y-%m-%d}.json" if cuda else "cpu-smoke.json")
     path.write_text(json.dumps(out, indent=1, default=str) + "\n")

@@ -87,7 +87,7 @@ def test_gpu_check_without_cuda_skips_the_gpu_sections_and_runs_the_diagnostic_o
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no CUDA device: every GPU section is skipped" in proc.stdout
     result = json.loads((tmp_path / "cpu-smoke.json").read_text())
-    for name in ("tests", "prefix_attention", "error_bound", "search", "extraction_mfu", "exhaustive"):
+    for name in ("tests", "prefix_attention", "error_bound", "search", "prune", "extraction_mfu", "exhaustive"):
         assert result[name] == {"skipped": "no CUDA device"}, name
     assert set(result["inversion"]) - {"seconds"} in ({"absent"}, {"tracks"})
     diag = result["equal_states"]
