@@ -1,4 +1,4 @@
-"""Reading a lens bundle: a plain copy against collide's checked, memory-mapped load, and the first table read.
+"""Reading a lens bundle: a plain safetensors load against collide's checked load, and the first table read.
 
     python benchmarks/lens_load.py BUNDLE_DIR [BUNDLE_DIR ...]
     python benchmarks/lens_load.py --gemma-shape DIR   # writes a bundle of Gemma-3 270M's shape first
@@ -6,11 +6,11 @@
 For each bundle (a ``collide.invert.lens`` directory: ``lens.safetensors`` + ``lens.json``), in one process,
 each step timed on its own (wall seconds), the file already in the page cache (read once before):
 
-- ``copy_s``: ``safetensors.torch.load_file``, every tensor read into memory (no check);
+- ``plain_s``: ``safetensors.torch.load_file`` alone (it memory-maps the file: nothing is read yet; no check);
 - ``sha256_s``: hashing ``lens.safetensors`` in full, what a check without the digest memo would cost;
-- ``load_s``: ``collide.invert.lens.load`` (size and digest through the memo, memory-mapped, NaN/Inf check);
-- ``table_first_use_s`` / ``table_copy_use_s``: ``rankers.table_distances`` over the whole position-0
-  table, the first time, on the mapped and on the copied tensors (what position 0 of a prompt costs).
+- ``load_s``: ``collide.invert.lens.load`` (size and digest through the memo, ``load_file``, NaN/Inf check);
+- ``table_first_use_s`` / ``table_plain_use_s``: ``rankers.table_distances`` over the whole position-0
+  table, the first time, on the checked and on the plain load's tensors (what position 0 of a prompt costs).
 
 ``--gemma-shape DIR`` writes a bundle with Gemma-3 270M's shapes (table 262,144 x 640 fp32, ridges 640 x 640;
 seeded random values, identity marked synthetic) with ``collide.invert.lens.save``, then times it. Prints JSON.
@@ -61,17 +61,17 @@ def measure(path: Path) -> dict:
     weights = path / lens_mod.TENSORS
     identity = json.loads((path / lens_mod.META).read_text())["identity"]
     weights.read_bytes()  # into the page cache: every figure below reads memory, not the disk
-    copy_s, copied = timed(lambda: load_file(str(weights)))
+    plain_s, plain = timed(lambda: load_file(str(weights)))
     sha256_s, _ = timed(lambda: sha256_file(weights))
     lens_mod.load(path, identity)  # the digest memo holds the file from here on, as after a save or a first load
     load_s, loaded = timed(lambda: lens_mod.load(path, identity))
     target = torch.randn(loaded.table.shape[1], generator=torch.Generator().manual_seed(1))
     first_s, _ = timed(lambda: table_distances(loaded, target))
-    copy_lens = lens_mod.Lens(identity, {}, loaded.own, loaded.cont, copied["table_tokens"], copied["table"])
-    copy_use_s, _ = timed(lambda: table_distances(copy_lens, target))
+    plain_lens = lens_mod.Lens(identity, {}, loaded.own, loaded.cont, plain["table_tokens"], plain["table"])
+    plain_use_s, _ = timed(lambda: table_distances(plain_lens, target))
     return {"bundle": str(path), "bytes": weights.stat().st_size, "table_rows": int(loaded.table.shape[0]),
-            "copy_s": copy_s, "sha256_s": sha256_s, "load_s": load_s, "table_first_use_s": first_s,
-            "table_copy_use_s": copy_use_s}
+            "plain_s": plain_s, "sha256_s": sha256_s, "load_s": load_s, "table_first_use_s": first_s,
+            "table_plain_use_s": plain_use_s}
 
 
 if __name__ == "__main__":
