@@ -14,7 +14,9 @@ around ``collide.search.search_store`` alone:
 - ``pruned_min``: ``search.prune=auto search.nearest=false`` (the pruned search);
 - ``former_default``: ``search.prune=off search.nearest=true``: what the default settings ran before
   ``search.nearest=auto`` (auto did not prune with every row's nearest neighbour);
-- ``default``: the defaults (``search.nearest=auto``, ``search.prune=auto``).
+- ``default``: the defaults (``search.nearest=auto``, ``search.prune=auto``);
+- ``sampled`` (only when named in ``--configs``): the defaults with ``search.nearest_cutoff=0``, a
+  sample's nearest neighbours at any size (what sets the cut-off).
 
 Reported: seconds and the ratios brute_min / pruned_min and former_default / default (higher is
 better), peak RSS above the process's level before the search (MiB), and exactness: the minimum,
@@ -40,7 +42,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"brute_min": dict(prune="off", nearest=False), "pruned_min": dict(prune="auto", nearest=False),
-           "former_default": dict(prune="off", nearest=True), "default": {}}
+           "former_default": dict(prune="off", nearest=True), "default": {},
+           "sampled": dict(nearest_cutoff=0)}  # the defaults, sampling the nearest neighbours at any size
+MAIN = ("brute_min", "pruned_min", "former_default", "default")
 LAYERS = [2, 4, 8]
 STORE_ROOT = REPO / "runs" / "bench-stores"
 
@@ -144,7 +148,7 @@ def main() -> None:
     ap.add_argument("--store", help="an existing benchmark store (default: made under runs/bench-stores/)")
     ap.add_argument("--sizes", default="20000,100000", help="prompts per search (the store's first n)")
     ap.add_argument("--layers", default=",".join(map(str, LAYERS)))
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(MAIN), help=f"of {', '.join(CONFIGS)}")
     ap.add_argument("--out", help="JSON file of the figures (default: print only)")
     args = ap.parse_args()
     if args.one:
@@ -168,6 +172,10 @@ def main() -> None:
                     row["default_exact"] = (same_answer(got["former_default"], got["default"])
                                             and same_nn(got["former_default"], got["default"]))
                     row["default_nearest"] = got["default"]["nearest"]["description"]
+                if {"former_default", "sampled"} <= got.keys():
+                    row["sampled_speedup"] = round(got["former_default"]["seconds"] / got["sampled"]["seconds"], 2)
+                    row["sampled_exact"] = (same_answer(got["former_default"], got["sampled"])
+                                            and same_nn(got["former_default"], got["sampled"]))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
             if "default" in args.configs.split(","):

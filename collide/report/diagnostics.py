@@ -27,11 +27,22 @@ pair, whose nearest neighbours are each other at the minimum distance.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from collide.search.results import nn_pairs
 
 PROMPT_DISTANCE = "token_edit"  # the prompt-space distance of the co-Lipschitz estimate
+
+
+def _padded(seqs: list, lengths: np.ndarray, width: int, fill: int) -> np.ndarray:
+    """(m, width) int64: sequence k in row k, then ``fill``."""
+    out = np.full((len(seqs), max(width, 1)), fill, np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, count=int(lengths.sum()))
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[np.repeat(np.arange(len(seqs)), lengths), np.arange(len(flat)) - starts] = flat
+    return out
 
 
 def edit_distances(a: list, b: list) -> np.ndarray:
@@ -42,17 +53,15 @@ def edit_distances(a: list, b: list) -> np.ndarray:
     la = np.array([len(s) for s in a], np.int64)
     lb = np.array([len(s) for s in b], np.int64)
     ta, tb = int(la.max()), int(lb.max())
-    A = np.full((m, max(ta, 1)), -1, np.int64)
-    B = np.full((m, max(tb, 1)), -2, np.int64)
-    for k in range(m):
-        A[k, :la[k]], B[k, :lb[k]] = a[k], b[k]
-    ar = np.arange(tb + 1, dtype=np.int64)
+    A, B = _padded(a, la, ta, -1), _padded(b, lb, tb, -2)
+    ar = np.arange(tb + 1, dtype=np.int32)
     prev = np.broadcast_to(ar, (m, tb + 1)).copy()  # row i = 0: j insertions
-    out = prev[np.arange(m), lb].copy()  # for la == 0
+    out = prev[np.arange(m), lb].astype(np.int64)  # for la == 0
+    first = np.empty((m, 1), np.int32)
     for i in range(1, ta + 1):
         sub = prev[:, :-1] + (A[:, i - 1:i] != B[:, :tb])  # substitute (or match)
         best = np.minimum(sub, prev[:, 1:] + 1)  # or delete a's i-th token
-        first = np.full((m, 1), i, np.int64)
+        first.fill(i)
         c = np.concatenate([first, best], axis=1)
         cur = np.minimum.accumulate(c - ar, axis=1) + ar  # or insert: cur[j] = min_k c[k] + (j - k)
         done = la == i
@@ -61,12 +70,20 @@ def edit_distances(a: list, b: list) -> np.ndarray:
     return out
 
 
+def _sequences(token_ids, rows: np.ndarray) -> list:
+    """The token-id sequences of ``rows``: from a list, or from an Arrow column (one ``take``)."""
+    if hasattr(token_ids, "take"):
+        return token_ids.take(rows).to_pylist()
+    return [token_ids[i] for i in rows]
+
+
 def layer_diagnostics(result, token_ids: list, prompt_ids: np.ndarray | None = None, max_rows: int = 4096,
                       seed: int = 0) -> dict:
     """The diagnostics of one layer (see the module docstring) from its search result; distances L2, not squared.
 
     ``result``: the layer's collide.search.PairwiseResult (its distance, pair, nn_index, nn_distance and
-    row_norm, in row order); ``token_ids[row]``: a row's token-id sequence (only the rows used are read);
+    row_norm, in row order); ``token_ids``: each row's token-id sequence, a list or an Arrow column (only the
+    rows used are read);
     ``prompt_ids`` (n,) names rows in the output.
     """
     n = len(result.nn_distance)
@@ -95,7 +112,7 @@ def layer_diagnostics(result, token_ids: list, prompt_ids: np.ndarray | None = N
         return out
     order = np.argsort(rows, kind="stable")
     rows, partner, dist = rows[order], partner[order], dist[order]
-    edits = edit_distances([token_ids[i] for i in rows], [token_ids[j] for j in partner]).astype(np.float64)
+    edits = edit_distances(_sequences(token_ids, rows), _sequences(token_ids, partner)).astype(np.float64)
     ratio = dist / np.maximum(edits, 1.0)
     k = int(np.argmin(ratio))
     out["co_lipschitz"] = {
@@ -113,16 +130,6 @@ def layer_diagnostics(result, token_ids: list, prompt_ids: np.ndarray | None = N
     return out
 
 
-class _TokenColumn:
-    """The token ids of a store's prompts, row by row, read from the Arrow column only where asked for."""
-
-    def __init__(self, column):
-        self.column = column
-
-    def __getitem__(self, row) -> list[int]:
-        return self.column[int(row)].as_py()
-
-
 def store_diagnostics(store, results: list, max_rows: int = 4096, seed: int = 0) -> dict[int, dict]:
     """{layer: layer_diagnostics} for every search result of ``store`` (a collide Store): reads the prompts'
     token ids (those of the rows it uses), never the states."""
@@ -130,7 +137,7 @@ def store_diagnostics(store, results: list, max_rows: int = 4096, seed: int = 0)
         return {}
     prompts = store.prompts(["prompt_id", "token_ids"])
     table_ids = prompts.column("prompt_id").to_numpy()
-    tokens = _TokenColumn(prompts.column("token_ids"))
+    tokens = prompts.column("token_ids")  # an Arrow column: only the rows used are converted
     out = {}
     for r in results:
         ids = np.asarray(r.prompt_ids, np.int64)

@@ -258,14 +258,12 @@ class Store:
                 hint = " (the store was written with store.keep_text=false)" if "text" in missing else ""
                 raise CollideError(f"the prompts of {self.path} have no column {missing}{hint}; "
                                    f"available columns: {available}")
-        tables = []
-        for shard, file in zip(self.shards, files):
-            lo, hi = self._rows(shard)
-            tables.append(pq.read_table(file, columns=None if columns is None else list(columns)).slice(lo, hi - lo))
-        if not tables:
+        if not files:
             empty = prompt_table(0, [], [], [] if self.keep_text else None)
             return empty if columns is None else empty.select(list(columns))
-        return pa.concat_tables(tables)
+        # the view's shards hold consecutive prompts: read them together (threaded), keep the view's rows
+        table = pq.read_table([str(f) for f in files], columns=None if columns is None else list(columns))
+        return table.slice(self._rows(self.shards[0])[0], self.n_rows)
 
     def texts(self, prompt_ids: Sequence[int]) -> dict[int, str]:
         """{prompt_id: text} for the given ids; empty when the store keeps no text."""

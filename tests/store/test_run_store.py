@@ -176,7 +176,8 @@ def test_module_forms_are_the_same_commands(tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("usage: collide search STORE")
     proc = subprocess.run([sys.executable, "-m", "collide", "verify", str(tmp_path / "none")], capture_output=True,
                           text=True, env=ENV, timeout=120)
-    assert proc.returncode == 1 and "FAILED" in proc.stdout
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("does not exist; pass store directories (e.g. under "
+                                                                  "runs/stores/)")
 
 
 def test_collide_run_help_names_the_app(tmp_path):
