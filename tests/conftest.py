@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 from hypothesis import settings
+
+from collide.config import CACHE_ENV
 
 # Property tests draw the same examples on every run, so a red CI is reproducible; run
 # HYPOTHESIS_PROFILE=explore make test to draw fresh examples when hunting bugs.
@@ -13,6 +18,14 @@ settings.register_profile("repeatable", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
+# $COLLIDE_CACHE (converted models, lens bundles, file digests) is one temporary folder per test run, never the
+# checkout's runs/: made by the process that starts the run, before any test module is imported (some copy
+# os.environ for their subprocesses), inherited by the xdist workers and every subprocess, so a real model is
+# converted once per run and read from the cache after (writes into it are atomic); removed when the run ends.
+# A test that needs an empty cache sets its own.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="collide-cache-")
+    atexit.register(shutil.rmtree, os.environ[CACHE_ENV], ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on CI: fail fast instead of retrying
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -77,21 +90,6 @@ def tiny_store(tiny_llama, tmp_path_factory):
                             TINY_STORE_PROMPTS, tiny_identity(TINY_STORE_PROMPTS),
                             StoreConfig(shard_rows=16, keep_text=True),
                             ExtractConfig(batch_tokens=512, max_batch_size=64, progress=False))
-
-
-@pytest.fixture(scope="session", autouse=True)
-def cache_root(tmp_path_factory):
-    """$COLLIDE_CACHE for the whole run: converted models, lens bundles and file digests go to one temporary
-    folder, never the checkout's runs/. One folder per test run, shared by the xdist workers (they write it
-    atomically), so a real model is converted once and every later load reads the cache; inherited by
-    subprocesses. A test that needs an empty cache sets its own."""
-    from collide.config import CACHE_ENV
-
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "collide-cache"
-    root.mkdir(exist_ok=True)
-    os.environ[CACHE_ENV] = str(root)
-    return root
 
 
 @pytest.fixture(scope="session", autouse=True)
