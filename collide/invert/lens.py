@@ -290,18 +290,18 @@ def load(path: Path, identity: dict) -> Optional[Lens]:
 
 def check_location(path: Path, cfg: LensConfig) -> None:
     """``path`` is, or is made, a writable directory: one CollideError naming the setting otherwise, before a fit."""
-    setting = f"lens.path={cfg.path}" if cfg.path else f"lens.root={cfg.root}"
+    key, value = ("lens.path", cfg.path) if cfg.path else ("lens.root", cfg.root)
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise CollideError(f"{setting} cannot hold lens bundles: {blocker} is a file, not a directory; set "
-                           f"{setting.split('=')[0]} to a directory")
+        raise CollideError(f"{key}={value} cannot hold lens bundles: {blocker} is a file, not a directory; set "
+                           f"{key} to a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CollideError(os_error_message(path, exc, "creating", setting.split("=")[0], "")) from None
+        raise CollideError(os_error_message(path, exc, "creating", key, "")) from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise CollideError(f"cannot write lens bundles into {path}; make it writable or set "
-                           f"{setting.split('=')[0]} to a writable directory")
+        raise CollideError(f"cannot write lens bundles into {path}; make it writable or set {key} to a writable "
+                           "directory")
 
 
 def load_or_fit(lm: LoadedModel, layer: int, cfg: LensConfig, prefix: list[int]) -> Lens:

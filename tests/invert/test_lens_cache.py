@@ -64,8 +64,8 @@ def test_a_damaged_bundle_is_refused_in_one_line_and_refit_on_request(llama, tmp
     refit = lens_mod.load_or_fit(llama, 2, small_lens(tmp_path, refit=True), [256])
     assert refit.path == fitted.path
     again = lens_mod.load_or_fit(llama, 2, cfg, [256])  # the replaced bundle is read back
-    for name, tensor in want.items():
-        assert torch.equal(lens_mod._tensors(refit)[name], tensor) and torch.equal(lens_mod._tensors(again)[name], tensor)
+    for lens in (refit, again):
+        assert all(torch.equal(lens_mod._tensors(lens)[name], tensor) for name, tensor in want.items())
 
 
 def test_a_bundle_is_read_back_whole_and_hashed_once(llama, tmp_path, monkeypatch):
