@@ -55,6 +55,9 @@ from collide.invert.results import Alternative, PositionResult
 from collide.models import LoadedModel
 
 RANKED = ("auto", "prior", "lens")  # policies that verify a ranked order in escalating batches
+# ranked policies with lenses: a linearized ranking (rankers.linearized_order) joins in front once this many
+# candidates failed (16 + 64 + 256 with the default batches), and again after 4x as many more each time
+LINEARIZE_AFTER, LINEARIZE_MAX = 336, 3
 
 # The ε rule: ε = RTOL[compute dtype] * ‖ĥ_t‖ + STORAGE_RTOL[stored dtype] * ‖ĥ_t‖ + ATOL * sqrt(d).
 # fp32: a cached single-token step and the padded batched forward that wrote the states differ
@@ -220,9 +223,13 @@ class Inverter:
     def _table_applies(self, prefix: GrowingPrefix) -> bool:
         return self.lens is not None and self.lens.table is not None and prefix.ids == self.lens.prefix
 
-    def _ranked_batches(self, prefix: GrowingPrefix, tried: torch.Tensor, target: torch.Tensor, eps: float):
+    def _ranked_batches(self, prefix: GrowingPrefix, tried: torch.Tensor, target: torch.Tensor, eps: float,
+                        best: list):
         """The policy's merged order of the untried tokens, in escalating batches (see the module docstring). At the
-        table's position the first batch holds every token whose table state lies within ε (at least the nearest)."""
+        table's position the first batch holds every token whose table state lies within ε (at least the nearest).
+        With the lenses (auto, lens), once LINEARIZE_AFTER candidates failed a linearized ranking joins in front
+        (around the own lens's prediction), and again around the best verified candidate each time 4x as many
+        failed, up to LINEARIZE_MAX times; ``best`` ([(distance, token)]) holds the position's best so far."""
         policy, first = self.cfg.policy, self.cfg.batch_first
         if self._table_applies(prefix):
             order, dist = rankers.table_order(self.lens, target)
@@ -232,21 +239,32 @@ class Inverter:
             lenses = [rankers.lens_order(r, target, self.rows_cpu, self.sq_norms_cpu, cosine=r is self.lens.own)
                       for r in (self.lens.own, self.lens.cont)] if policy != "prior" or prior is None else []
             orders = ([] if prior is None else [prior[prior < self.vocab]]) + lenses
-        skip = tried.cpu().clone()
         if len(orders) > 1:  # tokens no order lists (an LM head narrower than the input rows): never, but last
             rest = torch.ones(self.vocab, dtype=torch.bool)
             for order in orders:
                 rest[order] = False
             orders.append(torch.nonzero(rest).flatten())
-        yield from rankers.batches(rankers.merge(orders, skip), first, self.largest)
+        linearize = policy in ("auto", "lens") and not self._table_applies(prefix)
+        stream, done, lines = rankers.batches(rankers.merge(orders, tried.cpu().clone()), first, self.largest), 0, []
+        while True:
+            for batch in stream:
+                yield batch
+                done += len(batch)
+                if linearize and len(lines) < LINEARIZE_MAX and done >= LINEARIZE_AFTER * 4 ** len(lines):
+                    break
+            else:
+                return
+            e0 = self.lens.own.predict(target) if not lines else self.rows[best[0][1]]
+            lines.insert(0, rankers.linearized_order(prefix, self.layer, e0, target, self.rows, self.embed_scale))
+            stream = rankers.batches(rankers.merge(lines + orders, tried.cpu().clone()), 4 * first, self.largest)
 
     def _batches(self, prefix: GrowingPrefix, tried: torch.Tensor, target: torch.Tensor, eps: float,
-                 rng: np.random.Generator):
+                 rng: np.random.Generator, best: list):
         policy = self.cfg.policy
         if policy == "gradient":
             return self._gradient_batches(prefix, tried, target, rng)
         if policy in RANKED or (policy == "exhaustive" and self._table_applies(prefix)):
-            return self._ranked_batches(prefix, tried, target, eps)
+            return self._ranked_batches(prefix, tried, target, eps, best)
         return self._random_batches(tried, rng)
 
     # ----------------------------------------------------------------- one position
@@ -275,14 +293,15 @@ class Inverter:
         left = None  # candidates still to verify after the first within ε (``confirm``)
         margin = None
         if (not known or exhaustive) and not bool(tried.all()):
-            for batch in self._batches(prefix, tried, target, eps, rng):
+            box = [best]  # the ranked policies re-linearize around the best candidate so far
+            for batch in self._batches(prefix, tried, target, eps, rng, box):
                 tried[batch] = True
                 dist = self._distances(prefix, batch, target)
                 seen.update((int(tok), float(d)) for tok, d in zip(batch.tolist(), dist.tolist()) if d <= eps)
                 i = int(dist.argmin())
                 if float(dist[i]) < best[0]:
                     second = min(second, best[0])
-                    best = (float(dist[i]), int(batch[i]))
+                    best = box[0] = (float(dist[i]), int(batch[i]))
                     dist[i] = math.inf
                 second = min(second, float(dist.min())) if len(dist) else second
                 if exhaustive and table and best[0] <= eps:  # every other token's state is in the table: Δ from it

@@ -164,7 +164,10 @@ def read_parquet(path: Path) -> Source:
             ids = table.column("token_ids")[i].as_py() if "token_ids" in names else None
             text = table.column("text")[i].as_py() if "text" in names else None
             return Target(str(i), _float32(x.reshape(len(x), -1) if x.size else x.reshape(0, 0), path), ids, text)
-        d = len(table.column("states")[0].as_py()[0])
+        first = next((row for row in table.column("states").to_pylist() if row), None)  # a prompt with a position
+        if first is None:
+            raise _empty(path)
+        d = len(first[0])
         return Source(path, "parquet", table.num_rows, d, "fp32", _read=lambda wanted: (prompt(i) for i in wanted),
                       keys=[str(i) for i in range(table.num_rows)])
     if not {"prompt_id", "position", "state"} <= set(names):

@@ -26,7 +26,7 @@ class WrongFirst(Inverter):
 
     first: int = -1
 
-    def _batches(self, prefix, tried, target, eps, rng):
+    def _batches(self, prefix, tried, target, eps, rng, best):
         rest = [t for t in range(self.vocab) if t != self.first and not bool(tried[t])]
         return rankers.batches(iter([self.first] + rest), 1, 64)
 

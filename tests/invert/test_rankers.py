@@ -109,3 +109,38 @@ def test_real_smollm2_prose_inverted_at_half_depth(compose):
         results = inverter.invert(states(lm, ids, layer))
         assert len(results) == len(ids) and all(r.recovered and t in r.group for r, t in zip(results, ids))
         assert sum(r.tried for r in results) / len(results) < 1000  # about 8% of the vocabulary before
+
+
+def test_linearized_order_ranks_the_token_whose_state_it_linearizes_at(llama):
+    """Around a token's own row the first-order prediction is exact there: that token comes first. Around a point
+    a quarter of the way to another row it still ranks the true token near the top of 320."""
+    from collide.continuations import GrowingPrefix
+
+    prefix = GrowingPrefix(llama)
+    for token in [256] + list(b"Line"):
+        prefix.append(token)
+    rows = llama.model.get_input_embeddings().weight.detach().float()
+    target = llama_state(llama, [256] + list(b"Linea"), 2)
+    assert int(rankers.linearized_order(prefix, 2, rows[ord("a")], target, rows)[0]) == ord("a")
+    moved = rows[ord("a")] + 0.25 * (rows[ord("q")] - rows[ord("a")])
+    order = rankers.linearized_order(prefix, 2, moved, target, rows)
+    assert int((order == ord("a")).nonzero()[0]) < 5
+
+
+def llama_state(lm, ids, layer) -> torch.Tensor:
+    return torch.from_numpy(states(lm, ids, layer)[-1]).double()
+
+
+def test_auto_policy_linearizes_after_the_first_candidates_fail(llama, tmp_path, monkeypatch):
+    """With the threshold lowered under the tiny vocabulary, positions the first batch misses call the linearized
+    ranking; the result is the same tokens."""
+    from collide.invert import sipit
+
+    calls = []
+    real = rankers.linearized_order
+    monkeypatch.setattr(sipit, "LINEARIZE_AFTER", 2)
+    monkeypatch.setattr(rankers, "linearized_order", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = [256] + list(b"Rank me")
+    cfg = InvertConfig(source="-", batch_first=2, lens=small_lens(tmp_path))
+    results = Inverter(llama, 3, cfg, bos=256).invert(states(llama, ids, 3))
+    assert [r.token for r in results] == ids and calls
