@@ -77,7 +77,7 @@ def linearized_order(prefix: GrowingPrefix, layer: int, e0: torch.Tensor, target
     """(V,) token ids by ‖s(e0) + J (row − e0) − ``target``‖ (L2), nearest first: each token's state at ``layer``
     after ``prefix`` predicted to first order around the input-embedding row ``e0`` (d,). ``rows`` (V, d) are
     the input-embedding rows on the model's device; the model's input is row · ``embed_scale``."""
-    e0 = e0.to(rows.device, torch.float32)
+    e0 = e0.detach().to(rows.device, torch.float32).clone()  # a view of ``rows`` would give every tangent (V, d)
     with torch.no_grad():
         state = prefix.embeds_state(e0 * embed_scale, layer).float()
     jac = torch.func.jacfwd(lambda e: prefix.embeds_state(e * embed_scale, layer).float())(e0)  # (d_out, d_in)
