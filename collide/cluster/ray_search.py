@@ -124,6 +124,8 @@ def search_tile(path: str, first_id: int, stop_id: int, layer: int, panel_p: lis
             state.nn_exact.copy_(torch.tensor(nn_seed))
         else:  # minimum and collisions only: prune with the best exact distance known so far
             state.tau = tau_seed
+        for blk in blocks:
+            state.centred2[blk.index] = blk.norm2
         left, right = blocks[:len(panel_p)], blocks if same else blocks[len(panel_p):]
         for jb, bj in enumerate(right):
             rhs = right_operand(bj.left, view.d)
@@ -134,7 +136,7 @@ def search_tile(path: str, first_id: int, stop_id: int, layer: int, panel_p: lis
             if same:
                 state.screen(bj, bj, rhs, "diag")
     return dict(tau=state.tau, pair=state.pair, coll=state.coll, nn=state.nn_exact.cpu().numpy(),
-                nn_row=state.nn_row.cpu().numpy(),
+                nn_row=state.nn_row.cpu().numpy(), centred2=state.centred2.cpu().numpy(),
                 n_candidates=state.n_candidates, n_skipped=state.n_skipped, reason=state.reason,
                 gemm_s=state.gemm_s)
 
@@ -152,10 +154,12 @@ class _Reduction:
                                 nearest=nearest_mode(cfg.nearest) != "none")
         self.nn = np.full(m, math.inf)  # squared exact nn distance per engine row, so far
         self.nn_row = np.full(m, NO_ROW, np.int64)  # its nearest neighbour's row (smallest among exact ties)
+        self.centred2 = np.full(m, math.nan)  # its squared centred norm (blocks.centred_sq_norms)
 
     def merge(self, part: dict, rows: np.ndarray) -> None:
         st = self.state
         d2, row = part["nn"], part["nn_row"]  # a panel pair's rows are distinct: plain fancy indexing
+        self.centred2[rows] = part["centred2"]  # the same values from every tile that holds a row
         better = (d2 < self.nn[rows]) | ((d2 == self.nn[rows]) & (row < self.nn_row[rows]))
         self.nn[rows[better]], self.nn_row[rows[better]] = d2[better], row[better]
         if part["pair"] is not None and (part["tau"], part["pair"]) < (st.tau, st.pair or (math.inf,)):
@@ -168,6 +172,7 @@ class _Reduction:
 
     def finish(self) -> PairSearch:
         self.state.nn_exact, self.state.nn_row = torch.from_numpy(self.nn), torch.from_numpy(self.nn_row)
+        self.state.centred2 = torch.from_numpy(self.centred2)
         return self.state
 
 

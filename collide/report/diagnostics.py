@@ -6,8 +6,10 @@ definitions below are collide's (stated in full in docs/report-schema.md and doc
 
 * **Separation margin** of layer k: ``m_k = min over distinct prompts x != y of ‖h_k(x) - h_k(y)‖``,
   L2 (not squared) between last-token states, i.e. the search's exact certified ``min_distance``.
-  ``relative_margin = m_k / median_x ‖h_k(x)‖`` makes it comparable across layers and models. A
-  collision is ``m_k = 0`` (or below the threshold).
+  ``relative_margin = m_k / median_x ‖h_k(x)‖`` makes it comparable across layers and models;
+  ``relative_margin_centred = m_k / median_x ‖h_k(x) - mean‖`` does the same without the part of
+  the norm every prompt shares (massive activations inflate the raw norm). A collision is ``m_k = 0``
+  (or below the threshold).
 * **Co-Lipschitz estimate** of layer k: over the nearest-neighbour pairs (x, NN_k(x)) in state
   space, the ratio ``‖h_k(x) - h_k(NN_k(x))‖ / d_edit(x, NN_k(x))``, where d_edit is the token edit
   (Levenshtein) distance between the two token-id sequences (insertions, deletions and
@@ -70,6 +72,13 @@ def edit_distances(a: list, b: list) -> np.ndarray:
     return out
 
 
+def _median(values, n: int) -> float | None:
+    """The median of the finite values (n,), None if there are none (or no values)."""
+    v = np.asarray(values if values is not None else np.full(n, np.nan), np.float64)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if v.size else None
+
+
 def _sequences(token_ids, rows: np.ndarray) -> list:
     """The token-id sequences of ``rows``: from a list, or from an Arrow column (one ``take``)."""
     if hasattr(token_ids, "take"):
@@ -88,13 +97,14 @@ def layer_diagnostics(result, token_ids: list, prompt_ids: np.ndarray | None = N
     """
     n = len(result.nn_distance)
     ids = np.arange(n) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
-    norms = np.asarray(result.row_norm if result.row_norm is not None else np.full(n, np.nan), np.float64)
-    finite = np.isfinite(norms)
-    norm_p50 = float(np.median(norms[finite])) if finite.any() else None
+    norm_p50, centred_p50 = (_median(getattr(result, key, None), n) for key in ("row_norm", "centred_norm"))
     min_distance = float(result.distance) if np.isfinite(result.distance) else None
     out = {"separation_margin": min_distance,
            "state_norm_p50": norm_p50,
            "relative_margin": (min_distance / norm_p50) if min_distance is not None and norm_p50 else None,
+           "centred_norm_p50": centred_p50,
+           "relative_margin_centred": (min_distance / centred_p50) if min_distance is not None and centred_p50
+           else None,
            "co_lipschitz": None}
     rows, partner, dist = nn_pairs(result)
     sampled = len(rows) > max_rows

@@ -155,11 +155,13 @@ def _diagnostics_section(report: dict) -> list[str]:
         return []
     out = ["", "## Geometric diagnostics", "",
            "After arXiv 2511.14808, with collide's definitions: the **separation margin** is the min L2 between "
-           "two distinct prompts' states (relative: over the median state norm); the **co-Lipschitz** estimate "
+           "two distinct prompts' states (relative: over the median state norm, and over the median norm of the "
+           "states minus their mean); the **co-Lipschitz** estimate "
            "is, over nearest-neighbour pairs in state space, the L2 distance per token edit (Levenshtein "
            "distance of the token-id sequences), in L2 per edit; its min estimates the lower Lipschitz constant.",
-           "", "| layer | margin | relative margin | median norm | co-Lipschitz min | p5 | median "
-           "| min pair (edits) | NN pairs |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+           "", "| layer | margin | relative margin | median norm | relative to centred | median centred norm "
+           "| co-Lipschitz min | p5 | median | min pair (edits) | NN pairs |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for e in entries:
         d = e["diagnostics"]
         c = d["co_lipschitz"] or {}
@@ -167,7 +169,8 @@ def _diagnostics_section(report: dict) -> list[str]:
         n = f"{c['n_pairs']:,}{' (sample)' if c.get('sampled') else ''}" if c else "-"
         out.append(f"| {e['layer']}{' (emb)' if e['is_embedding_layer'] else ''} "
                    f"| {fmt_distance(d['separation_margin'])} | {fmt_distance(d['relative_margin'])} "
-                   f"| {fmt_distance(d['state_norm_p50'])} | {fmt_distance(c.get('min'))} "
+                   f"| {fmt_distance(d['state_norm_p50'])} | {fmt_distance(d.get('relative_margin_centred'))} "
+                   f"| {fmt_distance(d.get('centred_norm_p50'))} | {fmt_distance(c.get('min'))} "
                    f"| {fmt_distance(c.get('p5'))} | {fmt_distance(c.get('p50'))} | {pair} | {n} |")
     return out
 

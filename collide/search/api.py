@@ -140,6 +140,8 @@ def _result(state: PairSearch, n: int, valid_rows: np.ndarray, invalid_rows: np.
     ci, cj, cd = state.collisions()
     nn, nn_index, row_norm = np.full(n, np.nan), np.full(n, -1, np.int64), np.full(n, np.nan)
     nn[valid_rows], nn_index[valid_rows] = state.nn_distances(), state.nn_rows()
+    centred = np.full(n, np.nan)
+    centred[valid_rows] = np.sqrt(state.centred2.cpu().numpy())
     if norms is not None:
         row_norm[valid_rows] = norms
     reason = state.reason
@@ -155,6 +157,7 @@ def _result(state: PairSearch, n: int, valid_rows: np.ndarray, invalid_rows: np.
         nn_index=nn_index,
         nearest=record("all" if state.nearest else "none", m if state.nearest else 0),
         row_norm=row_norm,
+        centred_norm=centred,
         n_pairs=m * (m - 1) // 2,
         invalid_rows=invalid_rows.tolist(),
         threshold=state.threshold,

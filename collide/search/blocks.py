@@ -30,6 +30,7 @@ class Block:
     x: torch.Tensor  # (b, d) the rows as given (fp32 or fp64): exact fp64 re-ranks read these
     left: torch.Tensor  # (b, K) fp32 left GEMM operand [a, fl32(||a||^2), 1, 0 pad], a = fl32(x - mu)
     norm_max: float  # largest ||a|| in the block (fp64, not squared): the block's error bound uses it
+    norm2: torch.Tensor | None = None  # (b,) fp64 ||a||^2, the centred rows' squared norms (centred_sq_norms)
 
 
 def finite_rows(x: torch.Tensor, block_rows: int) -> torch.Tensor:
@@ -70,6 +71,31 @@ def augmented_width(d: int) -> int:
     return -(-(d + 2) // PAD) * PAD
 
 
+def _centred(x: torch.Tensor, mu: torch.Tensor, left: torch.Tensor | None) -> torch.Tensor:
+    """||a||^2 (fp64) of the rows x (b, d), a = fl32(fl64(x) - mu); a goes into left[:, :d] when given."""
+    b, d = x.shape
+    norm2 = torch.empty(b, dtype=torch.float64, device=x.device)
+    step = max(1, RERANK_ELEMENTS // max(d, 1))
+    for s in range(0, b, step):
+        if x.device.type == "cpu":  # numpy: several times faster than torch's CPU kernels here
+            a = np.subtract(x[s:s + step].numpy(), mu.numpy(), dtype=np.float64).astype(np.float32)
+            if left is not None:
+                left.numpy()[s:s + step, :d] = a
+            norm2.numpy()[s:s + step] = np.einsum("ij,ij->i", a, a, dtype=np.float64)
+        else:
+            a = (x[s:s + step].to(torch.float64) - mu).to(torch.float32)
+            if left is not None:
+                left[s:s + step, :d] = a
+            norm2[s:s + step] = a.to(torch.float64).square().sum(1)
+    return norm2
+
+
+def centred_sq_norms(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """(b,) fp64 squared norms of the rows x centred on mu as the screen sees them: sum of a^2 in fp64,
+    a = fl32(fl64(x) - mu) (what augment computes, without the operand)."""
+    return _centred(x, mu, None)
+
+
 def augment(x: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Left operand [a, fl32(||a||^2), 1, 0...] of rows x (b, d) centered on mu (fp64), and ||a||^2 (fp64).
 
@@ -78,17 +104,7 @@ def augment(x: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """
     b, d = x.shape
     left = torch.zeros(b, augmented_width(d), dtype=torch.float32, device=x.device)
-    norm2 = torch.empty(b, dtype=torch.float64, device=x.device)
-    step = max(1, RERANK_ELEMENTS // max(d, 1))
-    for s in range(0, b, step):
-        if x.device.type == "cpu":  # numpy: several times faster than torch's CPU kernels here
-            a = np.subtract(x[s:s + step].numpy(), mu.numpy(), dtype=np.float64).astype(np.float32)
-            left.numpy()[s:s + step, :d] = a
-            norm2.numpy()[s:s + step] = np.einsum("ij,ij->i", a, a, dtype=np.float64)
-        else:
-            a = (x[s:s + step].to(torch.float64) - mu).to(torch.float32)
-            left[s:s + step, :d] = a
-            norm2[s:s + step] = a.to(torch.float64).square().sum(1)
+    norm2 = _centred(x, mu, left)
     left[:, d] = norm2.to(torch.float32)
     left[:, d + 1] = 1.0
     top = float(norm2.max()) if b else 0.0
@@ -101,7 +117,7 @@ def make_block(x: torch.Tensor, rows: torch.Tensor, start: int, mu: torch.Tensor
     """Block of rows x (on the engine device) with caller rows ``rows``, engine indices start..start+b-1."""
     left, norm2 = augment(x, mu)
     index = torch.arange(start, start + x.shape[0], device=x.device)
-    return Block(index=index, rows=rows, x=x, left=left, norm_max=math.sqrt(float(norm2.max())))
+    return Block(index=index, rows=rows, x=x, left=left, norm_max=math.sqrt(float(norm2.max())), norm2=norm2)
 
 
 def right_operand(left: torch.Tensor, d: int) -> torch.Tensor:

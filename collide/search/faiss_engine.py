@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from collide.search.bounds import pair_bound
-from collide.search.blocks import Block, augment, right_operand, sum_rows
+from collide.search.blocks import Block, augment, centred_sq_norms, right_operand, sum_rows
 from collide.search.symmetric import PairSearch
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def faiss_search(x: np.ndarray, threshold: float, dev: torch.device, *, block_ro
         reps, groups = duplicate_groups(xv)
         xt = torch.from_numpy(np.ascontiguousarray(xv))
         mu = sum_rows(xt, block_rows) / m
+        state.centred2[:] = centred_sq_norms(xt, mu)
         left, norm2 = augment(xt[reps], mu)
         rep = Block(index=torch.from_numpy(reps), rows=torch.from_numpy(valid_rows[reps]), x=xt[reps], left=left,
                     norm_max=math.sqrt(float(norm2.max())))

@@ -42,7 +42,7 @@ import os
 import numpy as np
 import torch
 
-from collide.search.blocks import Block, augment, exact_sq, right_operand
+from collide.search.blocks import Block, augment, centred_sq_norms, exact_sq, right_operand
 from collide.search.bounds import (ETA64, PRUNE_MARGIN, pair_bound, prune_coefficient,
                                    prune_threshold, screening_constant, underflow_term)
 from collide.search.projection import near_box, pca_basis, project, tree_order
@@ -354,6 +354,7 @@ def pruned_search(x: torch.Tensor, rows: torch.Tensor, mu: torch.Tensor, state: 
     if m < 2:
         return {"method": "pca", "k": 0, "tile_rows": int(tile or 0), "pairs_evaluated_fraction": 0.0,
                 "tile_pairs_evaluated_fraction": 0.0, "reason": None}
+    state.centred2[:] = centred_sq_norms(x, mu)
     info = PrunedSearch(x, rows, mu, state, k, tile).run()
     if state.bar is not None:
         state.bar.update(max(state.bar.total - state.bar.n, 0))

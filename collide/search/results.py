@@ -76,6 +76,9 @@ class PairwiseResult:
     # "none", "n_rows", "seed" (of the sample), "description"}
     nearest: dict | None = None
     row_norm: np.ndarray | None = None  # (n,) float64: each row's L2 norm (not squared) as given; nan if invalid
+    # (n,) float64: each row's L2 norm (not squared) centred on the valid rows' fp64 mean, summed in fp64 from
+    # the centred values rounded to fp32 (the screen's operand: blocks.centred_sq_norms); nan if invalid
+    centred_norm: np.ndarray | None = None
 
 
 def nn_percentiles(nn_distance: np.ndarray) -> dict | None:

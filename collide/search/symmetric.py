@@ -96,6 +96,8 @@ class PairSearch:
         self.nn_exact = torch.full((m,), math.inf, dtype=torch.float64, device=device)  # best exact d^2 per row
         # per row: the caller row of its nearest neighbour so far (the smallest among exact ties); NO_ROW if none
         self.nn_row = torch.full((m,), NO_ROW, dtype=torch.int64, device=device)
+        # per row: its squared norm centred on the search's fp64 mean (blocks.centred_sq_norms); nan until seen
+        self.centred2 = torch.full((m,), math.nan, dtype=torch.float64, device=device)
         self.coll: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (i, j, L2) collision batches, host
         self.n_candidates = 0  # pairs re-ranked exactly because they passed the screening bound
         self.n_skipped = 0  # candidates left un-re-ranked once the budget was spent
@@ -295,6 +297,7 @@ def search_blocks(blocks: Callable[[int | None], Iterator[Block]], state: PairSe
     """
     tic = time.perf_counter()
     for jb, bj in enumerate(blocks(None)):
+        state.centred2[bj.index] = bj.norm2
         right = right_operand(bj.left, state.d)
         for bi in blocks(jb):
             state.screen(bi, bj, right, "cross")

@@ -87,3 +87,4 @@ def assert_same(local, remote):
     assert np.array_equal(a.nn_distance, b.nn_distance, equal_nan=True)
     assert np.array_equal(a.nn_index, b.nn_index) and a.nearest == b.nearest
     assert np.array_equal(a.row_norm, b.row_norm, equal_nan=True)
+    assert np.array_equal(a.centred_norm, b.centred_norm, equal_nan=True)

@@ -51,6 +51,9 @@ def test_layer_diagnostics_on_planted_states():
     assert out["separation_margin"] == 0.5
     assert out["state_norm_p50"] == pytest.approx(np.median(norms))
     assert out["relative_margin"] == pytest.approx(0.5 / np.median(norms))
+    centred = np.linalg.norm(x - x.mean(0), axis=1)
+    assert out["centred_norm_p50"] == pytest.approx(np.median(centred), rel=1e-6)  # rows rounded to fp32 once
+    assert out["relative_margin_centred"] == pytest.approx(0.5 / np.median(centred), rel=1e-6)
     c = out["co_lipschitz"]
     assert c["min"] == pytest.approx(0.5) and c["pair"] == [5, 6] and c["pair_prompt_distance"] == 1
     assert c["p50"] == pytest.approx(np.median([0.5, 0.5, 1.5, 1.5])) and c["n_pairs"] == 4 and not c["sampled"]

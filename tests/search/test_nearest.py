@@ -127,3 +127,21 @@ def test_nearest_bad_values_fail_in_one_line(compose):
     assert compose().search.nearest == "auto"
     with pytest.raises(CollideError, match="nearest_sample=0"):
         min_pairwise(states(300), nearest_sample=0)
+
+
+def test_row_norms_and_centred_norms_are_the_same_on_every_path(monkeypatch):
+    """Every engine reports each row's norm and its norm about the fp64 mean (as the screen sees the row)."""
+    x = states(500, seed=4)
+    x[7, 3] = np.nan  # an invalid row: nan in both
+    valid = np.isfinite(x).all(1)
+    mu = x[valid].astype(np.float64).sum(0) / valid.sum()
+    a = (x[valid].astype(np.float64) - mu).astype(np.float32)
+    want = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64))
+    got = [min_pairwise(x, 1e-6, engine, prune=prune, nearest="auto", nearest_cutoff=100, block_rows=128)
+           for engine, prune in (("torch", "off"), ("torch", "pca"), ("faiss", "off"))]
+    got.append(search_store(Layer(x), 0, 1e-6, SearchConfig(progress=False, block_rows=128, prune="off")).result)
+    for r in got:
+        assert np.isnan(r.centred_norm[7]) and np.isnan(r.row_norm[7])
+        np.testing.assert_allclose(r.centred_norm[valid], want, rtol=1e-15)
+        np.testing.assert_array_equal(r.centred_norm, got[0].centred_norm)
+        np.testing.assert_allclose(r.row_norm[valid], np.linalg.norm(x[valid].astype(np.float64), axis=1), rtol=1e-14)
