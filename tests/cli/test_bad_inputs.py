@@ -39,7 +39,6 @@ class Case(NamedTuple):
     argv: list  # the command line after `collide`, run from the workspace
     named: str  # what the one error line must contain: the input, as the user typed it (or the fix naming it)
     loads: str = "none"  # none: no model may load; tiny: tiny-random may (the error comes after it loads)
-    xfail: str = ""  # the reason a known failure is expected (strict: it must fail until fixed)
 
 
 QUIET = ["extract.progress=false", "search.progress=false"]
@@ -252,8 +251,7 @@ def assert_refused(status: int, stderr: str, named: str) -> None:
     assert named in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.xfail)]
-                                               if c.xfail else []) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line_and_changes_nothing(case, workspace, collide):
     before = snapshot(workspace)
     status, stderr = collide(case.argv, case.loads)
@@ -381,8 +379,6 @@ def test_dumps_of_integers_are_refused_before_the_model(dump, collide, workspace
     assert_refused(status, stderr, path.name)
 
 
-@pytest.mark.xfail(strict=True, reason="collide/invert/sources.py: a .parquet dump whose first prompt has no position "
-                                      "raises IndexError (its width is read from that prompt's first row)")
 @DUMP_SETTINGS
 @given(dump=dumps(bad="empty"))
 @example(dump=Dump(".parquet", [np.zeros((0, 3), np.float32), np.ones((2, 3), np.float32)], "prompt"))
