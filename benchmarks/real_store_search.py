@@ -29,7 +29,6 @@ of every layer, timed against their search time.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import subprocess
 import sys
