@@ -21,7 +21,9 @@ Writes ``<out>/gpu-<UTC date>.json`` (``--cpu-smoke``: ``cpu-smoke.json``) with 
 6. ``exhaustive``: one prompt x the whole 262,144-token vocabulary of a random Gemma-3-270M-shaped
    model at its last layer: continuation states/s and the certified search over C(262144, 2) pairs;
 7. ``equal_states``: the diagnostic of benchmarks/equal_states.py (1,000 prompts, both builds);
-8. ``inversion``: the ``track_*`` ratios of ``benchmarks/suite/bench_invert.py`` (quick size).
+8. ``precache``: the authors' synthetic pre-caching run (d=128, batch 512, Huber, cosine), vanilla then
+   myopic, as many of their 58,593 steps as fit in 150 s each (``benchmarks/precache_gpu.py``);
+9. ``inversion``: the ``track_*`` ratios of ``benchmarks/suite/bench_invert.py`` (quick size).
 
 Without CUDA every section is skipped with a message (in seconds) and nothing is written; ``--cpu-smoke``
 then runs the equal-states diagnostic on 24 prompts on the CPU at toy widths (``equal_states.SMOKE``) and writes ``cpu-smoke.json`` (each
@@ -235,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sections = [("tests", gpu_tests), ("prefix_attention", prefix_attention_check), ("error_bound", error_bound),
                 ("search", lambda: gpu_search(100_000)), ("prune", prune_check), ("extraction_mfu", extraction_mfu),
-                ("exhaustive", exhaustive_one_set), ("equal_states", lambda: equal_states.diagnose("cuda", 1000))]
+                ("exhaustive", exhaustive_one_set), ("equal_states", lambda: equal_states.diagnose("cuda", 1000)),
+                ("precache", lambda: importlib.import_module("benchmarks.precache_gpu").precache_check())]
     for name, fn in sections:
         if cuda:
             section(name, fn, out)

@@ -302,28 +302,32 @@ class PrecacheConfig:
 
     out: str = "precache"  # output directory of precache.{json,md} and figures/
     modes: List[str] = default(default_factory=lambda: ["vanilla", "myopic"])  # training modes to run
-    # paper: y_n sums sin(10 x_j) over j = n-window .. n-1 (the authors' task: sin(10 x_n) is useless at n);
-    # breadcrumb: over j = n-window+1 .. n (sin(10 x_n) is a term of y_n: the control)
-    task: str = "paper"
+    task: str = "paper"  # paper: y_n sums sin(freq x_j), j = n-window .. n-1 (the authors'); breadcrumb: j <= n
     p: Optional[float] = None  # P(z_n = 1), in (0, 1]; None = the task's default (paper 1.0, breadcrumb 0.5)
-    seq_len: int = 64  # positions per sequence
-    window: int = 10  # number of sin(10 x_j) terms in y_n when z_n = 1
-    d_model: int = 128  # width of the 2-layer GPT-2
-    n_layers: int = 2  # transformer blocks
-    n_heads: int = 2  # attention heads
-    steps: int = 20000  # most optimizer steps per model (about 0.11 CPU s each at batch 32, d=128, 1 thread)
+    seq_len: int = 64  # positions per sequence (the authors': 64)
+    window: int = 10  # number of sin(freq x_j) terms in y_n when z_n = 1 (the authors' conv: 10)
+    freq: float = 10.0  # the task's sin(freq x) (the authors': 10)
+    myopic: str = "residual"  # residual: past keys/values from detached residual streams (the authors'); full: detached
+    d_model: int = 128  # width of the GPT-2 (the authors': 128)
+    n_layers: int = 2  # transformer blocks (the authors': 2)
+    n_heads: int = 2  # attention heads (the authors': 2)
+    loss: str = "huber"  # huber (delta 1, the authors') or mse, the mean over every position
+    schedule: str = "plateau"  # plateau: lr halved on plateaus; cosine: the authors' decay to 0 at `steps`
+    steps: int = 20000  # most optimizer steps per model (1% linear warm-up); cosine: the length of its decay
     max_cpu_seconds: float = 600.0  # most CPU seconds of training per model (checked every eval_every steps)
     eval_every: int = 100  # steps between two validation measurements (256 fixed sequences)
-    patience: int = 8  # measurements without a relative improvement of min_delta make a plateau
-    min_delta: float = 0.01  # relative improvement of the best validation MSE that resets the patience
-    decays: int = 3  # the learning rate is halved on each plateau; the decays-th plateau stops training
-    batch_size: int = 32  # fresh sequences per step
-    lr: float = 1e-3  # AdamW peak learning rate (linear warm-up over 100 steps, halved on each plateau)
+    patience: int = 8  # plateau: measurements without a relative gain of min_delta make a plateau
+    min_delta: float = 0.01  # plateau: relative improvement of the best validation loss that resets the patience
+    decays: int = 3  # plateau: the learning rate is halved on each plateau; the decays-th stops training
+    min_steps: int = 2000  # plateau: none counted before this step, nor while the loss is within 1% of the trivial
+    batch_size: int = 32  # fresh sequences per step (the authors': 512)
+    lr: float = 1e-3  # AdamW peak learning rate, no gradient clipping (the authors': 1e-3 at d=128)
     eval_sequences: int = 2048  # fresh sequences for the test loss and the probes (half fit, half scored)
-    max_lag: int = 20  # probes read sin(10 x_{n-i}) for i = 0..max_lag
+    max_lag: int = 20  # probes read sin(freq x_{n-i}) for i = 0..max_lag
     seed: int = 0  # seed of the data, the initialisation and the probe split
+    device: str = "cpu"  # torch device of training and evaluation, e.g. cuda (batches are drawn on it)
     threads: int = 1  # torch CPU threads during the run; 0 = torch's default (small matrices: 1 is as fast)
-    figures: bool = True  # write figures/precache_r2.png
+    figures: bool = True  # write figures/precache_r2.png and figures/precache_curves.png
 
 
 @dataclass

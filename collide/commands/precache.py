@@ -18,8 +18,8 @@ def run(cfg: PrecacheConfig, command: str = "") -> dict:
 
     check_out_dir(cfg.out)
     result = run_experiment(cfg, command)
-    rows = [[m["mode"], f"{m['test_mse']:.4f}", f"{m['trivial_mse']:.4f}", f"{m['current_input_mse']:.4f}",
-             f"{m['normalised_loss']:.3f}"] for m in result["models"]]
-    print_table("pre-caching: test MSE", ["mode", "test", "trivial", "current input only", "test / trivial"], rows,
-                left=["mode"])
+    rows = [[m["mode"], f"{m['steps']:,}", m["stopped"], f"{m['test_loss']:.4f}", f"{m['trivial_loss']:.4f}",
+             f"{m['current_input_loss']:.4f}", f"{m['normalised_loss']:.3f}"] for m in result["models"]]
+    print_table(f"pre-caching: test {cfg.loss} loss", ["mode", "steps", "stopped", "test", "trivial",
+                                                       "current input only", "test / trivial"], rows, left=["mode"])
     return result
