@@ -62,11 +62,27 @@ class Positions(Choice):
 
 
 class StoreDType(Choice):
-    """Storage dtype of the states: auto = what the model computes (bf16 stays bf16, losslessly)."""
+    """Storage dtype of the states: auto = what the model computes (bf16 stays bf16, losslessly); int8 / int4 =
+    integer codes with a power-of-two scale per row or per file (store.quant_granularity, collide/store/quantized.py)."""
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+    int8 = "int8"
+    int4 = "int4"
+
+
+class StoreGranularity(Choice):
+    """Which stored values share one scale under store.dtype=int8|int4: a row (one state) or a tensor (one layer's
+    states of one shard file)."""
+    row = "row"
+    tensor = "tensor"
+
+
+class Noise(Choice):
+    """Noise added to every stored state (collide/quant.py: the control for quantization): none or gaussian."""
+    none = "none"
+    gaussian = "gaussian"
 
 
 class Backend(Choice):
@@ -158,6 +174,13 @@ class ModelConfig:
     # Quantized forward (collide/quant.py); the default none/none is the model as loaded, and is left
     # out of the store identity so that unquantized stores keep their location.
     quant: QuantConfig = default(default_factory=QuantConfig)
+    # Noise added to every state extraction stores (collide/quant.py: add_noise), a control for model.quant:
+    # gaussian = an isotropic Gaussian vector per stored state, drawn from the prompt's token ids and the layer.
+    # The default none adds nothing and, like quant, is left out of the store identity.
+    noise: Noise = Noise.none
+    # RMS L2 norm of that vector (per-coordinate sigma = noise_scale / sqrt(d)), in the state's units: one number
+    # for every layer, or a list of L+1 numbers (entry k for layer k). 0.0 = none; ignored when noise=none.
+    noise_scale: Any = 0.0
 
 
 @dataclass
@@ -198,6 +221,9 @@ class StoreConfig:
     keep_text: bool = True  # store each prompt's text; false keeps only token ids
     positions: Positions = Positions.last  # last = last-token states only; all = every position too
     dtype: StoreDType = StoreDType.auto  # storage dtype of the states; the search upcasts exactly
+    # int8 / int4 only: one power-of-two scale per row (each state on its own) or per tensor (a layer file of a
+    # shard: a row's value then depends on its shard mates); row, the default, keeps each state a function of itself
+    quant_granularity: StoreGranularity = StoreGranularity.row
 
 
 @dataclass

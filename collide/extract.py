@@ -16,7 +16,9 @@
 
 Exactness: with right padding and the attention mask, a stored state equals the state of an
 unpadded forward pass of that prompt alone up to floating-point reassociation (tested: 1e-5
-relative in fp32; see ``BF16_RTOL`` for bf16).
+relative in fp32; see ``BF16_RTOL`` for bf16). A forward with quantized activations turns that
+reassociation into whole rounding steps (``collide.quant.batch_dependent``), so it runs one prompt
+per forward, unpadded: its stored state is the prompt's own, whatever the batching parameters.
 Determinism: which prompts share a batch depends only on the stream and the batching parameters
 (``shard_rows``, ``batch_tokens``, ``max_batch_size``), which the manifest records and a resumed
 run reuses, so on CPU a resumed store is bit-identical to an uninterrupted one.
@@ -38,6 +40,7 @@ import numpy as np
 import psutil
 import torch
 
+from collide import quant as quantization
 from collide.config import ExtractConfig, StoreConfig
 from collide.corpus import Prompt
 from collide.errors import CollideError
@@ -221,8 +224,10 @@ def launch_shard(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], bat
     device memory stays bounded by one batch.
     """
     lengths = np.fromiter((len(s) for s in seqs), np.int64, count=len(seqs))
+    if quantization.batch_dependent(lm.quant):  # such a forward is one function only prompt by prompt
+        max_batch_size = 1
     offsets = np.concatenate([[0], np.cumsum(lengths)])  # row i's positions start at offsets[i]
-    storage = DTYPES[dtype]
+    storage = DTYPES.get(dtype, torch.float32)  # int8 / int4 are quantized by the store, from float32
     gathered = torch.empty((len(layers), len(seqs), lm.d), dtype=storage, device=lm.device)
     every = torch.empty((len(layers), int(offsets[-1]), lm.d), dtype=storage) if every_position else None
     pad = pad_id(lm)
@@ -230,6 +235,8 @@ def launch_shard(lm: LoadedModel, seqs: list[np.ndarray], layers: list[int], bat
         ids, mask = pad_batch([seqs[i] for i in rows], pad, lm.device)
         if every is None:
             states = last_token_states(lm, ids, mask, layers)
+            if lm.noise is not None:
+                states = quantization.add_noise(states, [seqs[i] for i in rows], lm.noise)
         else:
             full = all_token_states(lm, ids, mask, layers)
             last, batch = torch.from_numpy(lengths[rows] - 1).to(lm.device), torch.arange(len(rows), device=lm.device)
@@ -313,7 +320,8 @@ def store_header(lm: LoadedModel, layers: list[int], n_prompts: int, store_cfg: 
     return dict(
         model=dict(name=lm.name, source=lm.source, revision=lm.revision, family=lm.model.config.model_type,
                    dtype=lm.dtype, device=str(lm.device)),
-        dtype=dtype, positions=str(store_cfg.positions), final_norm=lm.final_norm, layer_convention=layer_convention(lm.final_norm, lm.n_layers),
+        dtype=dtype, quant_granularity=str(store_cfg.quant_granularity), positions=str(store_cfg.positions),
+        final_norm=lm.final_norm, layer_convention=layer_convention(lm.final_norm, lm.n_layers),
         layers=layers, d=lm.d, n_layers=lm.n_layers, n_prompts=n_prompts, keep_text=bool(store_cfg.keep_text),
         shard_rows=int(store_cfg.shard_rows), batch_tokens=int(extract_cfg.batch_tokens) or None,
         max_batch_size=int(extract_cfg.max_batch_size))

@@ -49,6 +49,8 @@ class LoadedModel:
     final_norm_module: nn.Module  # the norm applied after block L
     # what the forward quantizes (collide.quant.apply_fake_quant's record; activations/weights "none" if nothing)
     quant: dict | None = None
+    # the noise extraction adds to every stored state (collide.quant.noise_record: "noise", "noise_scale"), or None
+    noise: dict | None = None
 
     @property
     def n_layers(self) -> int:
@@ -236,7 +238,8 @@ def load_model(cfg: ModelConfig, cache: bool = True) -> LoadedModel:
         quant = {**quant, "description": quantization.describe(quant)}
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, source=cfg.source, revision=cfg.revision,
                        dtype=cfg.dtype, device=device, final_norm=cfg.final_norm, decoder=decoder, blocks=blocks,
-                       final_norm_module=find_final_norm(decoder), quant=quant)
+                       final_norm_module=find_final_norm(decoder), quant=quant,
+                       noise=quantization.noise_record(cfg, len(blocks)) or None)
 
 
 def find_blocks(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:

@@ -25,12 +25,23 @@ What is quantized, where, and with which rule (``model.quant``, ``collide.config
   (``load_in_8bit``; its matmul quantizes activations itself, per row, with fp16 outliers), int4
   with NF4 (``load_in_4bit``, ``bnb_4bit_quant_type=nf4``, compute dtype = model.dtype).
   ``activations`` must stay none there.
+
+The control (``model.noise=gaussian``, ``model.noise_scale``): ``add_noise`` adds to each stored
+last-token state h at layer k an isotropic Gaussian vector of RMS norm ``noise_scale[k]`` (per
+coordinate sigma = noise_scale[k] / sqrt(d)), drawn from a generator seeded by the layer and the
+prompt's token ids, so a prompt's noisy state is a function of the prompt and resumes are bitwise
+identical. Matched to the measured ``‖q(h) − h‖`` of a quantized forward (benchmarks/quant_noise_scale.py),
+it tells what noise of that size alone does to the geometry (docs/quantization.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import asdict, is_dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from collide.errors import CollideError
 
@@ -117,6 +128,20 @@ def describe(quant) -> str:
         parts.append(f"weights {q['weights']} (round-to-nearest, symmetric, groups of {q['weight_group']} input "
                      f"channels per output row, scale max|w|/{qmax(BITS[q['weights']])})")
     return "; ".join(parts)
+
+
+def batch_dependent(quant) -> bool:
+    """True when a forward's states depend on the batch a prompt is in beyond fp32 reassociation (extraction then
+    runs one prompt per forward, unpadded: ``collide.extract.launch_shard``).
+
+    Quantized activations do: the matmuls and the attention reduce in an order that depends on the batch's
+    shape (rows, padded length), and a last-bit difference before a quantizer can cross a rounding boundary,
+    a whole level that later quantizers carry on: measured on SmolLM2 in docs/quantization.md
+    (benchmarks/quant_batch_invariance.py). LLM.int8() (bitsandbytes int8 weights) quantizes activations
+    too, with outlier columns chosen over the whole batch.
+    """
+    q = as_dict(quant)
+    return q["activations"] != "none" or (q["backend"] == "bitsandbytes" and q["weights"] == "int8")
 
 
 # --------------------------------------------------------------------------- the quantizers
@@ -219,3 +244,57 @@ def bitsandbytes_kwargs(quant, dtype) -> dict:
         return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
     return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                       bnb_4bit_compute_dtype=dtype)}
+
+
+# --------------------------------------------------------------------------- the noise control
+
+
+def noise_record(model_cfg, n_layers: int | None = None) -> dict:
+    """{"noise": "gaussian", "noise_scale": floats} of ``model.noise``/``noise_scale``, checked; {} for none.
+
+    ``noise_scale`` is one number (every layer) or a list of ``n_layers + 1`` numbers (entry k for layer k),
+    each >= 0 and finite, not all 0. Without ``n_layers`` (before the model is loaded) the list's length is
+    not checked and the scales are returned as given; with it, as a list of ``n_layers + 1``.
+    """
+    kind = str(getattr(model_cfg, "noise", "none"))
+    if kind == "none":
+        return {}
+    if kind != "gaussian":
+        raise CollideError(f"model.noise={kind!r} is not supported; use none or gaussian")
+    scale = getattr(model_cfg, "noise_scale", 0.0)
+    scales = [scale] if isinstance(scale, (int, float, str)) else list(scale)
+    try:
+        scales = [float(v) for v in scales]
+    except (TypeError, ValueError):
+        scales = [math.nan]
+    if not scales or any(not math.isfinite(v) or v < 0 for v in scales) or not any(scales):
+        raise CollideError(f"model.noise_scale={scale!r} must be finite numbers >= 0, not all 0 (the RMS L2 norm of "
+                           "the noise added at each layer), e.g. model.noise_scale=1.5")
+    if n_layers is not None:
+        if len(scales) == 1:
+            scales = scales * (n_layers + 1)
+        elif len(scales) != n_layers + 1:
+            raise CollideError(f"model.noise_scale has {len(scales)} entries; this model has layers 0..{n_layers}: "
+                               f"give {n_layers + 1} (entry k for layer k) or one number for every layer")
+    return {"noise": kind, "noise_scale": scales}
+
+
+def noise_vector(tokens, layer: int, d: int) -> np.ndarray:
+    """The standard normal (d,) float64 draw of one prompt (its token ids) at one layer: PCG64 seeded by the
+    blake2b digest of the layer and the ids as int32, numpy's ziggurat normals (the same on every platform)."""
+    key = np.concatenate([[layer], np.asarray(tokens, np.int64)]).astype(np.int32).tobytes()
+    seed = int.from_bytes(hashlib.blake2b(key, digest_size=16).digest(), "little")
+    return np.random.Generator(np.random.PCG64(seed)).standard_normal(d)
+
+
+def add_noise(states: dict, seqs: list, noise: dict) -> dict:
+    """{layer: (n, d) tensor} of ``seqs``' last-token states with the noise of ``noise_record`` added:
+    ``h + noise_scale[k] / sqrt(d) * z``, summed in float64 and rounded once to the states' dtype."""
+    import torch
+
+    out = {}
+    for k, h in states.items():
+        sigma = noise["noise_scale"][k] / math.sqrt(h.shape[1])
+        z = np.stack([noise_vector(tokens, k, h.shape[1]) for tokens in seqs])
+        out[k] = (h.double() + torch.from_numpy(sigma * z).to(h.device)).to(h.dtype)
+    return out

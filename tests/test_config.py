@@ -35,7 +35,7 @@ def test_default_is_embedded_model_on_real_english(compose):
 
 @pytest.mark.parametrize("override,named", [("model.dtype=fp64", "fp64"), ("model.final_norm=mid", "mid"),
                                             ("search.backend=annoy", "annoy"), ("search.precision=tf32", "tf32"),
-                                            ("store.positions=some", "some"), ("store.dtype=int8", "int8"),
+                                            ("store.positions=some", "some"), ("store.dtype=int2", "int2"),
                                             ("corpus.kind=web", "web")])
 def test_fixed_value_sets_are_checked_when_composed(compose, override, named):
     with pytest.raises(CollideError) as err:

@@ -217,7 +217,7 @@ def test_invert_recovers_prompts_from_quantized_states_and_reports_ties(level):
     """States written by a padded batched forward with quantized activations, recovered by cached single-token
     steps of the same quantized model (brute force over the tiny vocabulary): every token exact, and each
     position says which other tokens were also within ε (a list, possibly empty)."""
-    from collide.config import InvertConfig
+    from collide.invert.config import InvertConfig
     from collide.invert.sipit import Inverter
     from collide.models import all_token_states, load_model
 
@@ -234,3 +234,88 @@ def test_invert_recovers_prompts_from_quantized_states_and_reports_ties(level):
 
     norm = float(np.linalg.norm(states[1]))
     assert results[1].epsilon == pytest.approx(epsilon_rule(norm, 64, "fp32", "fp32", level))
+
+
+def extract_tiny(lm, path, n: int, shard_rows: int, batch_tokens: int, max_batch_size: int):
+    """A store of ``n`` synthetic prompts of 2 to 12 tokens (every layer) extracted by ``lm`` in the given batching."""
+    from collide.corpus import Prompt
+    from collide.extract import extract_to_store
+
+    rng = np.random.default_rng(0)
+    prompts = [[256, *rng.integers(0, 250, rng.integers(1, 12)).tolist()] for _ in range(n)]
+    return extract_to_store(lm, (Prompt(token_ids=p, source=f"t:{i}", text=None) for i, p in enumerate(prompts)),
+                            list(range(lm.n_layers + 1)), path, n, {"model": {"name": "tiny"}},
+                            StoreConfig(shard_rows=shard_rows, keep_text=False),
+                            ExtractConfig(batch_tokens=batch_tokens, max_batch_size=max_batch_size, progress=False))
+
+
+def test_quantized_extraction_stores_each_prompts_own_forward():
+    """With quantized activations a stored state is the prompt's forward alone, bitwise, whatever the batching."""
+    import tempfile
+
+    from collide.models import last_token_states, load_model
+
+    lm = load_model(tiny(activations="int4"))
+    with tempfile.TemporaryDirectory() as tmp:
+        wide = extract_tiny(lm, f"{tmp}/wide", 40, 16, 512, 64)
+        narrow = extract_tiny(lm, f"{tmp}/narrow", 40, 7, 24, 3)
+        tokens = wide.prompts(["token_ids"]).column(0).to_pylist()
+        for k in wide.layers:
+            assert np.array_equal(wide.layer(k)[1], narrow.layer(k)[1])
+        for pid in (0, 17, 39):
+            one = torch.tensor([tokens[pid]])
+            alone = last_token_states(lm, one, torch.ones_like(one), wide.layers)
+            assert all(np.array_equal(wide.layer(k)[1][pid], alone[k][0].numpy()) for k in wide.layers)
+
+
+def test_noise_control_adds_a_seeded_gaussian_of_the_given_rms(tmp_path):
+    from collide.models import load_model
+    from collide.quant import noise_vector
+
+    scales = [0.0, 0.5, 1.0, 2.0, 4.0]  # tiny-random llama: layers 0..4
+    plain = extract_tiny(load_model(tiny()), tmp_path / "plain", 40, 16, 512, 64)
+    noisy_lm = load_model(ModelConfig(name="tiny", source="random:llama", family="llama", noise="gaussian",
+                                      noise_scale=scales))
+    assert noisy_lm.noise == {"noise": "gaussian", "noise_scale": scales}
+    noisy = extract_tiny(noisy_lm, tmp_path / "noisy", 40, 16, 512, 64)
+    again = extract_tiny(noisy_lm, tmp_path / "again", 40, 7, 24, 3)  # another batching: the same noise per prompt
+    tokens = plain.prompts(["token_ids"]).column(0).to_pylist()
+    d = plain.d
+    for k, scale in enumerate(scales):
+        h, got = plain.layer(k)[1], noisy.layer(k)[1]
+        z = np.stack([noise_vector(t, k, d) for t in tokens])
+        assert np.array_equal(got, (h.astype(np.float64) + scale / np.sqrt(d) * z).astype(np.float32))
+        rms = np.sqrt(np.mean(np.sum((got.astype(np.float64) - h) ** 2, axis=1)))
+        assert rms == 0.0 if scale == 0 else abs(rms / scale - 1) < 0.1
+        np.testing.assert_allclose(again.layer(k)[1], got, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(noise_vector(tokens[0], 1, d), noise_vector(tokens[0], 2, d))
+
+
+@pytest.mark.parametrize("noise, scale, fragment", [
+    ("gaussian", -1.0, "model.noise_scale=-1.0 must be finite numbers >= 0"),
+    ("gaussian", 0.0, "not all 0"),
+    ("gaussian", float("inf"), "must be finite"),
+    ("gaussian", [1.0, 2.0], "model.noise_scale has 2 entries; this model has layers 0..4: give 5"),
+    ("gaussian", "big", "must be finite numbers"),
+    ("uniform", 1.0, "model.noise='uniform' is not supported"),
+])
+def test_bad_noise_settings_are_one_line(noise, scale, fragment):
+    from collide.quant import noise_record
+
+    with pytest.raises(CollideError) as err:
+        noise_record(ModelConfig(name="tiny", noise=noise, noise_scale=scale), n_layers=4)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_noise_is_in_the_identity_only_when_set_and_every_position_is_refused(compose):
+    from collide.store.identity import store_identity
+
+    base = store_identity(compose(["model=tiny-random"]))
+    assert "noise" not in base["model"] and "noise_scale" not in base["model"]
+    assert store_identity(compose(["model=tiny-random", "model.noise_scale=3"])) == base  # ignored without noise
+    one = store_identity(compose(["model=tiny-random", "model.noise=gaussian", "model.noise_scale=3"]))
+    many = store_identity(compose(["model=tiny-random", "model.noise=gaussian", "model.noise_scale=[0,1,2,3,4]"]))
+    assert one["model"]["noise_scale"] == 3 and many["model"]["noise_scale"] == [0, 1, 2, 3, 4] and one != many != base
+    with pytest.raises(CollideError, match="not store.positions=all; set store.positions=last"):
+        store_identity(compose(["model=tiny-random", "model.noise=gaussian", "model.noise_scale=1",
+                                "store.positions=all"]))

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from collide.errors import CollideError
 from collide.layers import canonical_spec, parse_layers
-from collide.quant import is_default
+from collide.quant import is_default, noise_record
 from collide.store.layout import MANIFEST, read_manifest
+from collide.store.quantized import BITS as QUANTIZED
 from collide.store.reader import open_store
 
 # Keys of the model config that say where or how it runs, not what it computes: left out of a store's identity.
@@ -28,20 +29,31 @@ def store_identity(cfg) -> dict:
     """What determines a store's states (and so its location): a resumed store must match every key.
 
     Model: name, source, revision, family, GGUF file, compute dtype, final-norm convention, seed
-    (random models), trust_remote_code and the quantized forward (``model.quant``, only when it
-    quantizes something); not its device or device map. Corpus: every key but its
+    (random models), trust_remote_code, the quantized forward (``model.quant``, only when it
+    quantizes something) and the added noise (``model.noise`` and ``noise_scale``, only when it is
+    not none); not its device or device map. Corpus: every key but its
     name. Then n_prompts, the layer spec as given (resolved layers are in the manifest), positions,
-    the storage dtype (auto resolved to the compute dtype), and keep_text and shard_rows (shard
-    boundaries fix which prompts share a forward batch, so a resume stays bit-identical).
+    the storage dtype (auto resolved to the compute dtype) with, for int8 / int4, its scale
+    granularity (``quant_granularity``), and keep_text and shard_rows (shard boundaries fix which
+    prompts share a forward batch, so a resume stays bit-identical).
     """
+    if noise_record(cfg.model) and cfg.store.positions != "last":  # the settings checked before a model loads
+        raise CollideError(f"model.noise adds noise to last-token states only, not store.positions="
+                           f"{cfg.store.positions}; set store.positions=last (or model.noise=none)")
     model = {k: v for k, v in asdict(cfg.model).items() if k not in RUNTIME_MODEL_KEYS}
     if is_default(model.get("quant")):
         model.pop("quant", None)  # the unquantized model: its stores keep the identity they had before quant
+    if model.get("noise", "none") == "none":  # likewise without noise
+        model.pop("noise", None)
+        model.pop("noise_scale", None)
     corpus = {k: v for k, v in asdict(cfg.corpus).items() if k != "name"}
     stored = cfg.model.dtype if cfg.store.dtype == "auto" else cfg.store.dtype
+    storage = {"dtype": stored}
+    if stored in QUANTIZED:  # the stored values depend on which values share a scale
+        storage["quant_granularity"] = cfg.store.quant_granularity
     return json.loads(json.dumps({
         "model": model, "corpus": corpus, "n_prompts": cfg.n_prompts, "layers": canonical_spec(cfg.layers),
-        "positions": cfg.store.positions, "dtype": stored, "keep_text": cfg.store.keep_text,
+        "positions": cfg.store.positions, **storage, "keep_text": cfg.store.keep_text,
         "shard_rows": cfg.store.shard_rows}))
 
 

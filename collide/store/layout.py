@@ -21,11 +21,15 @@ import pyarrow as pa
 
 from collide.atomic import TMP_SUFFIX, sha256_file
 from collide.errors import CollideError
+from collide.store import quantized
 
 FORMAT = "collide-store"
 # 1: last-token float32 states. 2 adds the storage dtype (``dtype``: fp32 | bf16 | fp16) and the
 # ``positions`` key (last | all, with positions/layer=K/ files). Version 1 stores read as fp32, last.
-FORMAT_VERSION = 2
+# 3 adds the quantized storage dtypes int8 | int4 and ``quant_granularity`` (row | tensor). A store
+# is written with the lowest version that describes it (``format_version``): fp32, bf16 and fp16
+# stores stay version 2, readable by a collide that predates version 3.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 PROMPTS_DIR = "prompts"
 POSITIONS_DIR = "positions"
@@ -42,8 +46,16 @@ BATCHING_KEYS = ("shard_rows", "batch_tokens", "max_batch_size")
 # storage dtype -> (numpy dtype of the stored values, Arrow value type)
 STORAGE = {"fp32": (np.dtype(np.float32), pa.float32()),
            "fp16": (np.dtype(np.float16), pa.float16()),
-           "bf16": (np.dtype(np.uint16), pa.uint16())}  # bfloat16 bit patterns: Arrow has no bfloat16
+           "bf16": (np.dtype(np.uint16), pa.uint16()),  # bfloat16 bit patterns: Arrow has no bfloat16
+           "int8": (np.dtype(np.uint8), pa.uint8()),  # a scale byte, then the codes (collide.store.quantized)
+           "int4": (np.dtype(np.uint8), pa.uint8())}  # a scale byte, then two codes per byte
 DTYPE_KEY = b"collide.dtype"  # field metadata of every state column: its storage dtype
+GRANULARITY_KEY = b"collide.quant_granularity"  # field metadata of an int8 / int4 state column: row | tensor
+
+
+def format_version(dtype: str) -> int:
+    """The lowest format version that describes a store of storage ``dtype`` (the version it is written with)."""
+    return 3 if dtype in quantized.BITS else 2
 
 
 def layer_dir(k: int) -> str:
@@ -80,22 +92,35 @@ def state_options(dtype: str) -> dict:
     return dict(compression="none", use_dictionary=False, write_statistics=["prompt_id"])
 
 
-def state_field(dtype: str, d: int) -> pa.Field:
-    """The ``state`` field: fixed_size_list<value, d> tagged with ``collide.dtype`` metadata."""
-    return pa.field("state", pa.list_(STORAGE[dtype][1], d), metadata={DTYPE_KEY: dtype.encode()})
+def value_width(dtype: str, d: int) -> int:
+    """Stored values per row of a d-wide state: d, or the bytes of a quantized row (scale byte + codes)."""
+    return quantized.width(dtype, d) if dtype in quantized.BITS else d
 
 
-def encode_states(states: np.ndarray, dtype: str) -> np.ndarray:
-    """(n, d) states -> C-contiguous values of storage ``dtype`` (float32, float16, bf16 as uint16 bits).
+def state_field(dtype: str, d: int, granularity: str | None = None) -> pa.Field:
+    """The ``state`` field: fixed_size_list<value, width> tagged with ``collide.dtype`` metadata (and, for
+    int8 / int4, ``collide.quant_granularity``)."""
+    metadata = {DTYPE_KEY: dtype.encode()}
+    if dtype in quantized.BITS:
+        metadata[GRANULARITY_KEY] = str(granularity).encode()
+    return pa.field("state", pa.list_(STORAGE[dtype][1], value_width(dtype, d)), metadata=metadata)
 
-    An array already of the storage numpy dtype is taken as it is (for bf16: uint16 bit patterns);
-    anything else is converted from float32, rounding to nearest even (NaN stays NaN).
+
+def encode_states(states: np.ndarray, dtype: str, granularity: str | None = None) -> np.ndarray:
+    """(n, d) states -> C-contiguous values of storage ``dtype`` (float32, float16, bf16 as uint16 bits, or
+    int8 / int4 rows of ``collide.store.quantized`` with scales per ``granularity``: row | tensor).
+
+    An array already of the storage numpy dtype is taken as it is (for bf16: uint16 bit patterns; for
+    int8 / int4: quantized rows); anything else is converted from float32, rounding to nearest even
+    (NaN stays NaN).
     """
     storage = STORAGE[dtype][0]
     states = np.asarray(states)
     if states.dtype == storage:
         return np.ascontiguousarray(states)
     x = np.ascontiguousarray(states, dtype=np.float32)
+    if dtype in quantized.BITS:
+        return quantized.quantize(x, dtype, granularity)
     if dtype != "bf16":
         with np.errstate(over="ignore"):  # fp16 overflow is Inf, counted in nonfinite_rows
             return x.astype(storage)
@@ -104,12 +129,16 @@ def encode_states(states: np.ndarray, dtype: str) -> np.ndarray:
     return np.where(np.isnan(x), ((u >> 16) | np.uint32(0x40)).astype(np.uint16), rounded)
 
 
-def decode_states(values: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
-    """Stored values of ``dtype`` -> float32, exactly (every bf16 and fp16 value is a float32).
+def decode_states(values: np.ndarray, dtype: str, out: np.ndarray | None = None, d: int | None = None) -> np.ndarray:
+    """Stored values of ``dtype`` -> float32, exactly (every bf16 and fp16 value is a float32, and so is
+    every int8 / int4 code times its power-of-two scale).
 
-    ``out``: a float32 array of the same shape to decode into (no temporary); without it, fp32
-    values are returned as they are (no copy) and the others in a new array.
+    ``out``: a float32 array of the decoded shape to decode into (no temporary); without it, fp32
+    values are returned as they are (no copy) and the others in a new array. ``d``: the state width,
+    needed for int8 / int4 rows without ``out`` (an int4 row holds two codes per byte).
     """
+    if dtype in quantized.BITS:
+        return quantized.dequantize(values, dtype, out.shape[1] if out is not None else d, out)
     if out is None:
         if dtype == "fp32":
             return values.astype(np.float32, copy=False)
@@ -121,9 +150,9 @@ def decode_states(values: np.ndarray, dtype: str, out: np.ndarray | None = None)
     return out
 
 
-def state_array(states: np.ndarray, dtype: str = "fp32") -> pa.FixedSizeListArray:
-    """(n, d) states -> fixed_size_list<value, d> of storage ``dtype`` (zero-copy when no conversion)."""
-    values = encode_states(states, dtype)
+def state_array(states: np.ndarray, dtype: str = "fp32", granularity: str | None = None) -> pa.FixedSizeListArray:
+    """(n, d) states -> fixed_size_list<value, width> of storage ``dtype`` (zero-copy when no conversion)."""
+    values = encode_states(states, dtype, granularity)
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 

@@ -1,7 +1,8 @@
 """Reading a store: ``open_store(path)`` -> ``Store``, float32 states by layer, block or prompt id.
 
-Every reader returns float32 whatever the storage dtype (bf16 and fp16 values widen exactly), so
-the search never sees the storage format. A ``Store`` may be a view of a contiguous range of
+Every reader returns float32 whatever the storage dtype (bf16 and fp16 values widen exactly; int8
+and int4 codes times their power-of-two scales are float32 exactly, ``collide.store.quantized``),
+so the search never sees the storage format. A ``Store`` may be a view of a contiguous range of
 prompt ids (``select``, ``select_range``); every reader honours it.
 
 Needs only numpy and pyarrow (the ecosystem readers import pyarrow.dataset, datasets or torch
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 
 from collide.errors import CollideError
 from collide.store.layout import (MANIFEST, PROMPTS_DIR, decode_states, file_problem, layer_dir, part_name, positions_dir,
-                                  prompt_table, read_manifest)
+                                  prompt_table, read_manifest, value_width)
 
 
 class Store:
@@ -38,7 +39,9 @@ class Store:
         self.manifest: dict = read_manifest(self.path)  # the parsed manifest.json
         self.layers: list[int] = [int(k) for k in self.manifest["layers"]]  # stored layers, ascending
         self.d: int = int(self.manifest["d"])  # width of each state vector
-        self.dtype: str = self.manifest["dtype"]  # storage dtype: fp32 | bf16 | fp16 (readers return float32)
+        self.dtype: str = self.manifest["dtype"]  # storage dtype: fp32 | bf16 | fp16 | int8 | int4 (readers: float32)
+        # int8 / int4: one power-of-two scale per row ("row") or per layer file of a shard ("tensor"); else None
+        self.quant_granularity: str | None = self.manifest.get("quant_granularity")
         self.positions: str = self.manifest["positions"]  # "last", or "all": every position is kept too
         self.shards: list[dict] = self.manifest["shards"]  # complete shards (of this view), in prompt_id order
         self.n_rows: int = sum(int(s["rows"]) for s in self.shards)  # prompts in this view
@@ -57,8 +60,9 @@ class Store:
     def __repr__(self) -> str:
         status = "complete" if self.complete else "in-progress"
         view = f", ids {self.first_id}..{self.stop_id - 1}" if self.first_id else ""
+        dtype = f"{self.dtype} per {self.quant_granularity}" if self.quant_granularity else self.dtype
         return (f"Store({str(self.path)!r}, {status}, n_rows={self.n_rows}{view}, d={self.d}, layers={self.layers}, "
-                f"dtype={self.dtype}, positions={self.positions})")
+                f"dtype={dtype}, positions={self.positions})")
 
     # ----------------------------------------------------------------- views
 
@@ -127,7 +131,8 @@ class Store:
     def _decode(self, chunk: pa.FixedSizeListArray, out: np.ndarray | None = None) -> np.ndarray:
         """fixed_size_list chunk -> (rows, d) float32, into ``out`` if given (else, for fp32, a
         read-only view of the Arrow buffer)."""
-        return decode_states(chunk.flatten().to_numpy().reshape(-1, self.d), self.dtype, out)
+        values = chunk.flatten().to_numpy().reshape(-1, value_width(self.dtype, self.d))
+        return decode_states(values, self.dtype, out, self.d)
 
     # ----------------------------------------------------------------- last-token states
 

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from collide.errors import CollideError
-from collide.store.layout import STORAGE, file_problem, read_manifest, shard_files, stray_files
+from collide.store import quantized
+from collide.store.layout import STORAGE, file_problem, read_manifest, shard_files, stray_files, value_width
 
 
 def verify_store(path) -> list[str]:
@@ -29,7 +30,7 @@ def verify_store(path) -> list[str]:
         return [str(exc)]
     problems: list[str] = []
     d, layers, positions = int(manifest["d"]), [int(k) for k in manifest["layers"]], manifest["positions"]
-    state_type = pa.list_(STORAGE[manifest["dtype"]][1], d)
+    state_type = pa.list_(STORAGE[manifest["dtype"]][1], value_width(manifest["dtype"], d))
     next_id = 0
     for shard in manifest["shards"]:
         rows, first = int(shard["rows"]), int(shard["first_prompt_id"])
@@ -70,6 +71,12 @@ def verify_store(path) -> list[str]:
                 continue
             if schema.field("state").type != state_type:
                 problems.append(f"{file}: state column is {schema.field('state').type}, expected {state_type}")
+            elif manifest["dtype"] in quantized.BITS:  # the codes themselves: every value is read
+                codes = pq.read_table(file, columns=["state"]).column("state").combine_chunks().flatten().to_numpy()
+                wrong = quantized.problem(codes.reshape(-1, state_type.list_size), manifest["dtype"], d,
+                                          manifest["quant_granularity"])
+                if wrong:
+                    problems.append(f"{file}: {wrong}")
             if not every_position and not np.array_equal(table.column("prompt_id").to_numpy(), ids):
                 problems.append(f"{file}: its {table.num_rows} prompt ids differ from those of {prompts_file}")
             if every_position and not (np.array_equal(table.column("prompt_id").to_numpy(), by_position[0]) and

@@ -26,10 +26,11 @@ import pyarrow.parquet as pq
 
 from collide.atomic import atomic_write, atomic_write_json, os_error_message
 from collide.errors import CollideError
-from collide.store.layout import (BATCHING_KEYS, FORMAT, FORMAT_VERSION, MANIFEST, POSITIONS, PROMPT_OPTIONS,
-                                  PROMPTS_DIR, STORAGE, decode_states, encode_states, identity_diff, layer_dir,
-                                  now_iso, part_name, positions_dir, read_manifest, state_field, state_options,
-                                  store_dirs, stray_files)
+from collide.store.layout import (BATCHING_KEYS, FORMAT, MANIFEST, POSITIONS, PROMPT_OPTIONS, PROMPTS_DIR, STORAGE,
+                                  decode_states, encode_states, format_version, identity_diff, layer_dir, now_iso,
+                                  part_name, positions_dir, read_manifest, state_field, state_options, store_dirs,
+                                  stray_files, value_width)
+from collide.store.quantized import BITS as QUANTIZED, GRANULARITIES
 from collide.store.reader import Store
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ class StoreWriter:
         the key. One exception: a store whose prompt stream ran out at M distinct prompts
         (``stream_end``) may be finished with identity n_prompts=M.
         ``header``: the facts recorded at the top of the manifest: ``layers``, ``d``, ``keep_text``,
-        ``dtype`` (storage dtype: fp32 | bf16 | fp16), ``positions`` (last | all; default last),
+        ``dtype`` (storage dtype: fp32 | bf16 | fp16 | int8 | int4), ``quant_granularity`` (int8 / int4
+        only: row | tensor, default row), ``positions`` (last | all; default last),
         ``n_prompts`` (the target), ``model``, ``layer_convention``, ``final_norm``, ``n_layers``,
         and the batching keys (``shard_rows``, ``batch_tokens``, ``max_batch_size``). On resume
         the stored batching keys win, so that batches are composed exactly as before.
@@ -99,6 +101,13 @@ class StoreWriter:
         if header["dtype"] not in STORAGE or header["positions"] not in POSITIONS:
             raise CollideError(f"store dtype={header['dtype']!r} / positions={header['positions']!r}: use a dtype "
                                f"of {sorted(STORAGE)} and positions of {list(POSITIONS)}")
+        if header["dtype"] in QUANTIZED:
+            header["quant_granularity"] = str(header.get("quant_granularity") or "row")
+            if header["quant_granularity"] not in GRANULARITIES:
+                raise CollideError(f"store quant_granularity={header['quant_granularity']!r}: use one of "
+                                   f"{list(GRANULARITIES)}")
+        else:
+            header.pop("quant_granularity", None)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -116,7 +125,7 @@ class StoreWriter:
             if any(path.iterdir()):
                 raise CollideError(f"store.path {path} exists, is not empty and holds no {MANIFEST}; "
                                    "set store.path to a new or empty directory")
-            manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, status="in-progress",
+            manifest = dict(format=FORMAT, format_version=format_version(header["dtype"]), status="in-progress",
                             created_at=now_iso(), updated_at=now_iso(), identity=identity, **header,
                             counts=dict(n_prompts=0, n_duplicates=0, n_tokens=0),
                             nonfinite_rows={str(k): 0 for k in header["layers"]}, stream_end=None,
@@ -155,7 +164,7 @@ class StoreWriter:
             more = f" (and {len(diff) - 1} more keys)" if len(diff) > 1 else ""
             raise CollideError(f"the store {path} was made with a different {key}: stored {stored!r}, this run "
                                f"{wanted!r}{more}; never mixing two runs in one store: {fix}")
-        for key in ("layers", "d", "keep_text", "dtype", "positions"):
+        for key in ("layers", "d", "keep_text", "dtype", "quant_granularity", "positions"):
             if manifest.get(key) != header.get(key):
                 raise CollideError(f"the store {path} was made with {key}={manifest.get(key)!r}, this run has "
                                    f"{header.get(key)!r}; {fix}")
@@ -225,8 +234,10 @@ class StoreWriter:
         ``states``: {layer: (rows, d)} last-token states for every stored layer, row r = prompts
         row r. ``positions`` (a positions=all store only): {layer: (sum of n_tokens, d)} the state
         at every position, prompt by prompt in row order, positions 0..n_tokens-1 within each.
-        States are float32 (converted to the storage dtype, rounding to nearest even) or already of
-        the storage numpy dtype (float16 for fp16; uint16 bfloat16 bit patterns for bf16).
+        States are float32 (converted to the storage dtype, rounding to nearest even; int8 / int4:
+        quantized as ``collide.store.quantized`` defines, one scale per row or per file) or already of
+        the storage numpy dtype (float16 for fp16; uint16 bfloat16 bit patterns for bf16; uint8 rows for
+        int8 / int4).
         ``info``: JSON-able facts kept in the shard's entry. Keys the manifest also aggregates:
         ``n_duplicates`` (cumulative, copied to counts), ``batch_tokens`` (the budget used, becomes
         the store's), ``forward_s`` (summed into timings).
@@ -241,11 +252,13 @@ class StoreWriter:
         if rows == 0 or ids[0] != first or not np.array_equal(ids, np.arange(first, first + rows)):
             raise ValueError(f"shard {index} must hold prompt ids {first}..{first + rows - 1} in order")
         d, layers, dtype = self.manifest["d"], self.manifest["layers"], self.manifest["dtype"]
+        granularity = self.manifest.get("quant_granularity")
         if sorted(states) != layers:
             raise ValueError(f"states for layers {sorted(states)}, the store holds {layers}")
-        for k in layers:
-            if np.shape(states[k]) != (rows, d):
-                raise ValueError(f"layer {k} states have shape {np.shape(states[k])}, want {(rows, d)}")
+        for k in layers:  # rows already encoded (of the storage numpy dtype) are value_width wide
+            want = (rows, value_width(dtype, d) if np.asarray(states[k]).dtype == STORAGE[dtype][0] else d)
+            if np.shape(states[k]) != want:
+                raise ValueError(f"layer {k} states have shape {np.shape(states[k])}, want {want}")
         lengths = prompts.column("n_tokens").to_numpy()
         n_tokens = int(lengths.sum())
         if (positions is not None) != (self.manifest["positions"] == "all"):
@@ -265,20 +278,21 @@ class StoreWriter:
                 return rel, None, exc
 
         def state_table(columns: dict, values: np.ndarray) -> pa.Table:
-            schema = pa.schema([pa.field(name, column.type) for name, column in columns.items()]
-                               + [state_field(dtype, d)])
+            field = state_field(dtype, d, granularity)
+            schema = pa.schema([pa.field(name, column.type) for name, column in columns.items()] + [field])
             flat = pa.array(values.reshape(-1))
-            return pa.table([*columns.values(), pa.FixedSizeListArray.from_arrays(flat, d)], schema=schema)
+            return pa.table([*columns.values(), pa.FixedSizeListArray.from_arrays(flat, field.type.list_size)],
+                            schema=schema)
 
         def write_layer(k: int) -> tuple[str, dict | None, OSError | None, int]:
-            values = encode_states(states[k], dtype)
-            bad_rows = int(rows - np.count_nonzero(np.isfinite(decode_states(values, dtype)).all(axis=1)))
+            values = encode_states(states[k], dtype, granularity)
+            bad_rows = int(rows - np.count_nonzero(np.isfinite(decode_states(values, dtype, d=d)).all(axis=1)))
             table = state_table({"prompt_id": prompts.column("prompt_id").combine_chunks()}, values)
             return (*write(f"{layer_dir(k)}/{part_name(index)}", table, options), bad_rows)
 
         def write_positions(k: int) -> tuple[str, dict | None, OSError | None, int]:
             table = state_table({"prompt_id": position_ids, "position": position_index},
-                                encode_states(positions[k], dtype))
+                                encode_states(positions[k], dtype, granularity))
             return (*write(f"{positions_dir(k)}/{part_name(index)}", table, options), 0)
 
         # Files are independent: encode, hash and fsync them in parallel (pyarrow, hashlib and
