@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
 
     from benchmarks.suite.invert_texts import prose_prompts, random_prompts
     from collide.cli import compose
-    from collide.config import InvertConfig
+    from collide.invert.config import InvertConfig
     from collide.invert.driver import applied_noise, first_token
     from collide.invert.locate import measure_noise
     from collide.invert.sipit import Inverter

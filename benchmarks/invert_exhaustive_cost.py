@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from collide.cli import compose
-    from collide.config import InvertConfig
+    from collide.invert.config import InvertConfig
     from collide.invert.sipit import Inverter
     from collide.models import load_model
     from benchmarks.suite.invert_texts import prose_prompts

@@ -46,7 +46,7 @@ def _states(lm, ids, layer):
 
 def measure() -> dict[str, float]:
     """Every ratio of the module docstring (one measurement each)."""
-    from collide.config import InvertConfig
+    from collide.invert.config import InvertConfig
     from collide.continuations import GrowingPrefix
     from .paper_sipit import invert_position, invert_prompt
     from collide.invert.sipit import Inverter
@@ -101,7 +101,7 @@ PAPER_CAP = 256  # proposals per position of the paper's procedure on SmolLM2 (i
 
 def measure_auto() -> dict[str, float]:
     """The auto-policy ratios of the module docstring (one measurement each, same prompts for every side)."""
-    from collide.config import InvertConfig
+    from collide.invert.config import InvertConfig
     from collide.invert.sipit import Inverter
     from .invert_texts import prose_prompts
     from .paper_sipit import invert_prompt

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collide.config import InvertConfig
+from collide.invert.config import InvertConfig
 
 SCHEMA = InvertConfig
 POSITIONAL = "source"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collide.config import LensCommandConfig
+from collide.invert.config import LensCommandConfig
 
 SCHEMA = LensCommandConfig
 POSITIONAL = "action"

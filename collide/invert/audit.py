@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from collide.config import InvertConfig
+from collide.invert.config import InvertConfig
 from collide.errors import CollideError
 from collide.invert import audit_report, output
 from collide.invert.config import AuditConfig

@@ -1,6 +1,6 @@
 """Inversion of a whole SOURCE (``collide invert``): check it, load the model, find the layer, invert prompt after prompt.
 
-``invert_source(cfg)`` takes a ``collide.config.InvertConfig``. Everything that needs no model is checked
+``invert_source(cfg)`` takes a ``collide.invert.config.InvertConfig``. Everything that needs no model is checked
 first (``plan``: SOURCE's every prompt read and checked for shape, dtype and NaN/Inf, ``n_prompts``, ``out``,
 the model named), so a bad input is one line before the model loads. Then ``open_model`` loads the model
 and finds the layer and norm convention of a file from its first rows (``collide.invert.locate``), and
@@ -20,7 +20,8 @@ from typing import Optional
 import numpy as np
 from omegaconf import OmegaConf
 
-from collide.config import InvertConfig, ModelConfig
+from collide.config import ModelConfig
+from collide.invert.config import InvertConfig
 from collide.errors import CollideError
 from collide.invert import output
 from collide.invert.sipit import epsilon_choice

@@ -48,7 +48,7 @@ import torch
 
 from collide import digests, quant as quantization
 from collide.atomic import atomic_write, atomic_write_json, os_error_message
-from collide.config import LensConfig
+from collide.invert.config import LensConfig
 from collide.errors import CollideError
 from collide.models import LoadedModel, all_token_states
 

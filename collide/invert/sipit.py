@@ -46,7 +46,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from collide.config import InvertConfig
+from collide.invert.config import InvertConfig
 from collide.continuations import GrowingPrefix, input_groups
 from collide.errors import CollideError
 from collide.invert import rankers

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from collide.cli import main as cli_main
-from collide.config import InvertConfig, LensConfig
+from collide.invert.config import InvertConfig, LensConfig
 from collide.errors import CollideError
 from collide.invert import driver
 from collide.invert.audit import audit_source, choose_layers, sample

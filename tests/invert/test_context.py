@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from collide.config import InvertConfig, ModelConfig, QuantConfig
+from collide.config import ModelConfig, QuantConfig
+from collide.invert.config import InvertConfig
 from collide.invert import rankers
 from collide.invert.output import position_record
 from collide.invert.sipit import Inverter

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from collide.config import InvertConfig, ModelConfig
+from collide.config import ModelConfig
+from collide.invert.config import InvertConfig
 from collide.errors import CollideError
 from collide.cli import main as cli_main
 from collide.invert.driver import invert_source as run

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from collide import digests
-from collide.config import LensConfig, ModelConfig, QuantConfig
+from collide.config import ModelConfig, QuantConfig
+from collide.invert.config import LensConfig
 from collide.errors import CollideError
 from collide.invert import lens as lens_mod
 from collide.models import load_model

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from collide.config import InvertConfig, LensConfig, ModelConfig
+from collide.config import ModelConfig
+from collide.invert.config import InvertConfig, LensConfig
 from collide.invert import lens as lens_mod
 from collide.invert import rankers
 from collide.invert.sipit import Inverter
