@@ -5,7 +5,8 @@ its content (``collide.store.identity``): a complete store that serves the run i
 without loading the model; otherwise the model is loaded and the store extracted, or resumed after
 its last complete shard. The run directory receives ``report.json``, ``report.md``, ``collisions/``,
 ``figures/`` and ``store.json``, the record of the store it used. ``cluster.kind=ray`` runs the
-extraction and the search on a Ray cluster (``collide.cluster``) with the same results.
+extraction and the search on a Ray cluster (``collide.cluster``) with the same results; the driver
+then holds only the model's tokenizer and shape (``collide.cluster.shell``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ def extract(cfg: CollideConfig, identity: dict, location: Path, timings: dict):
     check_corpus(cfg.corpus)  # a bad corpus file fails before the model loads and the store is created
     tic = time.perf_counter()
     log.info("loading model %s (%s)", cfg.model.name, cfg.model.source)
-    lm = load_model(cfg.model)
+    if cfg.cluster.kind == "ray":  # the driver tokenizes and writes the manifest; the Ray workers hold the weights
+        from collide.cluster.shell import model_shell
+
+        lm = model_shell(cfg.model)
+    else:
+        lm = load_model(cfg.model)
     layers = parse_layers(cfg.layers, lm.n_layers)
     timings["load_model"] = time.perf_counter() - tic
     log.info("model loaded in %.1f s: L=%d blocks, d=%d, layers %s", timings["load_model"], lm.n_layers, lm.d,

@@ -60,3 +60,20 @@ def test_device_map_auto_places_the_model_through_accelerate_and_states_are_unch
     seqs = [np.array([256, 1, 2, 3, 4], np.int32), np.array([256, 9, 8], np.int32), np.array([256, 7], np.int32)]
     a, b = forward_shard(plain, seqs, [0, 2, 4], 512, 64), forward_shard(mapped, seqs, [0, 2, 4], 512, 64)
     assert all(a[k].tobytes() == b[k].tobytes() for k in (0, 2, 4))
+
+
+def test_model_shell_gives_the_driver_what_the_model_gives_without_weights():
+    """cluster=ray's driver (collide.cluster.shell): the same tokenizer ids, shape, manifest facts and quant record
+    as a loaded model, with no parameter in memory."""
+    from collide.cluster.shell import model_shell
+    from collide.config import ExtractConfig, ModelConfig, StoreConfig
+    from collide.extract import store_header
+    from collide.models import load_model
+
+    cfg = ModelConfig(name="tiny", source="random:llama", family="llama")
+    shell, lm = model_shell(cfg), load_model(cfg)
+    header = lambda m: store_header(m, [0, 2], 10, StoreConfig(), ExtractConfig())  # noqa: E731
+    assert header(shell) == header(lm) and shell.quant == lm.quant
+    assert shell.tokenizer("a cat").input_ids == lm.tokenizer("a cat").input_ids
+    assert all(p.is_meta for p in shell.model.parameters())
+    assert shell.model.get_input_embeddings().weight.shape == lm.model.get_input_embeddings().weight.shape

@@ -7,10 +7,12 @@ Who does what:
   same shard boundaries, the same stream facts per shard), hands them to the workers, and lists
   each finished shard in the manifest (``StoreWriter.record_shard``), exactly once and in order:
   a shard that finishes early waits in memory (its manifest entry only) for the ones before it.
-- **The workers** are Ray actors, one per GPU (or per ``cluster.cpus_per_worker`` CPUs), each
-  holding the model (loaded from ``identity["model"]``, the config that names the store). A
-  worker computes a whole shard with the local code (``forward_shard_adaptive``: the same batch
-  plan, hence on CPU bitwise the same states) and writes its files to the shared store itself,
+- **The workers** are the run's warm Ray actors (``collide.cluster.pool``), one per GPU (or per
+  ``cluster.cpus_per_worker`` CPUs), each loading the model once (``identity["model"]``, the config
+  that names the store) and keeping it for the stages after extraction; the driver holds only the
+  tokenizer and the model's shape (``collide.cluster.shell``). A worker computes a whole shard with
+  the local code (``forward_shard_adaptive``: the same batch plan, hence on CPU bitwise the same
+  states) and writes its files to the shared store itself,
   through the store's own atomic write and sha256 (``StoreWriter.commit_shard`` without the
   manifest half), so states never travel through the driver or the object store.
 
@@ -35,27 +37,22 @@ import hashlib
 import itertools
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Iterable
 
-import ray
-
-from collide.cluster.session import chaos_point, ray_session, remote_options, task_failed
+from collide.cluster.pool import Unit, worker_pool
+from collide.cluster.session import chaos_point, ray_session, remote_options
 from collide.config import ClusterConfig, ExtractConfig, ModelConfig, StoreConfig
 from collide.corpus import Prompt
 from collide.errors import CollideError
 from collide.extract import (DistinctPrompts, auto_batch_tokens, finish_store, forward_shard_adaptive, skip_committed,
                              store_header)
-from collide.models import LoadedModel, load_model
+from collide.models import LoadedModel
 from collide.store import Store, StoreWriter, open_store, prompt_table
 from collide.console import progress
 
 log = logging.getLogger(__name__)
-
-IN_FLIGHT_PER_WORKER = 2  # shards given to a worker at once: one in its forward passes, one being written
-STORE_FACTS = ("layers", "d", "dtype", "positions", "keep_text")  # what a worker needs to write a shard
 
 
 class _ShardFiles(StoreWriter):
@@ -66,35 +63,39 @@ class _ShardFiles(StoreWriter):
         return dict(shard, write_s=write_s)
 
 
-@ray.remote(max_concurrency=IN_FLIGHT_PER_WORKER)
-class ExtractWorker:
-    """A Ray actor holding the model; computes and writes whole shards.
+def write_shard_files(store_dir: str, facts: dict, index: int, first: int, table, states: dict, info: dict,
+                      positions: dict | None = None) -> dict:
+    """On a worker: write shard ``index`` (prompt ids from ``first``) of the store whose manifest facts (all but
+    its shards and counts) are ``facts``; returns its manifest entry plus ``write_s``."""
+    snapshot = dict(facts, shards=[{}] * index, counts=dict(n_prompts=first))
+    return _ShardFiles(Path(store_dir), snapshot).commit_shard(table, states, info, positions)
 
-    Two calls run at once, as the local writer thread does: one shard's files are written while
-    the next shard's forward passes run (one forward at a time: ``_forward`` is a lock).
-    """
 
-    def __init__(self, model_cfg: ModelConfig):
-        self.lm = load_model(model_cfg)
-        self._forward = threading.Lock()
+def store_facts(writer: StoreWriter) -> dict:
+    """What a worker needs to write a shard of ``writer``'s store: its manifest without the shard list."""
+    return {k: v for k, v in writer.manifest.items() if k not in ("shards", "counts")}
 
-    def budget(self, longest: int, n_layers: int) -> int:
-        """The automatic token budget on this worker's device (``auto_batch_tokens``)."""
-        return auto_batch_tokens(self.lm, longest, n_layers)
 
-    def shard(self, store_dir: str, facts: dict, spec: dict, budget: int, max_batch: int) -> dict:
-        """Forward shard ``spec["index"]`` and write its files; returns its manifest entry (+ write_s)."""
-        seqs = spec["tokens"]
-        with self._forward:
-            t0 = time.perf_counter()
-            states, positions, wait, budget = forward_shard_adaptive(
-                self.lm, seqs, facts["layers"], budget, max_batch, None, facts["dtype"], facts["positions"] == "all")
-            wait()
-            info = dict(spec["info"], batch_tokens=budget, forward_s=round(time.perf_counter() - t0, 6))
-        table = prompt_table(spec["first"], seqs, spec["sources"], spec["texts"])
-        chaos_point(f"shard-{spec['index']}")
-        snapshot = dict(facts, shards=[{}] * spec["index"], counts=dict(n_prompts=spec["first"]))
-        return _ShardFiles(Path(store_dir), snapshot).commit_shard(table, states, info, positions)
+def batch_budget(worker, model_cfg: ModelConfig, longest: int, n_layers: int, every_position: bool) -> int:
+    """Unit: the automatic token budget on this worker's device (``auto_batch_tokens``)."""
+    return auto_batch_tokens(worker.model(model_cfg), longest, n_layers, every_position)
+
+
+def extract_shard(worker, model_cfg: ModelConfig, store_dir: str, facts: dict, spec: dict, budget: int,
+                  max_batch: int) -> dict:
+    """Unit: forward shard ``spec["index"]`` with the local code and write its files; returns its manifest entry
+    (+ write_s). One forward at a time per worker; the files are written outside the lock."""
+    lm = worker.model(model_cfg)
+    seqs = spec["tokens"]
+    with worker.compute:
+        t0 = time.perf_counter()
+        states, positions, wait, budget = forward_shard_adaptive(
+            lm, seqs, facts["layers"], budget, max_batch, None, facts["dtype"], facts["positions"] == "all")
+        wait()
+        info = dict(spec["info"], batch_tokens=budget, forward_s=round(time.perf_counter() - t0, 6))
+    table = prompt_table(spec["first"], seqs, spec["sources"], spec["texts"])
+    chaos_point(f"shard-{spec['index']}")
+    return write_shard_files(store_dir, facts, spec["index"], spec["first"], table, states, info, positions)
 
 
 def _specs(stream: DistinctPrompts, index: int, first: int, n_prompts: int, shard_rows: int, keep_text: bool):
@@ -118,9 +119,11 @@ def extract_to_store_ray(lm: LoadedModel, prompts: Iterable[Prompt], layers: lis
                          cluster_cfg: ClusterConfig, model_cfg: ModelConfig | None = None) -> Store:
     """``collide.extract.extract_to_store`` with the forward passes on Ray workers (module docstring).
 
-    ``lm`` is the driver's copy (its tokenizer made ``prompts``; its facts head the manifest); the
-    workers load ``model_cfg``, by default ``ModelConfig(**identity["model"])``. ``store_dir``
-    must be on storage every Ray node mounts at the same path (checked before any work).
+    ``lm`` is the driver's copy, which never runs: its tokenizer made ``prompts`` and its facts head the
+    manifest, so ``collide.cluster.shell.model_shell`` (no weights) serves. The workers load ``model_cfg``, by
+    default ``ModelConfig(**identity["model"])``. ``store_dir`` must be on storage every Ray node mounts at the
+    same path (checked before any work). The workers stay up for the stages after this one
+    (``collide.cluster.pool``).
     """
     t_start = time.perf_counter()
     layers = sorted({int(k) for k in layers})
@@ -134,7 +137,7 @@ def extract_to_store_ray(lm: LoadedModel, prompts: Iterable[Prompt], layers: lis
         if not isinstance(identity.get("model"), dict):
             raise CollideError("the store identity has no model config for the Ray workers to load; pass model_cfg")
         model_cfg = ModelConfig(**identity["model"])
-    opts = remote_options(cluster_cfg, retries=False)
+    remote_options(cluster_cfg)  # bad cluster values fail before the store is created
     writer = StoreWriter.open(store_dir, identity, store_header(lm, layers, n_prompts, store_cfg, extract_cfg))
     with contextlib.closing(writer), ray_session(cluster_cfg, store_dir):
         if writer.complete:
@@ -145,58 +148,41 @@ def extract_to_store_ray(lm: LoadedModel, prompts: Iterable[Prompt], layers: lis
         start_id = writer.n_rows
         specs = _specs(stream, len(writer.shards), start_id, n_prompts, writer.batching("shard_rows"),
                        writer.manifest["keep_text"])
-        facts = {key: writer.manifest[key] for key in STORE_FACTS}
-        workers = [ExtractWorker.options(**opts).remote(model_cfg) for _ in range(cluster_cfg.num_workers)]
+        pool = worker_pool(cluster_cfg)
         bar = progress(total=n_prompts, initial=start_id, unit="prompt", desc="extract (ray)",
-                   disable=not extract_cfg.progress)
+                       disable=not extract_cfg.progress)
         try:
-            first_id = _run(writer, workers, specs, facts, str(Path(store_dir).resolve()), len(layers), bar,
-                            cluster_cfg.max_retries)
+            first_id = _run(writer, pool, model_cfg, specs, str(Path(store_dir).resolve()), len(layers), bar)
         finally:
             bar.close()
-            for worker in workers:
-                ray.kill(worker)
         seconds = time.perf_counter() - t_start
         store = finish_store(writer, first_id, n_prompts, store_dir, seconds)
         log.info("extracted %d prompts into %s on %d Ray workers (%d this run) in %.1f s: %.1f prompts/s",
-                 store.n_rows, os.fspath(store_dir), len(workers), first_id - start_id, seconds,
+                 store.n_rows, os.fspath(store_dir), pool.size, first_id - start_id, seconds,
                  (first_id - start_id) / max(seconds, 1e-9))
         return store
 
 
-def _run(writer: StoreWriter, workers: list, specs, facts: dict, store_dir: str, n_layers: int, bar,
-         max_retries: int) -> int:
-    """Dispatch the specs to the workers, list finished shards in order; returns the next prompt id."""
+def _run(writer: StoreWriter, pool, model_cfg: ModelConfig, specs, store_dir: str, n_layers: int, bar) -> int:
+    """Send the specs to the workers, list finished shards in order; returns the next prompt id.
+
+    A shard that finishes before those ahead of it waits (its manifest entry only) until they are listed."""
+    facts = store_facts(writer)
     budget, max_batch = writer.batching("batch_tokens"), writer.batching("max_batch_size")
     first = next(specs, None)
     if first is None:
         return writer.n_rows
     if budget is None:
-        try:
-            budget = ray.get(workers[0].budget.remote(max(len(s) for s in first["tokens"]), n_layers))
-        except Exception as exc:  # noqa: BLE001 - Ray wraps every remote failure
-            raise task_failed(exc, "loading the model on a Ray worker", max_retries) from None
-    pending = itertools.chain([first], specs)
-    in_flight: dict = {}  # ref -> (worker slot, shard index)
-    load = [0] * len(workers)
+        budget = pool.first(batch_budget, model_cfg, max(len(s) for s in first["tokens"]), n_layers,
+                            facts["positions"] == "all", what="loading the model on a Ray worker")
+    units = (Unit(spec["index"], extract_shard, (model_cfg, store_dir, facts, spec, budget, max_batch),
+                  f"extraction of shard {spec['index']} of {store_dir}") for spec in itertools.chain([first], specs))
     finished: dict[int, dict] = {}  # shard index -> entry, waiting for the shards before it
-    while True:
-        for spec in itertools.islice(pending, IN_FLIGHT_PER_WORKER * len(workers) - len(in_flight)):
-            slot = load.index(min(load))
-            load[slot] += 1
-            ref = workers[slot].shard.remote(store_dir, facts, spec, budget, max_batch)
-            in_flight[ref] = (slot, spec["index"])
-        if not in_flight:
-            return writer.n_rows
-        done, _ = ray.wait(list(in_flight), num_returns=1)
-        slot, index = in_flight.pop(done[0])
-        load[slot] -= 1
-        try:
-            finished[index] = ray.get(done[0])
-        except Exception as exc:  # noqa: BLE001 - Ray wraps every remote failure
-            raise task_failed(exc, f"extraction of shard {index} of {store_dir}", max_retries) from None
+    for index, entry in pool.run(units):
+        finished[index] = entry
         while len(writer.shards) in finished:
             entry = finished.pop(len(writer.shards))
             write_s = entry.pop("write_s")
             writer.record_shard(entry, write_s)
             bar.update(entry["rows"])
+    return writer.n_rows

@@ -1,35 +1,38 @@
-"""The certified search of one store layer as Ray tasks: ``search_store_ray``.
+"""The certified search of one store layer on Ray: ``search_store_ray``.
 
 The layer's rows are cut into blocks exactly as ``collide.search.search_store`` cuts them
 (``search.block_rows`` rows of the store, NaN/Inf rows left out), and consecutive blocks are
-grouped into panels of ``cluster.panel_blocks`` blocks. Two rounds of tasks:
+grouped into panels of ``cluster.panel_blocks`` blocks. Two rounds of units on the run's warm
+workers (``collide.cluster.pool``: actors that imported torch once and open each store once):
 
-1. **scan**, one task per panel: its prompt ids, valid and invalid rows, and one fp64 sum per
+1. **scan**, one unit per panel: its prompt ids, valid and invalid rows, and one fp64 sum per
    block; the driver adds the block sums in block order, as the local pass does, so the mean
    ``mu`` that centres the GEMM operands is bit-identical to a local search's.
-2. **tiles**, one task per panel pair (P, Q), P <= Q (the upper triangle): the task reads its two
-   panels from the store's Parquet files itself (``Store.select_range``, sha256-checked, once per
-   worker process), and screens every block pair of P x Q with ``PairSearch.screen``, the local
+2. **tiles**, one unit per panel pair (P, Q), P <= Q (the upper triangle): the worker reads its two
+   panels from the store's Parquet files itself (``Store.select_range``, each file sha256-checked
+   once per worker), and screens every block pair of P x Q with ``PairSearch.screen``, the local
    engine: the same GEMM bound, fp64 re-ranks and per-row nearest-neighbour certification. The
-   task starts from the driver's current nearest-neighbour distances of its rows (exact
+   tile starts from the driver's current nearest-neighbour distances of its rows (exact
    distances of real pairs, so they only prune; they never hide a closer pair).
 
-At most ``cluster.num_workers`` x 2 tasks are in flight (``ray.wait``), and partial results are
-reduced as they arrive: each row's nearest-neighbour distance is the minimum over the tiles that
-hold it (every pair of rows lies in exactly one tile), the minimum pair is the smallest
-(distance, i, j) over tiles, collisions are the union. All three are certified per tile, so the
-result equals the local search's: minimum, pair, collisions and every nn distance bitwise, and
-``certified``; ``n_candidates`` may differ (a tile sees fewer neighbours when it starts).
+At most ``cluster.num_workers`` x 2 units are in flight (the second one of a worker reads its
+panels while the first computes), and partial results are reduced as they arrive: each row's
+nearest-neighbour distance is the minimum over the tiles that hold it (every pair of rows lies
+in exactly one tile), the minimum pair is the smallest (distance, i, j) over tiles, collisions are
+the union. All three are certified per tile, so the result equals the local search's: minimum,
+pair, collisions and every nn distance bitwise, and ``certified``; ``n_candidates`` may differ (a
+tile sees fewer neighbours when it starts). The fp64 re-ranks read the rows as stored, not
+centred, so a search restricted to some rows (``keep``) finds the same exact distances as a local
+search of those rows alone.
 
-A tile or scan task is a pure read: a lost worker's task is simply run again (``ray`` task
-retries, ``cluster.max_retries``).
+A tile or scan unit is a pure read: the unit of a lost worker simply runs again on the restarted
+worker (``cluster.max_retries`` restarts).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -37,7 +40,8 @@ import numpy as np
 import ray
 import torch
 
-from collide.cluster.session import chaos_point, ray_session, remote_options, task_failed
+from collide.cluster.pool import Unit, worker_pool
+from collide.cluster.session import chaos_point, ray_session
 from collide.config import ClusterConfig, SearchConfig
 from collide.errors import CollideError
 from collide.search.api import LayerResult, _check, _result, _search_context, pick_backend, \
@@ -45,14 +49,8 @@ from collide.search.api import LayerResult, _check, _result, _search_context, pi
 from collide.search.blocks import as_tensor, finite_rows, make_block, right_operand, row_norms, sum_rows
 from collide.search.nearest import nearest_mode
 from collide.search.symmetric import NO_ROW, PairSearch
-from collide.store import MANIFEST, open_store
 
 log = logging.getLogger(__name__)
-
-IN_FLIGHT_PER_WORKER = 2  # tasks queued per worker: one running, one whose inputs are being read
-
-_STORES: dict = {}  # worker process cache: (path, manifest mtime, size) -> Store (files sha256-checked once)
-
 
 @dataclass
 class BlockSpec:
@@ -60,17 +58,8 @@ class BlockSpec:
 
     start: int  # first row (0 = the view's first prompt) of the block
     stop: int  # one past its last row
-    valid: np.ndarray  # (b,) int64 rows of the block (relative to start) without NaN/Inf
+    valid: np.ndarray  # (b,) int64 rows of the block (relative to start) searched: kept and without NaN/Inf
     engine: int  # engine index of its first valid row (valid rows of earlier blocks)
-
-
-def _store(path: str, first_id: int, stop_id: int):
-    """The store view [first_id, stop_id) at ``path``, from this worker's cache."""
-    stat = os.stat(os.path.join(path, MANIFEST))
-    key = (path, stat.st_mtime_ns, stat.st_size)  # a store rewritten at the same path is opened afresh
-    if key not in _STORES:
-        _STORES[key] = open_store(path)
-    return _STORES[key].select_range(first_id, stop_id)
 
 
 def _read(view, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,45 +68,49 @@ def _read(view, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarr
     return next(part.iter_blocks(layer, stop - start))
 
 
-@ray.remote
-def scan_panel(path: str, first_id: int, stop_id: int, layer: int, start: int, stop: int, block_rows: int):
-    """Pass 1 for rows [start, stop) of the view: (ids, [(valid rows, invalid rows, fp64 sum, L2 norms of the
-    valid rows)] per block)."""
-    ids, states = _read(_store(path, first_id, stop_id), layer, start, stop)
+def scan_panel(worker, path: str, first_id: int, stop_id: int, layer: int, start: int, stop: int, block_rows: int,
+               keep: np.ndarray | None):
+    """Unit, pass 1 for rows [start, stop) of the view: (ids, [(valid rows, invalid rows, fp64 sum, L2 norms of the
+    valid rows)] per block). ``keep`` (bool per row of the range, or None = all): rows left out are neither."""
+    ids, states = _read(worker.store(path).select_range(first_id, stop_id), layer, start, stop)
     blocks = []
-    for s in range(0, stop - start, block_rows):
-        xb = as_tensor(states[s:s + block_rows])
-        valid = finite_rows(xb, block_rows)
-        blocks.append((torch.nonzero(valid)[:, 0].numpy(), torch.nonzero(~valid)[:, 0].numpy(),
-                       sum_rows(xb[valid], block_rows).numpy(), row_norms(xb[valid], block_rows).numpy()))
+    with worker.compute:
+        for s in range(0, stop - start, block_rows):
+            xb = as_tensor(states[s:s + block_rows])
+            finite = finite_rows(xb, block_rows)
+            kept = finite if keep is None else finite & torch.from_numpy(keep[s:s + block_rows])
+            left_out = ~finite if keep is None else ~finite & torch.from_numpy(keep[s:s + block_rows])
+            blocks.append((torch.nonzero(kept)[:, 0].numpy(), torch.nonzero(left_out)[:, 0].numpy(),
+                           sum_rows(xb[kept], block_rows).numpy(), row_norms(xb[kept], block_rows).numpy()))
     return ids, blocks
 
 
-@ray.remote
-def search_tile(path: str, first_id: int, stop_id: int, layer: int, panel_p: list[BlockSpec],
+def search_tile(worker, path: str, first_id: int, stop_id: int, layer: int, panel_p: list[BlockSpec],
                 panel_q: list[BlockSpec] | None, mu: np.ndarray, nn_seed: np.ndarray, tau_seed: float,
                 threshold: float, cfg: dict, budget: int, threads: int, tag: str):
-    """Screen every pair of rows in panels P x Q with the local engine (``panel_q=None``: the pairs
-    within P, each once).
+    """Unit: screen every pair of rows in panels P x Q with the local engine (``panel_q=None``: the pairs
+    within P, each once). The panels are read before the worker's compute lock is taken.
 
     ``nn_seed``: squared exact nn distances known so far for the rows of P then Q, engine order;
     ``tau_seed``: the smallest squared exact distance known so far (used with ``nearest`` off).
     Returns the partial result that ``_Reduction.merge`` takes.
     """
-    view = _store(path, first_id, stop_id)
+    view = worker.store(path).select_range(first_id, stop_id)
     dev = resolve_device(cfg["device"])
     same = panel_q is None
     specs = panel_p if same else panel_p + panel_q
-    with _search_context(dev, cfg["precision"], threads):
+    read = []
+    for spec in specs:
+        _, states = _read(view, layer, spec.start, spec.stop)
+        read.append(states if len(spec.valid) == len(states) else states[spec.valid])
+    chaos_point(tag)
+    with worker.compute, _search_context(dev, cfg["precision"], threads):
         mu_t = torch.from_numpy(mu).to(dev)
         blocks, local = [], 0
-        for spec in specs:
-            _, states = _read(view, layer, spec.start, spec.stop)
-            xb = as_tensor(states).to(dev)
-            xv = xb if len(spec.valid) == xb.shape[0] else xb[torch.from_numpy(spec.valid).to(dev)]
+        for spec, states in zip(specs, read):
+            xv = as_tensor(states).to(dev)
             blocks.append(make_block(xv, torch.from_numpy(spec.valid + spec.start).to(dev), local, mu_t))
             local += len(spec.valid)
-        chaos_point(tag)
         state = PairSearch(local, view.d, dev, threshold, cfg["precision"], budget, cfg["block_rows"],
                            nearest=cfg["nearest"])
         if cfg["nearest"]:
@@ -135,10 +128,10 @@ def search_tile(path: str, first_id: int, stop_id: int, layer: int, panel_p: lis
                 state.screen(bi, bj, rhs, "cross")
             if same:
                 state.screen(bj, bj, rhs, "diag")
-    return dict(tau=state.tau, pair=state.pair, coll=state.coll, nn=state.nn_exact.cpu().numpy(),
-                nn_row=state.nn_row.cpu().numpy(), centred2=state.centred2.cpu().numpy(),
-                n_candidates=state.n_candidates, n_skipped=state.n_skipped, reason=state.reason,
-                gemm_s=state.gemm_s)
+        return dict(tau=state.tau, pair=state.pair, coll=state.coll, nn=state.nn_exact.cpu().numpy(),
+                    nn_row=state.nn_row.cpu().numpy(), centred2=state.centred2.cpu().numpy(),
+                    n_candidates=state.n_candidates, n_skipped=state.n_skipped, reason=state.reason,
+                    gemm_s=state.gemm_s)
 
 
 def _engine_rows(panel: list[BlockSpec]) -> np.ndarray:
@@ -176,16 +169,17 @@ class _Reduction:
         return self.state
 
 
-def _panels(view, layer: int, block_rows: int, panel_rows: int, opts: dict, max_retries: int):
+def _panels(pool, view, layer: int, block_rows: int, panel_rows: int, keep: np.ndarray | None):
     """Scan round: (prompt ids, valid rows, invalid rows, mu, panels of BlockSpecs, L2 norms of the valid rows)."""
     path, first, stop = str(view.path.resolve()), view.first_id, view.stop_id
     bounds = [(s, min(s + panel_rows, view.n_rows)) for s in range(0, view.n_rows, panel_rows)]
-    refs = [scan_panel.options(**opts, name="collide-scan").remote(path, first, stop, layer, a, b, block_rows)
-            for a, b in bounds]
-    parts = _get_all(refs, [f"scan of rows {a}..{b - 1}" for a, b in bounds], max_retries)
+    parts = dict(pool.run(Unit(i, scan_panel, (path, first, stop, layer, a, b, block_rows,
+                                                None if keep is None else keep[a:b]), f"scan of rows {a}..{b - 1}")
+                          for i, (a, b) in enumerate(bounds)))
     total = torch.zeros(view.d, dtype=torch.float64)
     ids, valid_rows, invalid_rows, norms, panels, engine = [], [], [], [], [], 0
-    for (a, _), (p_ids, blocks) in zip(bounds, parts):
+    for i, (a, _) in enumerate(bounds):
+        p_ids, blocks = parts[i]
         ids.append(p_ids)
         panel = []
         for n, (valid, invalid, block_sum, block_norms) in enumerate(blocks):
@@ -205,27 +199,16 @@ def _panels(view, layer: int, block_rows: int, panel_rows: int, opts: dict, max_
             np.concatenate(norms) if norms else np.empty(0))
 
 
-def _get_all(refs: list, names: list[str], max_retries: int) -> list:
-    """ray.get of every ref, translating a lost or failed task into a CollideError."""
-    out = [None] * len(refs)
-    index = {ref: i for i, ref in enumerate(refs)}
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        i = index[done[0]]
-        try:
-            out[i] = ray.get(done[0])
-        except Exception as exc:  # noqa: BLE001 - Ray wraps every remote failure
-            raise task_failed(exc, names[i], max_retries) from None
-    return out
-
-
-def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConfig,
-                     cluster_cfg: ClusterConfig) -> LayerResult:
+def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConfig, cluster_cfg: ClusterConfig,
+                     keep: np.ndarray | None = None) -> LayerResult:
     """``collide.search.search_store`` on a Ray cluster: the same LayerResult (see the module docstring).
 
     ``store``: an opened store (or a view of one) on storage every Ray node mounts at the same
-    path. Only the torch engine is distributed; ``search.backend=faiss`` is refused.
+    path. Only the torch engine is distributed; ``search.backend=faiss`` is refused. ``keep`` (bool per
+    row of ``store``, or None = every row): the search over the kept rows alone, as ``min_pairwise`` of
+    those rows finds it (minimum, pair, collisions, nn distances; pairs and rows keep the store's
+    numbering, rows left out have no nn distance). The search runs on the run's warm workers
+    (``collide.cluster.pool``): one scan unit per panel, one tile unit per panel pair.
     """
     tic = time.perf_counter()
     if pick_backend(search_cfg.backend, search_cfg.device) != "torch":
@@ -240,36 +223,31 @@ def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConf
                nearest=nearest_mode(search_cfg.nearest) != "none")  # auto: every row (brute-force panels)
     threads = search_cfg.threads or max(1, int(cluster_cfg.cpus_per_worker))
     with ray_session(cluster_cfg, store.path):
-        opts = remote_options(cluster_cfg, retries=True)
+        pool = worker_pool(cluster_cfg)
         prompt_ids, valid_rows, invalid_rows, mu, panels, norms = _panels(
-            store, layer, block_rows, block_rows * cluster_cfg.panel_blocks, opts, cluster_cfg.max_retries)
+            pool, store, layer, block_rows, block_rows * cluster_cfg.panel_blocks, keep)
         red = _Reduction(len(valid_rows), store.d, threshold, search_cfg)
         pairs = [(p, q) for q in range(len(panels)) for p in range(q + 1)]
         engine = [_engine_rows(panel) for panel in panels]
         path, first, stop, mu_ref = str(store.path.resolve()), store.first_id, store.stop_id, ray.put(mu)
-        limit = IN_FLIGHT_PER_WORKER * max(1, cluster_cfg.num_workers)
-        in_flight: dict = {}
         bar = None
         if search_cfg.progress:
             from collide.console import progress
 
             bar = progress(total=len(pairs), unit="tile", desc=f"layer {layer} tiles")
-        for t, (p, q) in enumerate(pairs):
-            rows = engine[p] if p == q else np.concatenate([engine[p], engine[q]])
-            budget = max(search_cfg.max_candidates - red.state.n_candidates, 0)
-            ref = search_tile.options(**opts, name="collide-tile").remote(
-                path, first, stop, layer, panels[p], None if p == q else panels[q], mu_ref, red.nn[rows],
-                red.state.tau, threshold, cfg, budget, threads, f"tile-{p}-{q}")
-            in_flight[ref] = (rows, f"tile ({p}, {q}) of layer {layer}")
-            while len(in_flight) >= limit or (t == len(pairs) - 1 and in_flight):
-                done, _ = ray.wait(list(in_flight), num_returns=1)
-                rows_done, name = in_flight.pop(done[0])
-                try:
-                    red.merge(ray.get(done[0]), rows_done)
-                except Exception as exc:  # noqa: BLE001 - Ray wraps every remote failure
-                    raise task_failed(exc, name, cluster_cfg.max_retries) from None
-                if bar is not None:
-                    bar.update(1)
+
+        def units():  # read lazily: each tile starts from the nn distances merged so far
+            for p, q in pairs:
+                rows = engine[p] if p == q else np.concatenate([engine[p], engine[q]])
+                budget = max(search_cfg.max_candidates - red.state.n_candidates, 0)
+                yield Unit(rows, search_tile, (path, first, stop, layer, panels[p], None if p == q else panels[q],
+                                               mu_ref, red.nn[rows], red.state.tau, threshold, cfg, budget, threads,
+                                               f"tile-{p}-{q}"), f"tile ({p}, {q}) of layer {layer}")
+
+        for rows, part in pool.run(units()):
+            red.merge(part, rows)
+            if bar is not None:
+                bar.update(1)
         if bar is not None:
             bar.close()
     res = _result(red.finish(), len(prompt_ids), valid_rows, invalid_rows, "torch", tic, norms)

@@ -9,7 +9,7 @@ one-line CollideError before any work starts.
 
 Chaos switch (for fault tests, and for anyone who wants to see what a lost worker does): when
 the environment variable ``COLLIDE_CHAOS`` names a directory, a worker reaching the unit
-``TAG`` (``shard-3``, ``tile-0-1``) while ``$COLLIDE_CHAOS/TAG.kill`` exists renames that file
+``TAG`` (``shard-3``, ``tile-0-1``, ``invert-KEY``) while ``$COLLIDE_CHAOS/TAG.kill`` exists renames that file
 (only one process can) and SIGKILLs itself; with ``TAG.hang`` it writes its node id into
 ``TAG.hung`` and blocks until its node is removed. Without the variable nothing happens.
 """
@@ -34,18 +34,30 @@ log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 120  # seconds every node gets to answer the store check (a busy node queues it)
 CHAOS_ENV = "COLLIDE_CHAOS"  # directory of chaos files, see the module docstring
+_CHECKED: set = set()  # (session, directory, alive nodes) whose reachability was checked
 
 
 @contextlib.contextmanager
-def ray_session(cfg: ClusterConfig, store_path: str | os.PathLike):
-    """Join (or reuse) a Ray session and check ``store_path`` from every node.
+def ray_session(cfg: ClusterConfig, store_path: str | os.PathLike | None):
+    """Join (or reuse) a Ray session and check ``store_path`` from every node (None: a stage whose files only
+    the driver reads and writes).
 
     The session stays joined for the rest of the process (a run extracts, then searches every
-    layer: one join, one local instance), and Ray leaves it at exit.
+    layer: one join, one local instance, one pool of warm workers), and Ray leaves it at exit. The
+    check runs once per directory while the cluster's nodes stay the same.
     """
     if not ray.is_initialized():
         join(cfg)
-    check_reachable(Path(store_path))
+    if store_path is None:
+        yield
+        return
+    path = Path(store_path).resolve()
+    context = ray.get_runtime_context()
+    key = (context.get_job_id(), context.get_node_id(), str(path),
+           frozenset(n["NodeID"] for n in ray.nodes() if n.get("Alive")))
+    if key not in _CHECKED:  # once per session, directory and set of nodes (a node that joins is checked)
+        check_reachable(path)
+        _CHECKED.add(key)
     yield
 
 
@@ -120,22 +132,16 @@ def check_reachable(path: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
-def remote_options(cfg: ClusterConfig, retries: bool) -> dict:
-    """Resources of one worker, and Ray's retry options.
-
-    Tasks: ``max_retries`` reruns of a task whose worker or node was lost. Actors: ``max_restarts``
-    restarts of a lost actor, and its calls retried for as long as it can restart (a call that
-    fails while a dead node is not yet detected must not use up the budget: only losses count).
+def remote_options(cfg: ClusterConfig) -> dict:
+    """Resources of one worker (a Ray actor of ``collide.cluster.pool``), and Ray's retry options:
+    ``max_restarts`` restarts of a lost actor, and its calls retried for as long as it can restart (a
+    call that fails while a dead node is not yet detected must not use up the budget: only losses count).
     """
     if cfg.num_workers < 1 or cfg.cpus_per_worker < 0 or cfg.gpus_per_worker < 0 or cfg.max_retries < 0:
         raise CollideError(f"cluster.num_workers={cfg.num_workers} must be >= 1 and cluster.cpus_per_worker, "
                            "cluster.gpus_per_worker, cluster.max_retries >= 0")
-    opts = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
-    if retries:
-        opts["max_retries"] = cfg.max_retries
-    else:
-        opts.update(max_restarts=cfg.max_retries, max_task_retries=-1)
-    return opts
+    return dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_restarts=cfg.max_retries,
+                max_task_retries=-1)
 
 
 def task_failed(exc: Exception, what: str, max_retries: int | None = None) -> CollideError:

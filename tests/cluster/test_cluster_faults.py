@@ -18,6 +18,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from collide.cluster import search_store_ray
+from collide.cluster.pool import close_pool
 from collide.search import search_store
 from collide.store import open_store
 
@@ -97,6 +98,7 @@ ray_extract(load_model(ModelConfig(**TINY)), {path!r}, dataclasses.replace(CLUST
 
 
 def test_the_driver_killed_then_the_same_command_resumes(ray_local, chaos_dir, tiny_llama, local_store, tmp_path):
+    close_pool()  # this process's warm workers would hold every CPU the driver's worker needs
     store_dir = tmp_path / "store"
     (chaos_dir / "shard-3.hang").touch()  # shards 0-2 finish, shard 3 never does: the driver is mid-run
     code = DRIVER.format(root=str(ROOT), path=str(store_dir), address=ray.get_runtime_context().gcs_address)
