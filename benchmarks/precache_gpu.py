@@ -12,15 +12,20 @@ measured first (two short runs of the same code; their difference removes the fi
 cosine schedule is laid over min(PAPER_STEPS, the steps that fit). Reported per mode: the steps and
 their share of the authors', seconds per step, the training FLOPs, the test Huber loss over the
 trivial loss against the authors' (TRAINING_LOSS), the validation curve and the R^2 of the probes.
+Each mode's run also writes ``<out>/<mode>/precache.json`` (default ``out``:
+benchmarks/results/precache-gpu-<UTC date>), from which the learning curves and the probes' figure are drawn:
 
     PYTHONPATH=. python3 -c "from benchmarks.precache_gpu import precache_check; print(precache_check())"
+    python -m collide.experiments.precache_report curves docs/figures/precache_gpu_curves.png \
+        benchmarks/results/precache-gpu-<date>/{vanilla,myopic}/precache.json
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -32,6 +37,7 @@ TRAINING_LOSS = {"vanilla": 0.01, "myopic": 1.24}  # their checkpoints' training
 PAPER = dict(task="paper", p=1.0, seq_len=64, window=10, freq=10.0, d_model=128, n_layers=2, n_heads=2,
              batch_size=512, lr=1e-3, loss="huber", schedule="cosine",
              myopic="residual", max_lag=20, eval_sequences=2048, eval_every=500, threads=0, figures=False)
+RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN_S = 150.0  # training seconds per mode: both modes, their timing and evaluation fit in 6 minutes
 TIMING_STEPS = (20, 60)  # the two timing runs' lengths: seconds per step = difference / 40
 
@@ -52,30 +58,30 @@ def seconds_per_step(cfg: PrecacheConfig, mode: str) -> float:
 
 
 def precache_check(device: str = "cuda", train_s: float = TRAIN_S, max_steps: int = PAPER_STEPS,
-                   **overrides) -> dict:
-    """Both modes for ``train_s`` seconds each on ``device`` (module docstring); ``overrides`` replace
-    PAPER's keys (a CPU run of the code path uses toy sizes)."""
+                   out: Path | None = None, **overrides) -> dict:
+    """Both modes for ``train_s`` seconds each on ``device`` into ``out`` (module docstring); ``overrides``
+    replace PAPER's keys (a CPU run of the code path uses toy sizes)."""
+    out = out or RESULTS / f"precache-gpu-{datetime.now(timezone.utc):%Y-%m-%d}"
     saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # TF32, as the authors
     try:
-        out = {"config": {**PAPER, **overrides}, "paper_steps": PAPER_STEPS, "train_s": train_s}
-        with tempfile.TemporaryDirectory() as tmp:
-            for mode in ("vanilla", "myopic"):
-                cfg = PrecacheConfig(**{**PAPER, **overrides}, device=device, out=f"{tmp}/{mode}", modes=[mode])
-                per_step = seconds_per_step(cfg, mode)
-                steps = max(1, min(max_steps, int(train_s / per_step)))
-                cfg = replace(cfg, steps=steps, max_cpu_seconds=2 * train_s)  # a guard; the steps end the run
-                tic = time.perf_counter()
-                m = run_experiment(cfg, "benchmarks/precache_gpu.py")["models"][0]
-                out[mode] = {
-                    "steps": m["steps"], "stopped": m["stopped"], "share_of_paper_steps": m["steps"] / PAPER_STEPS,
-                    "timed_s_per_step": per_step, "steps_per_s": 1 / per_step, "seconds": time.perf_counter() - tic,
-                    "train_flops": m["train_flops"], "flops_per_step": train_flops(cfg, mode) * cfg.batch_size,
-                    "test_huber": m["test_loss"], "trivial_huber": m["trivial_loss"],
-                    "test_over_trivial": m["normalised_loss"], "paper_training_huber": TRAINING_LOSS[mode],
-                    "paper_over_trivial": TRAINING_LOSS[mode] / m["trivial_loss"],
-                    "curve": [{k: p[k] for k in ("step", "train_loss", "val_loss", "val_trivial")} for p in m["curve"]],
-                    "probes": m["probes"]}
-        return out
+        report = {"config": {**PAPER, **overrides}, "paper_steps": PAPER_STEPS, "train_s": train_s, "out": str(out)}
+        for mode in ("vanilla", "myopic"):
+            cfg = PrecacheConfig(**{**PAPER, **overrides}, device=device, out=str(out / mode), modes=[mode])
+            per_step = seconds_per_step(cfg, mode)
+            steps = max(1, min(max_steps, int(train_s / per_step)))
+            cfg = replace(cfg, steps=steps, max_cpu_seconds=2 * train_s)  # a guard; the steps end the run
+            tic = time.perf_counter()
+            m = run_experiment(cfg, "benchmarks/precache_gpu.py")["models"][0]
+            report[mode] = {
+                "steps": m["steps"], "stopped": m["stopped"], "share_of_paper_steps": m["steps"] / PAPER_STEPS,
+                "timed_s_per_step": per_step, "steps_per_s": 1 / per_step, "seconds": time.perf_counter() - tic,
+                "train_flops": m["train_flops"], "flops_per_step": train_flops(cfg, mode) * cfg.batch_size,
+                "test_huber": m["test_loss"], "trivial_huber": m["trivial_loss"],
+                "test_over_trivial": m["normalised_loss"], "paper_training_huber": TRAINING_LOSS[mode],
+                "paper_over_trivial": TRAINING_LOSS[mode] / m["trivial_loss"],
+                "curve": [{k: p[k] for k in ("step", "train_loss", "val_loss", "val_trivial")} for p in m["curve"]],
+                "probes": m["probes"]}
+        return report
     finally:
         torch.set_float32_matmul_precision(saved)

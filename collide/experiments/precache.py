@@ -274,17 +274,17 @@ def run_experiment(cfg: PrecacheConfig, command: str | None = None) -> dict:
 def train_flops(cfg: PrecacheConfig, mode: str) -> float:
     """Training FLOPs per sequence: 3 x the forward pass's matrix products (backward = 2 x forward).
 
-    Per position and block, forward: 24 d^2 (qkv 6 d^2, output projection 2 d^2, MLP 16 d^2) and
-    4 seq_len d (scores and mixing over the full seq_len x seq_len square); myopic ``residual`` adds
-    4 d^2 (the past's keys and values recomputed). The input and output layers (6 d) are left out."""
+    Per position and block, forward FLOPs (2 per multiply-add): 24 d^2 (qkv 6 d^2, output projection
+    2 d^2, MLP 16 d^2) and 4 seq_len d (scores and mixing over the full seq_len x seq_len square); myopic
+    ``residual`` adds 4 d^2 (the past's keys and values recomputed). The input and output layers (6 d)
+    are left out. The authors' run: 30M sequences x 1.6e8 = 4.9e15 FLOPs."""
     d, n = cfg.d_model, cfg.seq_len
     per_block = 24 * d * d + 4 * n * d + (4 * d * d if mode == "myopic" and cfg.myopic == "residual" else 0)
-    return 3.0 * 2 * per_block * cfg.n_layers * n  # 2 flops per multiply-add
+    return 3.0 * per_block * cfg.n_layers * n
 
 
 def _run(cfg: PrecacheConfig, command: str | None) -> dict:
-    from collide.experiments.precache_report import curves_figure, markdown
-    from collide.report.figures import precache_figure
+    from collide.experiments.precache_report import curves_figure, markdown, r2_figure
 
     t0, c0 = time.perf_counter(), time.process_time()
     held_out = make_batch(cfg.eval_sequences, cfg, torch.Generator(cfg.device).manual_seed(cfg.seed + 2))
@@ -302,7 +302,7 @@ def _run(cfg: PrecacheConfig, command: str | None) -> dict:
                  mode, entry["test_loss"], entry["trivial_loss"], entry["current_input_loss"],
                  max(entry["probes"][min(1, cfg.n_layers)]["r2"]), entry["seconds"])
     result["seconds"], result["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
-    figures = {"figures/precache_r2.png": lambda path: precache_figure(result, path),
+    figures = {"figures/precache_r2.png": lambda path: r2_figure([result], path),
                "figures/precache_curves.png": lambda path: curves_figure([result], path)} if cfg.figures else {}
     written = write_outputs(cfg.out, "precache", result, markdown(result), figures)
     log.info("wrote %s (%.0f s)", written, result["seconds"])

@@ -1,8 +1,11 @@
 """What ``collide precache`` writes besides precache.json: precache.md and the learning curves.
 
-The curves of several runs go into one figure with
+Runs made one mode at a time (one process per mode) go into one figure with
 
-    python -m collide.experiments.precache_report OUT.png RUN/precache.json [RUN/precache.json ...]
+    python -m collide.experiments.precache_report curves|r2 OUT.png RUN/precache.json [RUN/precache.json ...]
+
+``curves``: every run's learning curves; ``r2``: the R^2 probes of every run's models in one figure.
+Matplotlib is imported only to draw (the GPU check writes no figure).
 """
 
 from __future__ import annotations
@@ -20,11 +23,17 @@ UNLABELLED = {"out", "modes", "max_cpu_seconds", "threads", "figures", "device",
 TARGETS = (0.2, 0.8)  # the dichotomy: vanilla at most 0.2 of the trivial loss, myopic at least 0.8
 
 
-def label(result: dict, mode: str) -> str:
-    """``mode`` and the keys of the run's config that differ from PrecacheConfig's defaults."""
+def label(result: dict, mode: str, varying: set[str]) -> str:
+    """``mode`` and the run's values of the config keys in ``varying``."""
+    return " ".join([mode, *(f"{k}={result['config'][k]}" for k in sorted(varying))])
+
+
+def varying_keys(results: list[dict]) -> set[str]:
+    """The config keys (less UNLABELLED) whose values differ among ``results``; against PrecacheConfig's
+    defaults for a single run."""
     defaults = {f.name: getattr(PrecacheConfig(), f.name) for f in fields(PrecacheConfig)}
-    changed = [f"{k}={v}" for k, v in result["config"].items() if k not in UNLABELLED and v != defaults.get(k)]
-    return " ".join([mode, *changed])
+    configs = [r["config"] for r in results] + ([defaults] if len(results) == 1 else [])
+    return {k for k in configs[0] if k not in UNLABELLED and len({repr(c.get(k)) for c in configs}) > 1}
 
 
 def markdown(result: dict) -> str:
@@ -65,13 +74,14 @@ def curves_figure(results: list[dict], path: Path) -> Path:
 
     fig = _new_figure(REPORT_SIZE)
     ax = fig.add_subplot()
+    varying = varying_keys(results)
     for k, result in enumerate(results):
         batch = result["config"]["batch_size"]
         for m in result["models"]:
             xs = [point["step"] * batch for point in m["curve"]]
             ys = [point["val_loss"] / point["val_trivial"] for point in m["curve"]]
             ax.plot(xs, ys, "-" if m["mode"] == "vanilla" else "--", color=f"C{k % 10}", lw=1.2,
-                    label=f"{label(result, m['mode'])} ({m['normalised_loss']:.2f})")
+                    label=f"{label(result, m['mode'], varying)} ({m['normalised_loss']:.3f})")
     for target in TARGETS:
         ax.axhline(target, color="0.5", lw=0.8, ls=":")
     ax.set_xscale("log")
@@ -81,10 +91,22 @@ def curves_figure(results: list[dict], path: Path) -> Path:
     ax.set_ylabel("validation loss / trivial loss")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    ax.set_title("pre-caching task: learning curves (in brackets: test loss / trivial; dotted: 0.2 and 0.8)",
-                 fontsize=10)
+    ax.set_title("learning curves (in brackets: test loss / trivial)", fontsize=10)
     return _save(fig, path)
 
 
+def r2_figure(results: list[dict], path: Path) -> Path:
+    """The R^2 probes of every run's models in one figure (the first run's config: its window)."""
+    from collide.report.figures import precache_figure
+
+    return precache_figure({**results[0], "models": [m for r in results for m in r["models"]]}, path)
+
+
+def main(argv: list[str]) -> Path:
+    """``curves|r2 OUT.png RUN.json ...`` (module docstring)."""
+    kind, out, results = argv[0], Path(argv[1]), [json.loads(Path(p).read_text()) for p in argv[2:]]
+    return (curves_figure if kind == "curves" else r2_figure)(results, out)
+
+
 if __name__ == "__main__":
-    curves_figure([json.loads(Path(p).read_text()) for p in sys.argv[2:]], Path(sys.argv[1]))
+    main(sys.argv[1:])

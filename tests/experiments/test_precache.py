@@ -217,9 +217,9 @@ def test_shortened_run_writes_results(tmp_path):
         assert abs(m["probes"][0]["r2"][0]) < 0.05
         assert m["stopped"] == "steps" and m["steps"] == 30 and m["curve"][-1]["step"] == 30
         assert m["sequences"] == 30 * 8
-    # FLOPs per sequence: 3 x 2 x (24 d^2 + 4 n d [+ 4 d^2 myopic]) x layers x n, d = 32, n = 24
-    assert result["models"][0]["train_flops"] == 240 * 6 * (24 * 32 ** 2 + 4 * 24 * 32) * 2 * 24
-    assert result["models"][1]["train_flops"] == 240 * 6 * (28 * 32 ** 2 + 4 * 24 * 32) * 2 * 24
+    # FLOPs per sequence: 3 x (24 d^2 + 4 n d [+ 4 d^2 myopic]) x layers x n, d = 32, n = 24
+    assert result["models"][0]["train_flops"] == 240 * 3 * (24 * 32 ** 2 + 4 * 24 * 32) * 2 * 24
+    assert result["models"][1]["train_flops"] == 240 * 3 * (28 * 32 ** 2 + 4 * 24 * 32) * 2 * 24
     saved = json.loads((tmp_path / "precache.json").read_text())
     assert saved["models"][1]["test_loss"] == result["models"][1]["test_loss"]
     assert "| myopic | 2 |" in (tmp_path / "precache.md").read_text()
@@ -238,11 +238,12 @@ def test_huber_baselines_at_p_one():
     assert abs(float(batch["y"][:, 10:].var()) - 5.0) < 0.1
 
 
-def test_gpu_section_runs_its_code_path_on_cpu():
+def test_gpu_section_runs_its_code_path_on_cpu(tmp_path):
     """benchmarks/precache_gpu.py at toy sizes on the CPU: both modes timed, planned, trained and reported."""
     from benchmarks.precache_gpu import PAPER_STEPS, precache_check
+    from collide.experiments.precache_report import main as report
 
-    out = precache_check(device="cpu", train_s=30.0, max_steps=8, d_model=16, seq_len=12, window=3, max_lag=4,
+    out = precache_check(device="cpu", train_s=30.0, max_steps=8, out=tmp_path, d_model=16, seq_len=12, window=3, max_lag=4,
                          batch_size=4, eval_sequences=32, eval_every=4, threads=1)
     assert out["paper_steps"] == PAPER_STEPS and out["config"]["loss"] == "huber"
     for mode in ("vanilla", "myopic"):
@@ -253,6 +254,9 @@ def test_gpu_section_runs_its_code_path_on_cpu():
             m["paper_training_huber"] / m["trivial_huber"])
         assert [p["layer"] for p in m["probes"]] == [0, 1, 2]
     assert torch.get_float32_matmul_precision() == "highest"  # restored
+    runs = [str(tmp_path / mode / "precache.json") for mode in ("vanilla", "myopic")]
+    for kind in ("curves", "r2"):
+        assert report([kind, str(tmp_path / f"{kind}.png"), *runs]).stat().st_size > 10_000
 
 
 def test_bad_values_are_one_line(capsys):
