@@ -4,6 +4,7 @@
         --threads 2 --out benchmarks/results/invert-smollm2.json
     .venv/bin/python -m benchmarks.invert_accuracy --layers 15 --prose 10 --random 0 --dump bf16-forward
     .venv/bin/python -m benchmarks.invert_accuracy --layers 15 --prose 5 --random 0 --quant int8
+    python3 -m benchmarks.invert_accuracy --layers 15 --prose 10 --random 0 --device cuda   # make gpu-check
 
 Prompts come from ``benchmarks/suite/invert_texts.py`` (stdlib module docstrings, text no lens is fit
 on; uniform random ids). Targets (``--dump``): ``fp32``, the states of a plain unpadded fp32 transformers
@@ -34,12 +35,12 @@ def targets(lm_states, ids_list: list[list[int]], layer: int, dump: str) -> list
     says: fp32 as computed, bf16 rounded to bf16 (then widened exactly)."""
     from collide.models import all_token_states
 
-    ids = torch.tensor(ids_list)
+    ids = torch.tensor(ids_list, device=lm_states.device)
     with torch.no_grad():
         got = all_token_states(lm_states, ids, torch.ones_like(ids), [layer])[layer]
     if dump != "fp32":
         got = got.bfloat16()
-    return [x.float().numpy() for x in got]
+    return [x.float().cpu().numpy() for x in got]
 
 
 def run_kind(inverter, prompts: list[list[int]], states: list[np.ndarray], label: str) -> dict:
@@ -79,6 +80,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dump", default="fp32", choices=["fp32", "bf16", "bf16-forward"])
     ap.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    ap.add_argument("--device", default="auto", help="model.device: auto (cuda if present), cpu, cuda")
     ap.add_argument("--out", default=None)
     ap.add_argument("--lens", action="append", default=[], help="layer:key=value lens settings, e.g. 30:table=false")
     args = ap.parse_args(argv)
@@ -95,8 +97,8 @@ def main(argv=None) -> dict:
     from collide.invert.sipit import Inverter
     from collide.models import load_model
 
-    overrides = ["-", f"model={args.model}"] + ([f"model.quant.activations={args.quant}"] if args.quant != "none"
-                                                 else [])
+    overrides = ["-", f"model={args.model}", f"model.device={args.device}"] + (
+        [f"model.quant.activations={args.quant}"] if args.quant != "none" else [])
     model_cfg = compose("invert", overrides).model
     lm = load_model(model_cfg)
     lm_states = load_model(replace(model_cfg, dtype="bf16")) if args.dump == "bf16-forward" else lm
@@ -105,7 +107,8 @@ def main(argv=None) -> dict:
     layers = [int(k) for k in args.layers.split(",")]
     rlayers = layers if args.random_layers is None else [int(k) for k in args.random_layers.split(",")]
     prose = [ids for ids, _ in prose_prompts(lm.tokenizer, args.prose, args.length)]
-    results = {"model": args.model, "policy": args.policy, "threads": torch.get_num_threads(), "bos": bos,
+    results = {"model": args.model, "device": str(lm.device), "policy": args.policy,
+               "threads": torch.get_num_threads(), "bos": bos,
                "dump": args.dump, "quant": args.quant, "epsilon": args.epsilon, "layers": {}}
     stored = "fp32" if args.dump == "fp32" else "bf16"
     for layer in sorted(set(layers) | set(rlayers)):
