@@ -24,8 +24,9 @@ TARGETS = (0.2, 0.8)  # the dichotomy: vanilla at most 0.2 of the trivial loss, 
 
 
 def label(result: dict, mode: str, varying: set[str]) -> str:
-    """``mode`` and the run's values of the config keys in ``varying``."""
-    return " ".join([mode, *(f"{k}={result['config'][k]}" for k in sorted(varying))])
+    """``mode`` and the run's values of the config keys in ``varying`` (vanilla: less ``myopic``)."""
+    keys = sorted(varying - ({"myopic"} if mode == "vanilla" else set()))
+    return " ".join([mode, *(f"{k}={result['config'][k]}" for k in keys)])
 
 
 def varying_keys(results: list[dict]) -> set[str]:
@@ -70,9 +71,9 @@ def markdown(result: dict) -> str:
 def curves_figure(results: list[dict], path: Path) -> Path:
     """Validation loss over the trivial loss against sequences seen (log), one line per run and mode:
     vanilla solid, myopic dashed, one colour per run; the dichotomy's targets dotted."""
-    from collide.report.figures import REPORT_SIZE, _new_figure, _save
+    from collide.report.figures import COMPARE_SIZE, _new_figure, _save
 
-    fig = _new_figure(REPORT_SIZE)
+    fig = _new_figure(COMPARE_SIZE)
     ax = fig.add_subplot()
     varying = varying_keys(results)
     for k, result in enumerate(results):
@@ -90,7 +91,7 @@ def curves_figure(results: list[dict], path: Path) -> Path:
     ax.set_xlabel("training sequences seen")
     ax.set_ylabel("validation loss / trivial loss")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     ax.set_title("learning curves (in brackets: test loss / trivial)", fontsize=10)
     return _save(fig, path)
 
