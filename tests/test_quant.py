@@ -268,6 +268,24 @@ def test_quantized_extraction_stores_each_prompts_own_forward():
             assert all(np.array_equal(wide.layer(k)[1][pid], alone[k][0].numpy()) for k in wide.layers)
 
 
+@pytest.mark.slow
+def test_smollm2_int8_states_are_equal_across_batchings(tmp_path, compose):
+    """SmolLM2 with int8 activations: 48 real prompts extracted in wide and narrow batchings give bitwise-equal
+    stores (a padded batch of them would not: docs/quantization.md, benchmarks/quant_batch_invariance.py)."""
+    from collide.corpus import iter_prompts
+    from collide.extract import extract_to_store
+    from collide.models import load_model
+
+    cfg = compose(["model=smollm2", "model.quant.activations=int8"])
+    lm = load_model(cfg.model)
+    stores = [extract_to_store(lm, iter_prompts(cfg.corpus, lm.tokenizer), [1, 15, 30], tmp_path / str(rows), 48,
+                               {"model": {"name": "smollm2"}}, StoreConfig(shard_rows=rows, keep_text=False),
+                               ExtractConfig(batch_tokens=budget, max_batch_size=size, progress=False))
+              for rows, budget, size in ((48, 4096, 64), (5, 40, 2))]
+    for k in (1, 15, 30):
+        assert np.array_equal(stores[0].layer(k)[1], stores[1].layer(k)[1])
+
+
 def test_noise_control_adds_a_seeded_gaussian_of_the_given_rms(tmp_path):
     from collide.models import load_model
     from collide.quant import noise_vector

@@ -75,14 +75,18 @@ def serves(manifest: dict, identity: dict, cfg) -> list[int] | None:
     A store serves when its identity equals this run's in every key but ``n_prompts`` (it holds at
     least as many: its first N prompts are the first N distinct prompts of the same deterministic
     stream) and ``layers`` (it holds every layer asked for: the same forward passes computed them).
+    A ``quant_granularity=tensor`` store serves fewer prompts only as whole shards.
     """
     stored = manifest.get("identity", {})
     if manifest.get("status") != "complete" or set(stored) != set(identity):
         return None
     if any(stored[k] != identity[k] for k in identity if k not in ("n_prompts", "layers")):
         return None
-    if int(manifest["counts"]["n_prompts"]) < cfg.n_prompts:
+    rows = int(manifest["counts"]["n_prompts"])
+    if rows < cfg.n_prompts:
         return None
+    if identity.get("quant_granularity") == "tensor" and cfg.n_prompts != rows and cfg.n_prompts % cfg.store.shard_rows:
+        return None  # one scale per shard file: the first N prompts of a larger store end inside a shard of other scale
     try:
         layers = parse_layers(cfg.layers, int(manifest["n_layers"]))
     except CollideError:

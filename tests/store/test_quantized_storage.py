@@ -240,3 +240,19 @@ def test_verify_reads_the_codes_of_a_quantized_store(tmp_path, dtype, granularit
     writer.finish()
     problems = verify_store(tmp_path / "bad")
     assert len(problems) == 1 and fragment in problems[0] and "layer=1/part-00000.parquet" in problems[0]
+
+
+def test_a_tensor_scaled_store_serves_fewer_prompts_only_as_whole_shards(tmp_path, compose):
+    """The first N prompts of a larger store are this run's values only where no shard (one tensor scale) is cut."""
+    from collide.pipeline import run_pipeline
+
+    common = ["model=tiny-random", f"store.root={tmp_path / 'stores'}", "extract.progress=false",
+              "search.progress=false", "report.figures=false", "report.diagnostics=false", "layers=[2]",
+              "store.shard_rows=8", "store.dtype=int4", "store.quant_granularity=tensor"]
+    run_pipeline(compose([*common, "n_prompts=30"]), tmp_path / "n30", "test")
+    for n, served in ((16, "subset"), (20, "exact")):  # 20 cuts the third shard: extracted on its own
+        run_pipeline(compose([*common, f"n_prompts={n}"]), tmp_path / f"n{n}", "test")
+        record = json.loads((tmp_path / f"n{n}" / "store.json").read_text())
+        assert record["served"] == served
+    full, cut = (open_store(json.loads((tmp_path / name / "store.json").read_text())["path"]) for name in ("n30", "n20"))
+    assert np.array_equal(full.layer(2)[1][:16], cut.layer(2)[1][:16])
