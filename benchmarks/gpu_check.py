@@ -1,8 +1,11 @@
 """``make gpu-check``: every GPU-only check of collide in one command, at most 8 minutes on one GPU.
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py [--out benchmarks/results] [--cpu-smoke]
+    PYTHONPATH=. python3 benchmarks/gpu_check.py [--out benchmarks/results] [--cpu-smoke] [--only a,b]
 
-Writes ``<out>/gpu-<UTC date>.json`` (``--cpu-smoke``: ``cpu-smoke.json``) with one entry per section:
+Writes ``<out>/gpu-<UTC date>.json`` (``--cpu-smoke``: ``cpu-smoke.json``; ``--only``: the sections'
+names joined to the stem) with one entry per section, rewritten after each so that a run stopped
+by a time limit keeps the sections it finished. Every section but ``precache`` runs by default;
+``precache`` (about 6 minutes) runs apart: ``make gpu-check ARGS="--only precache"``.
 
 1. ``tests``: the GPU-only tests (``tests/search/test_search_gpu.py``: the search on the device and its
    error bounds) through pytest, with its summary line and exit status;
@@ -21,9 +24,9 @@ Writes ``<out>/gpu-<UTC date>.json`` (``--cpu-smoke``: ``cpu-smoke.json``) with 
 6. ``exhaustive``: one prompt x the whole 262,144-token vocabulary of a random Gemma-3-270M-shaped
    model at its last layer: continuation states/s and the certified search over C(262144, 2) pairs;
 7. ``equal_states``: the diagnostic of benchmarks/equal_states.py (1,000 prompts, both builds);
-8. ``precache``: the authors' synthetic pre-caching run (d=128, batch 512, Huber, cosine), vanilla then
-   myopic, as many of their 58,593 steps as fit in 150 s each (``benchmarks/precache_gpu.py``);
-9. ``inversion``: the ``track_*`` ratios of ``benchmarks/suite/bench_invert.py`` (quick size).
+8. ``inversion``: the ``track_*`` ratios of ``benchmarks/suite/bench_invert.py`` (quick size);
+9. ``precache`` (apart): the authors' synthetic pre-caching run (d=128, batch 512, Huber, cosine),
+   vanilla then myopic, as many of their 58,593 steps as fit in 150 s each (``benchmarks/precache_gpu.py``).
 
 Without CUDA every section is skipped with a message (in seconds) and nothing is written; ``--cpu-smoke``
 then runs the equal-states diagnostic on 24 prompts on the CPU at toy widths (``equal_states.SMOKE``) and writes ``cpu-smoke.json`` (each
@@ -202,6 +205,20 @@ def inversion() -> dict:
     return {"tracks": run_tracks(importlib.import_module("benchmarks.suite.bench_invert"))}
 
 
+def _search() -> dict:
+    from benchmarks.suite.bench_search import gpu_search
+
+    return gpu_search(100_000)
+
+
+SECTIONS = {"tests": gpu_tests, "prefix_attention": prefix_attention_check, "error_bound": error_bound,
+            "search": _search, "prune": prune_check, "extraction_mfu": extraction_mfu,
+            "exhaustive": exhaustive_one_set, "equal_states": lambda: equal_states.diagnose("cuda", 1000),
+            "inversion": inversion,
+            "precache": lambda: importlib.import_module("benchmarks.precache_gpu").precache_check()}
+APART = ("precache",)  # about 6 minutes: run on its own (--only precache), so each call fits 10 minutes
+
+
 def section(name: str, fn, out: dict) -> None:
     """Run one section into out[name]; an exception is recorded, not raised."""
     print(f"== {name}", flush=True)
@@ -218,11 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--cpu-smoke", action="store_true", help="without CUDA: the diagnostic on 24 CPU prompts")
+    parser.add_argument("--only", default=None, help=f"comma list of sections to run, of {', '.join(SECTIONS)} "
+                        f"(default: all but {', '.join(APART)})")
     args = parser.parse_args(argv)
+    chosen = [n for n in SECTIONS if n not in APART] if args.only is None else args.only.split(",")
+    unknown = [n for n in chosen if n not in SECTIONS]
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     cuda = torch.cuda.is_available()
     now = datetime.now(timezone.utc)
     out: dict = {"date": now.isoformat(timespec="seconds"), "torch": torch.__version__,
-                 "gpu": torch.cuda.get_device_name() if cuda else None, "command": "make gpu-check"}
+                 "gpu": torch.cuda.get_device_name() if cuda else None, "command": "make gpu-check",
+                 "sections": chosen}
     try:
         import transformers
 
@@ -233,26 +257,20 @@ def main(argv: list[str] | None = None) -> int:
         out["versions_error"] = str(exc)
     if not cuda:
         print("gpu_check: no CUDA device: every GPU section is skipped", flush=True)
-    from benchmarks.suite.bench_search import gpu_search
-
-    sections = [("tests", gpu_tests), ("prefix_attention", prefix_attention_check), ("error_bound", error_bound),
-                ("search", lambda: gpu_search(100_000)), ("prune", prune_check), ("extraction_mfu", extraction_mfu),
-                ("exhaustive", exhaustive_one_set), ("equal_states", lambda: equal_states.diagnose("cuda", 1000)),
-                ("precache", lambda: importlib.import_module("benchmarks.precache_gpu").precache_check())]
-    for name, fn in sections:
-        if cuda:
-            section(name, fn, out)
-        else:
-            out[name] = dict(NO_CUDA)
-    if not cuda and args.cpu_smoke:
-        section("equal_states", lambda: equal_states.diagnose("cpu", 24, config=equal_states.gemma_config(
-            **equal_states.SMOKE)), out)
     if not cuda and not args.cpu_smoke:
         return 0
-    section("inversion", inversion, out)
+    stem = f"gpu-{now:%Y-%m-%d}" if cuda else "cpu-smoke"
+    path = args.out / (stem + ("" if args.only is None else "-" + "-".join(chosen)) + ".json")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / (f"gpu-{now:%Y-%m-%d}.json" if cuda else "cpu-smoke.json")
-    path.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    for name in chosen:
+        if cuda or name == "inversion":
+            section(name, SECTIONS[name], out)
+        elif name == "equal_states":  # --cpu-smoke: the diagnostic at toy widths on the CPU
+            section(name, lambda: equal_states.diagnose("cpu", 24, config=equal_states.gemma_config(
+                **equal_states.SMOKE)), out)
+        else:
+            out[name] = dict(NO_CUDA)
+        path.write_text(json.dumps(out, indent=1, default=str) + "\n")  # after every section: a kill keeps them
     print(f"gpu_check: wrote {path}", flush=True)
     return 0
 

@@ -272,8 +272,9 @@ def probe_figure(result: dict, path: Path) -> Path:
 
 
 def precache_figure(result: dict, path: Path) -> Path:
-    """R^2 of linear probes from the state at n to sin(10 x_{n-i}) per lag i (collide.experiments.precache's
-    precache.json): one colour per layer, solid = vanilla training, dashed = myopic."""
+    """R^2 of linear probes from the state at n to sin(freq x_{n-i}) per lag i (collide.experiments.precache's
+    precache.json, whose config gives freq): one colour per layer, solid = vanilla training, dashed = myopic."""
+    freq = f"{float(result['config'].get('freq', 10.0)):g}"
     fig = _new_figure(REPORT_SIZE)
     ax = fig.add_subplot()
     styles = {"vanilla": "-", "myopic": "--"}
@@ -282,13 +283,13 @@ def precache_figure(result: dict, path: Path) -> Path:
             ax.plot(range(len(probe["r2"])), probe["r2"], styles.get(model["mode"], "-."), marker="o", ms=3,
                     color=f"C{probe['layer'] % 10}", label=f"{model['mode']}, layer {probe['layer']}")
     ax.axvline(result["config"]["window"] - 0.5, color="0.5", lw=0.8, ls=":", label="end of the target's window")
-    ax.set_xlabel("lag i: the probe reads sin(10 x_{n-i}) from the state at n")
+    ax.set_xlabel(f"lag i: the probe reads sin({freq} x_{{n-i}}) from the state at n")
     ax.set_ylabel("R^2 on held-out sequences")
     ax.set_ylim(min(-0.05, *(min(p["r2"]) for m in result["models"] for p in m["probes"])), 1.0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=MAX_TICKS))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    ax.set_title("pre-caching: what the state at n keeps of past sin(10 x) (0 = the input embedding)", fontsize=10)
+    ax.set_title(f"pre-caching: what the state at n keeps of past sin({freq} x) (0 = the input embedding)", fontsize=10)
     return _save(fig, path)
 
 
