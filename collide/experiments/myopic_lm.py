@@ -98,7 +98,7 @@ class TinyLM(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids) + self.position(torch.arange(ids.shape[1]))
         for block in self.blocks:
-            h = block(h, self.myopic)
+            h = block(h, "residual" if self.myopic else None)
         return self.ln_f(h) @ self.embed.weight.T  # the output layer is tied to the token embedding
 
 

@@ -90,8 +90,8 @@ def make_batch(n: int, cfg: PrecacheConfig, generator: torch.Generator) -> dict[
 
 
 class Block(nn.Module):
-    """A pre-LayerNorm GPT-2 block with ReLU. ``forward(h, myopic)``: myopic None or False = vanilla,
-    "residual" (or True) or "full" = the past's keys and values cut as the module docstring says."""
+    """A pre-LayerNorm GPT-2 block with ReLU. ``forward(h, myopic)``: myopic None = vanilla, "residual" or
+    "full" = the past's keys and values cut as the module docstring says."""
 
     def __init__(self, d: int, n_heads: int):
         super().__init__()
@@ -104,7 +104,7 @@ class Block(nn.Module):
         b, n, d = t.shape
         return t.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2)  # (b, heads, n, d_head)
 
-    def attention(self, h: torch.Tensor, myopic: str | bool | None = None) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, myopic: str | None = None) -> torch.Tensor:
         q, k, v = map(self._heads, self.qkv(self.ln1(h)).chunk(3, dim=-1))
         b, n = h.shape[:2]
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -126,7 +126,7 @@ class Block(nn.Module):
             out = weights.masked_fill(eye, 0.0) @ v_past + weights.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * v
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
-    def forward(self, h: torch.Tensor, myopic: str | bool | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, myopic: str | None = None) -> torch.Tensor:
         h = h + self.attention(h, myopic)
         return h + self.mlp(self.ln2(h))
 
