@@ -2,11 +2,11 @@
 
 One Ray actor per worker (``cluster.num_workers`` of them, each holding ``cluster.cpus_per_worker``
 CPUs and ``cluster.gpus_per_worker`` GPUs) lives as long as the driver's Ray session: extraction,
-every layer's search and inversion run on the same actors. An actor imports torch and collide's stages once, when it starts; opens each store once
-(``Worker.store``, opened again only when the store's manifest changes, so each file's sha256 is
-checked once per worker); loads a model on first use (``Worker.model``), keeping it until a unit
-asks for another config; and keeps what a unit builds on that model (``Worker.cached``: an inverter
-with its lens).
+every layer's search and inversion run on the same actors. An actor imports torch and collide's
+stages once, when it starts; opens each store once (``Worker.store``, opened again only when the
+store's manifest changes, so each file's sha256 is checked once per worker); loads a model on first
+use (``Worker.model``), keeping it until a unit asks for another config; and keeps what a unit
+builds on that model (``Worker.cached``: an inverter with its lens).
 
 A unit of work is a module-level function ``fn(worker, *args)`` of a stage module (``ray_extract``,
 ``ray_search``, ``ray_invert``). ``Pool.run`` sends units to the actors, at most

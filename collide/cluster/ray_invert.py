@@ -1,4 +1,4 @@
-"""Inversion of a whole SOURCE on Ray: ``invert_source_ray``, ``collide.invert.driver.invert_source`` spread over workers.
+"""Inversion of a whole SOURCE on Ray: ``invert_source_ray``, ``collide invert``'s work spread over workers.
 
 Who does what:
 

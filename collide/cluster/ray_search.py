@@ -21,9 +21,7 @@ nearest-neighbour distance is the minimum over the tiles that hold it (every pai
 in exactly one tile), the minimum pair is the smallest (distance, i, j) over tiles, collisions are
 the union. All three are certified per tile, so the result equals the local search's: minimum,
 pair, collisions and every nn distance bitwise, and ``certified``; ``n_candidates`` may differ (a
-tile sees fewer neighbours when it starts). The fp64 re-ranks read the rows as stored, not
-centred, so a search restricted to some rows (``keep``) finds the same exact distances as a local
-search of those rows alone.
+tile sees fewer neighbours when it starts).
 
 A tile or scan unit is a pure read: the unit of a lost worker simply runs again on the restarted
 worker (``cluster.max_retries`` restarts).
@@ -68,20 +66,17 @@ def _read(view, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarr
     return next(part.iter_blocks(layer, stop - start))
 
 
-def scan_panel(worker, path: str, first_id: int, stop_id: int, layer: int, start: int, stop: int, block_rows: int,
-               keep: np.ndarray | None):
+def scan_panel(worker, path: str, first_id: int, stop_id: int, layer: int, start: int, stop: int, block_rows: int):
     """Unit, pass 1 for rows [start, stop) of the view: (ids, [(valid rows, invalid rows, fp64 sum, L2 norms of the
-    valid rows)] per block). ``keep`` (bool per row of the range, or None = all): rows left out are neither."""
+    valid rows)] per block)."""
     ids, states = _read(worker.store(path).select_range(first_id, stop_id), layer, start, stop)
     blocks = []
     with worker.compute:
         for s in range(0, stop - start, block_rows):
             xb = as_tensor(states[s:s + block_rows])
-            finite = finite_rows(xb, block_rows)
-            kept = finite if keep is None else finite & torch.from_numpy(keep[s:s + block_rows])
-            left_out = ~finite if keep is None else ~finite & torch.from_numpy(keep[s:s + block_rows])
-            blocks.append((torch.nonzero(kept)[:, 0].numpy(), torch.nonzero(left_out)[:, 0].numpy(),
-                           sum_rows(xb[kept], block_rows).numpy(), row_norms(xb[kept], block_rows).numpy()))
+            valid = finite_rows(xb, block_rows)
+            blocks.append((torch.nonzero(valid)[:, 0].numpy(), torch.nonzero(~valid)[:, 0].numpy(),
+                           sum_rows(xb[valid], block_rows).numpy(), row_norms(xb[valid], block_rows).numpy()))
     return ids, blocks
 
 
@@ -169,13 +164,12 @@ class _Reduction:
         return self.state
 
 
-def _panels(pool, view, layer: int, block_rows: int, panel_rows: int, keep: np.ndarray | None):
+def _panels(pool, view, layer: int, block_rows: int, panel_rows: int):
     """Scan round: (prompt ids, valid rows, invalid rows, mu, panels of BlockSpecs, L2 norms of the valid rows)."""
     path, first, stop = str(view.path.resolve()), view.first_id, view.stop_id
     bounds = [(s, min(s + panel_rows, view.n_rows)) for s in range(0, view.n_rows, panel_rows)]
-    parts = dict(pool.run(Unit(i, scan_panel, (path, first, stop, layer, a, b, block_rows,
-                                                None if keep is None else keep[a:b]), f"scan of rows {a}..{b - 1}")
-                          for i, (a, b) in enumerate(bounds)))
+    parts = dict(pool.run(Unit(i, scan_panel, (path, first, stop, layer, a, b, block_rows),
+                               f"scan of rows {a}..{b - 1}") for i, (a, b) in enumerate(bounds)))
     total = torch.zeros(view.d, dtype=torch.float64)
     ids, valid_rows, invalid_rows, norms, panels, engine = [], [], [], [], [], 0
     for i, (a, _) in enumerate(bounds):
@@ -199,16 +193,13 @@ def _panels(pool, view, layer: int, block_rows: int, panel_rows: int, keep: np.n
             np.concatenate(norms) if norms else np.empty(0))
 
 
-def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConfig, cluster_cfg: ClusterConfig,
-                     keep: np.ndarray | None = None) -> LayerResult:
+def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConfig,
+                     cluster_cfg: ClusterConfig) -> LayerResult:
     """``collide.search.search_store`` on a Ray cluster: the same LayerResult (see the module docstring).
 
     ``store``: an opened store (or a view of one) on storage every Ray node mounts at the same
-    path. Only the torch engine is distributed; ``search.backend=faiss`` is refused. ``keep`` (bool per
-    row of ``store``, or None = every row): the search over the kept rows alone, as ``min_pairwise`` of
-    those rows finds it (minimum, pair, collisions, nn distances; pairs and rows keep the store's
-    numbering, rows left out have no nn distance). The search runs on the run's warm workers
-    (``collide.cluster.pool``): one scan unit per panel, one tile unit per panel pair.
+    path. Only the torch engine is distributed; ``search.backend=faiss`` is refused. The search runs on
+    the run's warm workers (``collide.cluster.pool``): one scan unit per panel, one tile unit per panel pair.
     """
     tic = time.perf_counter()
     if pick_backend(search_cfg.backend, search_cfg.device) != "torch":
@@ -225,7 +216,7 @@ def search_store_ray(store, layer: int, threshold: float, search_cfg: SearchConf
     with ray_session(cluster_cfg, store.path):
         pool = worker_pool(cluster_cfg)
         prompt_ids, valid_rows, invalid_rows, mu, panels, norms = _panels(
-            pool, store, layer, block_rows, block_rows * cluster_cfg.panel_blocks, keep)
+            pool, store, layer, block_rows, block_rows * cluster_cfg.panel_blocks)
         red = _Reduction(len(valid_rows), store.d, threshold, search_cfg)
         pairs = [(p, q) for q in range(len(panels)) for p in range(q + 1)]
         engine = [_engine_rows(panel) for panel in panels]

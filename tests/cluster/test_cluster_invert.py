@@ -47,7 +47,9 @@ def config(source: Path, out: Path, **kw) -> InvertConfig:
 
 
 def without_seconds(doc: dict) -> list[dict]:
-    return [{k: v for k, v in p.items() if k != "seconds"} for p in doc["prompts"]]
+    """The prompt records without their timings (the prompt's and each position's ``seconds``)."""
+    drop = lambda record: {k: v for k, v in record.items() if k != "seconds"}  # noqa: E731
+    return [drop(p) | {"positions": [drop(q) for q in p["positions"]]} for p in doc["prompts"]]
 
 
 def test_ray_inversion_equals_local_when_a_worker_is_killed_mid_prompt(ray_local, chaos_dir, source, tmp_path):
