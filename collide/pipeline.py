@@ -21,7 +21,7 @@ from collide.atomic import atomic_write_json
 from collide.config import CollideConfig
 from collide.errors import CollideError
 from collide.layers import parse_layers
-from collide.quant import as_dict as quant_dict, describe as describe_quant
+from collide.quant import as_dict as quant_dict, describe as describe_quant, noise_record
 from collide.store.identity import identity_hash, serving_store, store_identity, store_location
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ def run_pipeline(cfg: CollideConfig, run_dir: Path, command: str) -> dict:
     model_info = {**{k: getattr(cfg.model, k) for k in ("name", "source", "revision", "family", "dtype",
                                                          "final_norm")},
                   "n_layers": store.manifest["n_layers"], "d": store.d,
-                  "quant": {**quant_dict(cfg.model.quant), "description": describe_quant(cfg.model.quant)}}
+                  "quant": {**quant_dict(cfg.model.quant), "description": describe_quant(cfg.model.quant)},
+                  **noise_record(cfg.model, store.manifest["n_layers"])}  # model.noise: "noise", "noise_scale"
     counts = store.manifest["counts"]
     run_info = {"model": model_info, "corpus": asdict(cfg.corpus), "n_prompts": store.n_rows,
                 # duplicates met before the first N distinct prompts: known only for the store's own N

@@ -127,12 +127,14 @@ def flag_problems(runs: list[Run]) -> list[str]:
 
 
 def quant_tag(report: dict) -> str:
-    """The quantized forward of a run in short: "A4" (int4 activations), "W8A8", "fp" (none)."""
+    """The quantized forward of a run in short: "A4" (int4 activations), "W8A8", "fp" (none); "+noise" when
+    model.noise added Gaussian noise to its stored states."""
     q = report["model"].get("quant") or {}
     bits = {"int8": "8", "int4": "4"}
     tag = "".join(f"{k}{bits[q[key]]}" for k, key in (("W", "weights"), ("A", "activations"))
                   if q.get(key, "none") in bits)
-    return (tag + (" (bnb)" if q.get("backend") == "bitsandbytes" else "")) or "fp"
+    tag = (tag + (" (bnb)" if q.get("backend") == "bitsandbytes" else "")) or "fp"
+    return tag + ("+noise" if "noise" in report["model"] else "")
 
 
 def label_runs(runs: list[Run]) -> None:

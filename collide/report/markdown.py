@@ -116,7 +116,10 @@ def _quantization_rows(report: dict) -> list[str]:
     if q is None:
         return []
     lossless = "lossless" if q["storage"]["lossless"] else "**rounded**: a collision may come from storage"
-    return [f"| quantized forward | {q['forward'].get('description', 'none')} |",
+    model = report["model"]
+    noise = ([f"| added noise | {model['noise']}, RMS L2 norm {', '.join(f'{x:g}' for x in model['noise_scale'])} "
+              "per layer (model.noise: a control, not the model's states) |"] if "noise" in model else [])
+    return [f"| quantized forward | {q['forward'].get('description', 'none')} |", *noise,
             f"| storage | states stored as {q['storage']['dtype']} ({lossless}) |"]
 
 
@@ -128,6 +131,8 @@ def _collisions_are(report: dict) -> str:
     forward = q["forward"]
     quantized = forward.get("activations", "none") != "none" or forward.get("weights", "none") != "none"
     what = "the quantized forward (" + forward.get("description", "") + ")" if quantized else "the model's forward"
+    if "noise" in report["model"]:
+        what += f" plus the {report['model']['noise']} noise of model.noise (a control, not the model)"
     if q["collisions_are"] == "model":
         return (f" They are collisions of the model: {what} maps both prompts to these states, stored "
                 f"losslessly as {q['storage']['dtype']}; a distance 0 means bitwise-identical states.")

@@ -106,10 +106,12 @@ def test_report_with_diagnostics_validates_and_compares(tiny_store, tmp_path):
 
     results = [search_store(tiny_store, k, 1e-6, SearchConfig(progress=False)) for k in (1, 3)]
     runs = []
-    for level in ("none", "int4"):
+    for level in ("none", "int4", "noise"):  # noise: model.noise=gaussian, the control of a quantized forward
+        noise = {"noise": "gaussian", "noise_scale": [0.5] * 5} if level == "noise" else {}
         run_info = {"model": {"name": "tiny", "source": "random:llama", "revision": None, "family": "llama",
                               "dtype": "fp32", "final_norm": "post", "n_layers": 4, "d": 64,
-                              "quant": {"activations": level, "weights": "none", "description": level}},
+                              "quant": {"activations": "int4" if level == "int4" else "none", "weights": "none",
+                                        "description": level}, **noise},
                     "corpus": {"name": "synthetic"}, "n_prompts": tiny_store.n_rows, "n_duplicates": 0,
                     "threshold": 1e-6, "layers": [1, 3], "timings": {}, "store": str(tiny_store.path),
                     "command": "test"}
@@ -125,6 +127,9 @@ def test_report_with_diagnostics_validates_and_compares(tiny_store, tmp_path):
     md = (tmp_path / "int4" / "report.md").read_text()
     assert "## Geometric diagnostics" in md and "| quantized forward | int4 |" in md
     summary = compare(runs, tmp_path / "cmp")
-    assert [r["label"] for r in summary["runs"]] == ["tiny / synthetic / fp", "tiny / synthetic / A4"]
+    assert [r["label"] for r in summary["runs"]] == ["tiny / synthetic / fp", "tiny / synthetic / A4",
+                                                     "tiny / synthetic / fp+noise"]
+    assert "| added noise | gaussian, RMS L2 norm 0.5, 0.5, 0.5, 0.5, 0.5 per layer" in \
+        (tmp_path / "noise" / "report.md").read_text()
     cmp_md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "## Side by side" in cmp_md and (tmp_path / "cmp" / "comparison_diagnostics.png").is_file()
