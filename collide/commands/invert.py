@@ -10,14 +10,20 @@ SUMMARY = "recover prompts exactly from their states at every position (SIPIT, c
 
 
 def run(cfg: InvertConfig, command: str = "") -> dict:
-    """Invert every prompt of SOURCE (``collide.invert.driver.invert_source``), then one row per prompt."""
+    """Invert every prompt of SOURCE (``collide.invert.driver.invert_source``; ``cluster=ray``: on Ray workers,
+    ``collide.cluster.invert_source_ray``), then one row per prompt."""
     from collide.console import print_table, say
     from collide.invert.driver import invert_source
     from collide.invert.output import outcome_text
 
     from rich.markup import escape
 
-    doc = invert_source(cfg, command)
+    if cfg.cluster.kind == "ray":
+        from collide.cluster import invert_source_ray
+
+        doc = invert_source_ray(cfg, cfg.cluster, command)
+    else:
+        doc = invert_source(cfg, command)
     rows = [[escape(str(p["key"])), str(p["n_positions"]), {True: "yes", False: "NO"}.get(p.get("exact"), "-"),
              "yes" if p["complete"] else "NO", f"{p['seconds']:.1f}", escape(repr(p["recovered_text"][:60]))]
             for p in doc["prompts"]]

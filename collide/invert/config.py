@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from collide.config import Choice, ModelConfig, cache_path
+from collide.config import Choice, ClusterConfig, ModelConfig, cache_path
 
 
 class InvertPolicy(Choice):
@@ -102,6 +102,9 @@ class InvertConfig:
     out: Optional[str] = None  # output directory; None = beside SOURCE (<SOURCE>-inversion-L<layer>-<policy>)
     progress: bool = True  # log each position as it is recovered
     lens: LensConfig = default(default_factory=LensConfig)  # auto, lens, exhaustive: the lens and position-0 table
+    # cluster=ray: the prompts spread over Ray workers (collide.cluster.invert_source_ray, the same records);
+    # local (the default) = this process
+    cluster: ClusterConfig = default(default_factory=ClusterConfig)
 
 
 @dataclass

@@ -279,3 +279,20 @@ def test_embedded_smollm2_end_to_end(tmp_path):
     assert layers[0]["n_collisions"] == same_end and (same_end == 0 or layers[0]["min_distance"] == 0)
     assert report["verdict"]["status"] == "no_collisions"
     assert "No collisions below 1e-6 in 5,310 pairs" in (run / "report.md").read_text()  # 3 x C(60, 2)
+
+
+def test_invert_with_cluster_ray_goes_to_the_ray_workers(monkeypatch, collide):
+    """`collide invert ... cluster=ray` hands the composed config to collide.cluster.invert_source_ray (stubbed:
+    the Ray path itself runs in tests/cluster, inside the loopback-only namespace)."""
+    seen = {}
+
+    def fake(cfg, cluster_cfg, command=None):
+        seen.update(kind=cluster_cfg.kind, workers=cluster_cfg.num_workers, layer=cfg.layer, command=command)
+        return {"layer": 1, "prompts": [], "summary": {"n_done": 0, "n_prompts": 0, "n_not_recovered": 0,
+                                                        "exact_prompts": None}}
+
+    monkeypatch.setattr("collide.cluster.invert_source_ray", fake)
+    proc = collide("invert", "states.npy", "model=tiny-random", "layer=1", "cluster=ray",
+                   "cluster.num_workers=2")
+    assert proc.returncode == 0, proc.stderr
+    assert seen["kind"] == "ray" and seen["workers"] == 2 and seen["layer"] == 1 and "cluster=ray" in seen["command"]
