@@ -61,8 +61,8 @@ def sample(n_total: int, n: int, seed: int) -> list[int]:
 def invert_config(cfg: AuditConfig, layer: Optional[int]) -> InvertConfig:
     """The ``collide invert`` settings of one audited layer."""
     return InvertConfig(source=cfg.source, model=cfg.model, layer=layer, policy=cfg.policy, epsilon=cfg.epsilon,
-                        confirm=cfg.confirm, backtrack=cfg.backtrack, bos=cfg.bos, progress=cfg.progress,
-                        lens=cfg.lens)
+                        confirm=cfg.confirm, backtrack=cfg.backtrack, prove_ties=cfg.prove_ties, bos=cfg.bos,
+                        progress=cfg.progress, lens=cfg.lens)
 
 
 def default_out(source: str) -> Path:

@@ -96,6 +96,10 @@ class InvertConfig:
     # branches a prompt may explore to decide tokens within epsilon of the same state: each backtrack after a
     # miss and each search of a later position after an alternative counts one (each may verify every token)
     backtrack: int = 4
+    # an alternative within epsilon after which the recovered rest of the prompt stops fitting (at position m) is
+    # excluded only by verifying every token at m, a vocabulary sweep counted in backtrack: true = do so (the
+    # position can then be unique); false = the alternative stays open, noted with m (the position is tied)
+    prove_ties: bool = False
     # the first position holds the tokenizer's BOS, verified instead of searched; None = if the tokenizer adds one
     bos: Optional[bool] = None
     n_prompts: Optional[int] = None  # invert the first N prompts of SOURCE only; None = all
@@ -126,6 +130,7 @@ class AuditConfig:
     epsilon: Any = "auto"  # auto | rule | a fixed L2 radius
     confirm: Optional[int] = 1024  # candidates verified after a hit outside the noise radius; None = every token
     backtrack: int = 4  # branches per prompt to decide tokens within epsilon of the same state
+    prove_ties: bool = False  # exclude an alternative by a vocabulary sweep at the position it stops fitting
     bos: Optional[bool] = None  # the first position holds the tokenizer's BOS; None = if the tokenizer adds one
     progress: bool = False  # log each position as it is recovered
     lens: LensConfig = default(default_factory=LensConfig)  # the lens and position-0 table of each layer

@@ -12,9 +12,10 @@ it. ``invert_prompt`` takes the nearest token at each position and goes on:
 * **after the whole prompt** (``resolve``): each remaining alternative of a position j is put in the recovered
   token's place, and the recovered tokens after it are checked in one batched forward of those sequences.
   If every later state still lies within ε, the alternative is ``consistent`` (the states cannot tell the two
-  apart at this ε). Otherwise, at the first later position m that no longer fits, that position is searched
-  after it: no candidate within ε there excludes it (``excluded``, ``at`` = m); a fitting candidate leaves it
-  ``open``.
+  apart at this ε). Otherwise the first later position m that no longer fits is noted (``at`` = m) and, with
+  ``cfg.prove_ties``, searched after it: no candidate within ε there excludes it (``excluded``); a fitting
+  candidate leaves it ``open``. Without ``prove_ties`` (the default) it stays ``open``: excluding it verifies
+  every token at m, a vocabulary sweep that would dominate the prompt's cost under a wide ε (bf16, quantized).
 
 Each backtrack and each such search may verify the whole vocabulary, so a prompt gets ``cfg.backtrack`` of
 them; what is left undecided stays ``open`` and says why. A position is ``unique`` only when every one of
@@ -148,6 +149,10 @@ def resolve(inv, path: list[PositionResult], states: np.ndarray, budget: list[in
                 a.status, a.note = "consistent", "the recovered rest of the prompt still fits within epsilon after it"
                 continue
             a.at = m
+            if not inv.cfg.prove_ties:
+                a.note = (f"the recovered token at position {m} does not fit after it (not excluded: that verifies "
+                          "every token there, prove_ties=true)")
+                continue
             if budget[0] <= 0:
                 a.note = f"the recovered token at position {m} does not fit after it (not searched: backtrack spent)"
                 continue

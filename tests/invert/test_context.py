@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -88,13 +90,17 @@ def test_quantized_tie_is_resolved_by_a_later_position(int4):
     layer, tail = 2, [ord("e"), ord("s")]
     a, z, eps, true = close_pair(int4, layer, tail)
     ids = [BOS, a] + tail
-    cfg = InvertConfig(source="-", policy="random", batch=320, epsilon=eps)
+    cfg = InvertConfig(source="-", policy="random", batch=320, epsilon=eps, prove_ties=True)
     for share, via in ((0.52, "backtrack"), (0.48, "check")):  # where the state at position 1 lies, a -> z
         results = Inverter(int4, layer, cfg, bos=BOS).invert(toward(int4, true, z, tail, layer, share))
         assert [r.token for r in results] == ids and all(r.recovered for r in results), via
         alt = {x.token: x for x in results[1].alternatives}
         assert alt[z].status == "excluded" and alt[z].at == 2, via
         assert z not in results[1].ties
+    unproven = Inverter(int4, layer, replace(cfg, prove_ties=False), bos=BOS).invert(
+        toward(int4, true, z, tail, layer, 0.48))  # the check notes where z stops fitting, and sweeps nothing
+    assert [r.token for r in unproven] == ids and z in unproven[1].ties and not unproven[1].unique
+    assert {x.token: x for x in unproven[1].alternatives}[z].at == 2
     no_branch = InvertConfig(source="-", policy="random", batch=320, epsilon=eps, backtrack=0)
     stuck = Inverter(int4, layer, no_branch, bos=BOS).invert(toward(int4, true, z, tail, layer, 0.52))
     assert stuck[1].token == z and not stuck[2].recovered  # no branch to explore: the miss stands, reported
