@@ -190,18 +190,25 @@ def _load_gguf(cfg: ModelConfig, source: str, dtype: torch.dtype, placed: dict, 
     return model_cache.read(directory, dtype, placed)
 
 
+def checked_settings(cfg: ModelConfig) -> tuple[torch.device, dict]:
+    """(device, checked quant record) of ``cfg``; an unsupported dtype, final norm or quant setting is refused in
+    one line. What ``load_model`` and the Ray driver's shell (``collide.cluster.shell``) check before loading."""
+    if cfg.dtype not in DTYPES:
+        raise CollideError(f"model.dtype={cfg.dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    if cfg.final_norm not in ("post", "pre"):
+        raise CollideError(f"model.final_norm={cfg.final_norm!r} is not supported; use 'post' or 'pre'")
+    device = resolve_device(cfg.device)
+    return device, quantization.validate(getattr(cfg, "quant", None), device)
+
+
 def load_model(cfg: ModelConfig, cache: bool = True) -> LoadedModel:
     """Load ``cfg`` for inference; see ModelConfig for the meaning of ``source``. A local GGUF checkpoint is
     read through the converted-model cache (``collide.model_cache``); ``cache=False`` converts it in memory
     on every load, as without a cache (same weights, tokenizer and states, bitwise)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if cfg.dtype not in DTYPES:
-        raise CollideError(f"model.dtype={cfg.dtype!r} is not supported; use one of {sorted(DTYPES)}")
-    if cfg.final_norm not in ("post", "pre"):
-        raise CollideError(f"model.final_norm={cfg.final_norm!r} is not supported; use 'post' or 'pre'")
-    dtype, device = DTYPES[cfg.dtype], resolve_device(cfg.device)
-    quant = quantization.validate(getattr(cfg, "quant", None), device)
+    device, quant = checked_settings(cfg)
+    dtype = DTYPES[cfg.dtype]
     bnb = quant["backend"] == "bitsandbytes"
     if bnb and (cfg.source.startswith("random:") or cfg.gguf_file):
         raise CollideError(f"model.quant.backend=bitsandbytes loads safetensors checkpoints only, not {cfg.source!r}"

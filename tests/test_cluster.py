@@ -74,6 +74,8 @@ def test_model_shell_gives_the_driver_what_the_model_gives_without_weights():
     shell, lm = model_shell(cfg), load_model(cfg)
     header = lambda m: store_header(m, [0, 2], 10, StoreConfig(), ExtractConfig())  # noqa: E731
     assert header(shell) == header(lm) and shell.quant == lm.quant
+    noisy = ModelConfig(name="tiny", source="random:llama", family="llama", noise="gaussian", noise_scale=0.5)
+    assert model_shell(noisy).noise == load_model(noisy).noise == {"noise": "gaussian", "noise_scale": [0.5] * 5}
     assert shell.tokenizer("a cat").input_ids == lm.tokenizer("a cat").input_ids
     assert all(p.is_meta for p in shell.model.parameters())
     assert shell.model.get_input_embeddings().weight.shape == lm.model.get_input_embeddings().weight.shape

@@ -21,9 +21,8 @@ import torch
 
 from collide import model_cache, quant as quantization
 from collide.config import ModelConfig
-from collide.errors import CollideError
-from collide.models import (DTYPES, LoadedModel, _from_pretrained, _pypi_checkpoint, byte_tokenizer, find_blocks,
-                            find_final_norm, resolve_device, tiny_config)
+from collide.models import (DTYPES, LoadedModel, _from_pretrained, _pypi_checkpoint, byte_tokenizer,
+                            checked_settings, find_blocks, find_final_norm, tiny_config)
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +47,7 @@ def model_shell(cfg: ModelConfig) -> LoadedModel:
     ``load_model`` would compute on this machine (what a manifest records)."""
     from transformers import AutoModelForCausalLM
 
-    if cfg.dtype not in DTYPES:
-        raise CollideError(f"model.dtype={cfg.dtype!r} is not supported; use one of {sorted(DTYPES)}")
-    if cfg.final_norm not in ("post", "pre"):
-        raise CollideError(f"model.final_norm={cfg.final_norm!r} is not supported; use 'post' or 'pre'")
-    device = resolve_device(cfg.device)
-    quant = quantization.validate(getattr(cfg, "quant", None), device)
+    device, quant = checked_settings(cfg)
     config, tokenizer = _config_and_tokenizer(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
@@ -64,5 +58,5 @@ def model_shell(cfg: ModelConfig) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, source=cfg.source, revision=cfg.revision,
                        dtype=cfg.dtype, device=device, final_norm=str(cfg.final_norm), decoder=decoder, blocks=blocks,
                        final_norm_module=find_final_norm(decoder),
-                       quant={**quant, "description": quantization.describe(quant),
-                              **quantization.noise_record(cfg, len(blocks))})
+                       quant={**quant, "description": quantization.describe(quant)},
+                       noise=quantization.noise_record(cfg, len(blocks)) or None)
